@@ -1,0 +1,1 @@
+"""The `minisora` command line (typer)."""

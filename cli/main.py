@@ -1,0 +1,20 @@
+"""`minisora` command line: one typer sub-app or command per stage, each in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import data
+
+app = typer.Typer(
+    name="minisora",
+    help="Train Sora-style video DiTs on cached VAE latents: data -> encode -> train -> sample.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests.")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Stage orchestration: encode, train, sample, eval and the end-to-end demo (config -> run)."""
