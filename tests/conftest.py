@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Two CPU cores: keep each test process to one intra-op thread unless a test asks otherwise.
+torch.set_num_threads(int(os.environ.get("MINISORA_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (ZeRO/Gemini/HybridAdam/bf16 flash attention); none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
