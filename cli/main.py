@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data
+from cli import data, vae
 
 app = typer.Typer(
     name="minisora",
@@ -14,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests.")
+app.add_typer(vae.app, name="vae", help="VAEs: train a small offline AutoencoderKL.")
 
 
 if __name__ == "__main__":
