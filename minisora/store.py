@@ -1,0 +1,350 @@
+"""The Zarr latent store: schema, shard writer, reader helpers, statistics and verification.
+
+Layout (schema v1), one Zarr v3 group per store, one subgroup per split::
+
+    STORE/zarr.json                  root attributes: schema, VAE, source, geometry, statistics
+    STORE/manifest.json              the manifest the store was encoded from (a copy)
+    STORE/<split>/mean               (N, T, C, h, w) float16  posterior mean, NaN past `length`
+    STORE/<split>/logvar             (N, T, C, h, w) float16  posterior log-variance (absent for
+                                                               deterministic encoders)
+    STORE/<split>/actions            (N, T) int16, -1 where a clip has none / past `length`
+    STORE/<split>/length             (N,) int32 latent frames per clip (0 = skipped clip)
+    STORE/<split>/_commits/shard-K.json   commit marker of shard K (clip keys, checksums, sums)
+
+N is the number of manifest clips of the split and T the longest clip in latent frames. Every
+array is chunked one clip per chunk and sharded `clips_per_shard` clips per shard, with the shard
+boundaries of all arrays aligned, so shard K of every array is one file per array written by one
+process. A shard counts only once its marker exists; the marker records the sha256 of each shard
+file, so `verify` catches any flipped byte, and re-running encode skips committed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.storage import FsspecStore, LocalStore
+
+SCHEMA_VERSION = 1
+ARRAYS_5D = ("mean", "logvar")
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, incomplete, inconsistent or made with other settings."""
+
+
+@dataclass
+class SplitLayout:
+    """Geometry of one split: N clips of up to T latent frames of (C, h, w)."""
+
+    clips: int
+    frames: int
+    channels: int
+    height: int
+    width: int
+    clips_per_shard: int
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.clips / self.clips_per_shard)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        lo = k * self.clips_per_shard
+        return lo, min(lo + self.clips_per_shard, self.clips)
+
+
+def clips_per_shard_for(frames: int, channels: int, height: int, width: int, target_mb: float = 32.0) -> int:
+    """Clips per shard so that one mean shard file is about `target_mb` MB (fp16)."""
+    clip_bytes = frames * channels * height * width * 2
+    return max(1, int(target_mb * 1e6 // max(clip_bytes, 1)))
+
+
+def _fs_and_root(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """fsspec filesystem and root path of a store URL; local paths and file:// are local."""
+    if "://" not in url or url.startswith("file://"):
+        path = os.path.abspath(url.removeprefix("file://"))
+        return fsspec.filesystem("file"), path, True
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/"), False
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ShardCommit:
+    """What a commit marker records about one shard (JSON)."""
+
+    split: str
+    shard: int
+    start: int
+    stop: int
+    keys: list[str]
+    lengths: list[int]
+    skipped: list[dict] = field(default_factory=list)  # {"index", "path", "reason"}
+    checksums: dict[str, str] = field(default_factory=dict)  # array name -> sha256 of its shard file
+    sums: dict[str, list[float]] = field(default_factory=dict)  # per-channel count/sum/sumsq (float64)
+
+
+class LatentStore:
+    """Open (or create) a latent store at a local path or fsspec URL (`memory://`, `s3://`, ...)."""
+
+    def __init__(self, url: str | Path, mode: str = "r"):
+        self.url = str(url)
+        self.fs, self.root, self.local = _fs_and_root(self.url)
+        if mode == "r" and not self.fs.exists(f"{self.root}/zarr.json"):
+            raise StoreError(f"{self.url}: not a latent store (no zarr.json)")
+        zstore = LocalStore(self.root, read_only=mode == "r") if self.local else FsspecStore.from_url(self.url, read_only=mode == "r")
+        try:
+            self.group = zarr.open_group(zstore, mode="r" if mode == "r" else "a")
+        except Exception as e:  # zarr raises several types for broken metadata
+            raise StoreError(f"{self.url}: cannot open zarr group ({e})") from e
+        self.attrs = dict(self.group.attrs)
+        if mode == "r" and self.attrs.get("schema") != "minisora.latents":
+            raise StoreError(f"{self.url}: not a minisora latent store (attributes lack schema='minisora.latents')")
+
+    # ---------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, url: str | Path, attrs: dict, layouts: dict[str, SplitLayout], deterministic: bool,
+               manifest_json: str, compression_level: int = 3) -> "LatentStore":
+        """Create an empty store (arrays full of padding) with the given attributes."""
+        fs, root, local = _fs_and_root(str(url))
+        if local:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        store = cls(url, mode="w")
+        full = {"schema": "minisora.latents", "schema_version": SCHEMA_VERSION, **attrs,
+                "splits": {s: asdict(l) for s, l in layouts.items()}, "deterministic": deterministic,
+                "complete": False}
+        compressors = ZstdCodec(level=compression_level) if compression_level > 0 else None
+        cfg = {"write_empty_chunks": True}
+        for split, lay in layouts.items():
+            g = store.group.require_group(split)
+            names = ("mean",) if deterministic else ARRAYS_5D
+            for name in names:
+                g.create_array(name, shape=(lay.clips, lay.frames, lay.channels, lay.height, lay.width),
+                               chunks=(1, lay.frames, lay.channels, lay.height, lay.width),
+                               shards=(lay.clips_per_shard, lay.frames, lay.channels, lay.height, lay.width),
+                               dtype="float16", fill_value=np.nan, compressors=compressors, config=cfg)
+            g.create_array("actions", shape=(lay.clips, lay.frames), chunks=(1, lay.frames),
+                           shards=(lay.clips_per_shard, lay.frames), dtype="int16", fill_value=-1,
+                           compressors=compressors, config=cfg)
+            g.create_array("length", shape=(lay.clips,), chunks=(lay.clips_per_shard,), dtype="int32",
+                           fill_value=0, compressors=None, config=cfg)
+        store.fs.pipe_file(f"{store.root}/manifest.json", manifest_json.encode())
+        store.group.attrs.update(full)
+        store.attrs = full
+        return store
+
+    def set_attrs(self, **kv) -> None:
+        self.group.attrs.update(kv)
+        self.attrs.update(kv)
+
+    # ---------------------------------------------------------------- geometry
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    def layout(self, split: str) -> SplitLayout:
+        if split not in self.attrs["splits"]:
+            raise StoreError(f"{self.url}: no split {split!r} (has {', '.join(self.splits)})")
+        return SplitLayout(**self.attrs["splits"][split])
+
+    def array(self, split: str, name: str) -> zarr.Array:
+        return self.group[f"{split}/{name}"]
+
+    def array_names(self) -> tuple[str, ...]:
+        return (("mean",) if self.attrs["deterministic"] else ARRAYS_5D) + ("actions", "length")
+
+    def manifest_json(self) -> dict:
+        return json.loads(self.fs.cat_file(f"{self.root}/manifest.json"))
+
+    # ---------------------------------------------------------------- shard files and commits
+    def _shard_key(self, split: str, name: str, k: int) -> str:
+        ndim = 1 if name == "length" else 2 if name == "actions" else 5
+        return f"{split}/{name}/c/" + "/".join([str(k)] + ["0"] * (ndim - 1))
+
+    def _marker_path(self, split: str, k: int) -> str:
+        return f"{self.root}/{split}/_commits/shard-{k:05d}.json"
+
+    def is_committed(self, split: str, k: int) -> bool:
+        return self.fs.exists(self._marker_path(split, k))
+
+    def read_commit(self, split: str, k: int) -> ShardCommit:
+        path = self._marker_path(split, k)
+        try:
+            return ShardCommit(**json.loads(self.fs.cat_file(path)))
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: shard {k} of {split} is not committed (no {path})") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise StoreError(f"{self.url}: commit marker {path} is unreadable ({e})") from e
+
+    def write_shard(self, split: str, k: int, mean: np.ndarray, logvar: np.ndarray | None,
+                    actions: np.ndarray, lengths: np.ndarray, keys: list[str], skipped: list[dict]) -> ShardCommit:
+        """Write shard k of a split (whole shard, all arrays), then commit it with a marker."""
+        lay = self.layout(split)
+        lo, hi = lay.shard_range(k)
+        n = hi - lo
+        assert mean.shape == (n, lay.frames, lay.channels, lay.height, lay.width), mean.shape
+        blocks = {"mean": mean.astype(np.float16), "actions": actions.astype(np.int16), "length": lengths.astype(np.int32)}
+        if not self.attrs["deterministic"]:
+            blocks["logvar"] = logvar.astype(np.float16)
+        for name, block in blocks.items():
+            self.array(split, name)[lo:hi] = block
+        checksums = {name: _sha256(self.fs.cat_file(f"{self.root}/{self._shard_key(split, name, k)}")) for name in blocks}
+        commit = ShardCommit(split=split, shard=k, start=lo, stop=hi, keys=list(keys), lengths=[int(x) for x in lengths],
+                             skipped=skipped, checksums=checksums, sums=channel_sums(blocks["mean"], blocks.get("logvar"), lengths))
+        marker = self._marker_path(split, k)
+        tmp = marker + ".tmp"
+        self.fs.makedirs(os.path.dirname(marker), exist_ok=True)
+        self.fs.pipe_file(tmp, json.dumps(asdict(commit)).encode())
+        self.fs.mv(tmp, marker)  # the shard becomes visible only now
+        return commit
+
+    def pending_shards(self, split: str) -> list[int]:
+        return [k for k in range(self.layout(split).num_shards) if not self.is_committed(split, k)]
+
+    # ---------------------------------------------------------------- statistics and completion
+    def finalize(self) -> dict:
+        """Once every shard is committed: per-channel latent statistics and `complete=True`."""
+        pending = {s: self.pending_shards(s) for s in self.splits}
+        if any(pending.values()):
+            raise StoreError(f"{self.url}: cannot finalize, uncommitted shards: "
+                             + ", ".join(f"{s}: {v}" for s, v in pending.items() if v))
+        stat_split = "train" if "train" in self.splits else self.splits[0]
+        total = None
+        for k in range(self.layout(stat_split).num_shards):
+            s = np.array(self.read_commit(stat_split, k).sums["stats"], dtype=np.float64)  # (3, C)
+            total = s if total is None else total + s
+        count, s1, s2 = total
+        mean = s1 / np.maximum(count, 1)
+        std = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean**2, 1e-12))
+        skipped = [dict(split=s, **x) for s in self.splits for k in range(self.layout(s).num_shards) for x in self.read_commit(s, k).skipped]
+        stats = {"split": stat_split, "mean": mean.tolist(), "std": std.tolist(), "frames": int(count[0])}
+        self.set_attrs(latent_stats=stats, skipped=skipped, complete=True)
+        return stats
+
+    def require_complete(self) -> None:
+        if not self.attrs.get("complete"):
+            raise StoreError(f"{self.url}: store is incomplete (encode was interrupted or is still running); "
+                             "re-run the same `minisora encode` command to finish it")
+
+    # ---------------------------------------------------------------- verification
+    def verify(self, progress: bool = False) -> list[str]:
+        """Re-read every shard: checksums, lengths, padding, manifest coverage. Returns problems."""
+        from tqdm.auto import tqdm
+
+        problems: list[str] = []
+        try:
+            manifest = self.manifest_json()
+        except FileNotFoundError:
+            return [f"{self.url}: manifest.json is missing"]
+        by_split: dict[str, list[str]] = {}
+        for c in manifest["clips"]:
+            by_split.setdefault(c["split"], []).append(c["path"])
+        for split in self.splits:
+            lay = self.layout(split)
+            want = by_split.get(split, [])
+            if len(want) != lay.clips:
+                problems.append(f"{split}: store has {lay.clips} clips, manifest has {len(want)}")
+            for k in tqdm(range(lay.num_shards), desc=f"verify {split}", disable=not progress, leave=False):
+                problems += self._verify_shard(split, k, lay, want)
+        if not self.attrs.get("complete"):
+            problems.append(f"{self.url}: store is not marked complete (encode unfinished or not finalized)")
+        return problems
+
+    def _verify_shard(self, split: str, k: int, lay: SplitLayout, want: list[str]) -> list[str]:
+        where = f"{split} shard {k}"
+        try:
+            c = self.read_commit(split, k)
+        except StoreError as e:
+            return [str(e)]
+        lo, hi = lay.shard_range(k)
+        problems = []
+        if (c.start, c.stop) != (lo, hi):
+            problems.append(f"{where}: marker covers clips [{c.start}, {c.stop}), layout says [{lo}, {hi})")
+        if c.keys != want[lo:hi]:
+            problems.append(f"{where}: clips recorded in the marker differ from the manifest's clips {lo}..{hi - 1}")
+        skipped = {s["index"] for s in c.skipped}
+        for name, digest in c.checksums.items():
+            path = f"{self.root}/{self._shard_key(split, name, k)}"
+            try:
+                data = self.fs.cat_file(path)
+            except FileNotFoundError:
+                problems.append(f"{where}: shard file {path} is missing")
+                continue
+            if _sha256(data) != digest:
+                problems.append(f"{where}: checksum mismatch in {path} ({len(data)} bytes): the file was changed or truncated")
+        if problems:
+            return problems
+        lengths = self.array(split, "length")[lo:hi]
+        if lengths.tolist() != c.lengths:
+            problems.append(f"{where}: length array {lengths.tolist()} differs from marker {c.lengths}")
+        mean = self.array(split, "mean")[lo:hi]
+        actions = self.array(split, "actions")[lo:hi]
+        for i, n in enumerate(c.lengths):
+            idx = lo + i
+            if n == 0 and idx not in skipped:
+                problems.append(f"{where}: clip {idx} ({c.keys[i]}) has no frames and is not recorded as skipped")
+            if n > lay.frames:
+                problems.append(f"{where}: clip {idx} length {n} > {lay.frames} frames")
+                continue
+            if not np.isfinite(mean[i, :n]).all():
+                problems.append(f"{where}: clip {idx} ({c.keys[i]}) has non-finite latents inside its {n} frames")
+            if not np.isnan(mean[i, n:]).all():
+                problems.append(f"{where}: clip {idx} ({c.keys[i]}) padding past frame {n} is not NaN")
+            if (actions[i, n:] != -1).any():
+                problems.append(f"{where}: clip {idx} ({c.keys[i]}) actions past frame {n} are not -1")
+        return problems
+
+    # ---------------------------------------------------------------- info
+    def info(self) -> dict:
+        """Summary for `minisora store info` (sizes computed from the files on disk)."""
+        out = {"url": self.url, "schema_version": self.attrs.get("schema_version"), "complete": bool(self.attrs.get("complete")),
+               "vae": self.attrs.get("vae"), "source": self.attrs.get("source"), "latent_stats": self.attrs.get("latent_stats"),
+               "skipped": self.attrs.get("skipped", []), "splits": {}}
+        total_bytes = 0
+        for split in self.splits:
+            lay = self.layout(split)
+            nbytes = sum(self.fs.du(f"{self.root}/{split}/{n}", total=True) for n in self.array_names())
+            total_bytes += nbytes
+            lengths = self.array(split, "length")[:]
+            frames = int(lengths.sum())
+            committed = lay.num_shards - len(self.pending_shards(split))
+            out["splits"][split] = {"clips": lay.clips, "latent_frames": frames, "max_frames": lay.frames,
+                                    "latent_shape": [lay.channels, lay.height, lay.width], "shards": lay.num_shards,
+                                    "committed_shards": committed, "clips_per_shard": lay.clips_per_shard,
+                                    "bytes": nbytes, "bytes_per_frame": nbytes / max(frames, 1)}
+        src = self.attrs.get("source", {})
+        h, w = src.get("resolution", [0, 0])
+        tc = (self.attrs.get("vae") or {}).get("temporal_compression", 1)
+        out["bytes"] = total_bytes
+        out["raw_pixel_bytes_per_latent_frame"] = h * w * 3 * tc
+        return out
+
+
+def channel_sums(mean: np.ndarray, logvar: np.ndarray | None, lengths: np.ndarray) -> dict[str, list]:
+    """Per-channel count, sum and sum of E[z^2] over the valid frames of a shard (float64).
+
+    With a posterior N(mean, exp(logvar)), E[z^2] = mean^2 + exp(logvar): the statistics describe
+    the latents training actually samples, not only the means.
+    """
+    c = mean.shape[2]
+    count, s1, s2 = np.zeros(c), np.zeros(c), np.zeros(c)
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        m = mean[i, :n].astype(np.float64)  # (n, C, h, w)
+        sq = m**2 + (np.exp(logvar[i, :n].astype(np.float64)) if logvar is not None else 0.0)
+        count += m.shape[0] * m.shape[2] * m.shape[3]
+        s1 += m.sum(axis=(0, 2, 3))
+        s2 += sq.sum(axis=(0, 2, 3))
+    return {"stats": [count.tolist(), s1.tolist(), s2.tolist()]}
