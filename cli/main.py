@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data, vae
+from cli import data, encode, store, vae
 
 app = typer.Typer(
     name="minisora",
@@ -15,6 +15,8 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests.")
 app.add_typer(vae.app, name="vae", help="VAEs: train a small offline AutoencoderKL.")
+app.command(name="encode")(encode.encode)
+app.add_typer(store.app, name="store", help="Latent stores: info and verify.")
 
 
 if __name__ == "__main__":

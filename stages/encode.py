@@ -1,0 +1,276 @@
+"""Stage one: push every frame of every manifest clip once through a VAE into a Zarr latent store.
+
+Runs as one process or under `torchrun` (each rank takes whole shards, round robin). The unit of
+work is a shard: its clips are read (a thread pool decodes ahead), encoded in batches of frames,
+and the finished shard is written and committed by a writer thread while the VAE works on the
+next one. Committed shards are skipped on a re-run, so an interrupted job resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import minisora
+from minisora.data.clips import ClipError, read_clip
+from minisora.data.manifest import Manifest, ManifestClip
+from minisora.dist import barrier, dist_info, init_distributed, print0
+from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for
+from minisora.vae import VideoVAE, frames_to_pixels
+
+
+@dataclass
+class EncodeConfig:
+    manifest: str
+    vae: str
+    out: str
+    vae_subfolder: str | None = None
+    vae_revision: str | None = None
+    root: str | None = None  # clip root, overriding the one recorded in the manifest
+    splits: tuple[str, ...] = ("train", "test")
+    batch_size: int = 64  # frames per VAE call
+    device: str = "auto"
+    dtype: str = "fp32"  # VAE compute dtype: fp32 | bf16 | fp16
+    frame_stride: int = 1
+    size: int | None = None  # resize frames to size x size before the VAE (None: native)
+    on_error: str = "fail"  # fail | skip
+    overwrite: bool = False
+    clips_per_shard: int | None = None  # None: about `shard_mb` MB of latents per shard
+    shard_mb: float = 32.0
+    read_workers: int = 2
+    compression_level: int = 3  # zstd level, 0 = uncompressed
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class EncodeError(RuntimeError):
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _used_frames(clip_frames: int, stride: int, vae: VideoVAE) -> int:
+    return vae.usable_frames(math.ceil(clip_frames / stride))
+
+
+def plan_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE) -> tuple[dict, dict[str, SplitLayout]]:
+    """Store attributes and per-split layouts, all derived from the manifest and the VAE."""
+    clips = [c for c in manifest.clips if c.split in cfg.splits]
+    if not clips:
+        raise EncodeError(f"{cfg.manifest}: no clips in splits {', '.join(cfg.splits)}")
+    sizes = {(c.height, c.width) for c in clips}
+    if cfg.size is None and len(sizes) > 1:
+        raise EncodeError(f"{cfg.manifest}: clips have several resolutions {sorted(sizes)}; pass --size to resize them")
+    h, w = (cfg.size, cfg.size) if cfg.size else sizes.pop()
+    sc = vae.info.spatial_compression
+    if h % sc or w % sc:
+        raise EncodeError(f"frames of {h}x{w} are not divisible by the VAE's spatial compression {sc}")
+    layouts = {}
+    for split in cfg.splits:
+        sc_clips = manifest.by_split(split)
+        if not sc_clips:
+            continue
+        frames = max(vae.latent_frames(_used_frames(c.frames, cfg.frame_stride, vae)) for c in sc_clips)
+        c_lat, hl, wl = vae.info.latent_channels, h // sc, w // sc
+        per_shard = cfg.clips_per_shard or clips_per_shard_for(frames, c_lat, hl, wl, cfg.shard_mb)
+        layouts[split] = SplitLayout(len(sc_clips), frames, c_lat, hl, wl, min(per_shard, len(sc_clips)))
+    try:
+        from minisora.data import load_dataset_card
+
+        fps = load_dataset_card(manifest.kind).get("fps")
+    except Exception:  # a card is informative, never required
+        fps = None
+    attrs = {
+        "vae": asdict(vae.info),
+        "source": {"kind": manifest.kind, "manifest_digest": manifest.digest(), "root": manifest.root,
+                   "resolution": [h, w], "native_resolution": list(sizes.pop()) if len(sizes) == 1 else None,
+                   "frame_stride": cfg.frame_stride, "fps": fps / cfg.frame_stride if fps else None},
+        "encode": {"dtype": cfg.dtype, "batch_size": cfg.batch_size},
+        "minisora_version": minisora.__version__,
+    }
+    return attrs, layouts
+
+
+def _same_plan(store: LatentStore, attrs: dict, layouts: dict[str, SplitLayout]) -> list[str]:
+    diffs = []
+    for key in ("vae", "source"):
+        if store.attrs.get(key) != json.loads(json.dumps(attrs[key])):
+            diffs.append(key)
+    if store.attrs.get("splits") != {s: asdict(l) for s, l in layouts.items()}:
+        diffs.append("splits/geometry")
+    return diffs
+
+
+def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, attrs: dict,
+                         layouts: dict[str, SplitLayout]) -> LatentStore:
+    """Rank 0 only: create the store, or reopen it when it was made with the same settings."""
+    from minisora.store import _fs_and_root
+
+    fs, root, _ = _fs_and_root(cfg.out)
+    if fs.exists(f"{root}/zarr.json"):
+        if cfg.overwrite:
+            fs.rm(root, recursive=True)
+        else:
+            store = LatentStore(cfg.out, mode="a")
+            diffs = _same_plan(store, attrs, layouts)
+            if diffs:
+                raise EncodeError(f"{cfg.out} exists and was encoded with other settings ({', '.join(diffs)} differ); "
+                                  "pass --overwrite to start over or choose another --out")
+            return store
+    manifest_json = json.dumps({"kind": manifest.kind, "root": manifest.root,
+                                "clips": [asdict(c) for c in manifest.clips if c.split in layouts]})
+    return LatentStore.create(cfg.out, attrs, layouts, vae.info.deterministic, manifest_json, cfg.compression_level)
+
+
+def _read(manifest: Manifest, clip: ManifestClip, stride: int, used: int):
+    try:
+        frames, actions = read_clip(manifest.abspath(clip), manifest.kind)
+    except ClipError as e:
+        return e
+    frames = frames[::stride][:used]
+    if len(frames) < used:
+        return ClipError(manifest.abspath(clip), f"decoded {len(frames)} frames, the manifest promised {clip.frames} "
+                         f"(>= {used} after stride {stride})")
+    if actions is not None:
+        actions = actions[::stride][:used]
+    return frames, actions
+
+
+@torch.no_grad()
+def encode_clip(vae: VideoVAE, frames: np.ndarray, cfg: EncodeConfig, device: torch.device, dtype: torch.dtype):
+    """uint8 (T, H, W, 3) frames -> posterior mean, logvar (T', C, h, w) float32 numpy."""
+    pixels = frames_to_pixels(torch.from_numpy(frames)).to(device)  # (T, 3, H, W) in [-1, 1]
+    if cfg.size and pixels.shape[-2:] != (cfg.size, cfg.size):
+        pixels = F.interpolate(pixels, size=(cfg.size, cfg.size), mode="bilinear", antialias=True, align_corners=False)
+    pixels = pixels.to(dtype)
+    if vae.info.temporal_compression > 1:  # video VAE: the whole clip in one causal pass
+        mean, logvar = vae.encode(pixels[None])
+        mean, logvar = mean[0], (logvar[0] if logvar is not None else None)
+    else:  # image VAE: frames in batches
+        outs = [vae.encode(pixels[i:i + cfg.batch_size][None]) for i in range(0, len(pixels), cfg.batch_size)]
+        mean = torch.cat([m[0] for m, _ in outs])
+        logvar = None if outs[0][1] is None else torch.cat([lv[0] for _, lv in outs])
+    mean = mean.float().cpu().numpy()
+    return mean, (logvar.float().cpu().numpy() if logvar is not None else None)
+
+
+def main(cfg: EncodeConfig) -> dict:
+    init_distributed()
+    rank, world, _ = dist_info()
+    device = resolve_device(cfg.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    manifest = Manifest.load(cfg.manifest, root=cfg.root)
+    vae = VideoVAE.load(cfg.vae, subfolder=cfg.vae_subfolder, revision=cfg.vae_revision, device=device, dtype=dtype)
+    attrs, layouts = plan_store(cfg, manifest, vae)
+    err = None
+    if rank == 0:
+        try:
+            open_or_create_store(cfg, manifest, vae, attrs, layouts)
+        except (EncodeError, StoreError) as e:
+            err = e
+    barrier()
+    if err is not None:
+        raise err
+    store = LatentStore(cfg.out, mode="a")
+    if _same_plan(store, attrs, layouts):
+        raise EncodeError(f"{cfg.out}: store settings differ from this run (another rank failed to create it?)")
+
+    work = [(s, k) for s in layouts for k in range(layouts[s].num_shards)]
+    mine = [(s, k) for i, (s, k) in enumerate(work) if i % world == rank and not store.is_committed(s, k)]
+    n_clips = sum(layouts[s].shard_range(k)[1] - layouts[s].shard_range(k)[0] for s, k in mine)
+    print0(f"encode: {len(work)} shards in {', '.join(f'{s}: {l.num_shards}' for s, l in layouts.items())}; "
+           f"{len(work) - len(mine) if world == 1 else 'some'} already committed; rank 0 encodes {n_clips} clips")
+    stats = _encode_shards(cfg, manifest, vae, store, layouts, mine, device, dtype, show=cfg.progress and rank == 0)
+    barrier()
+    summary = {"rank_clips": stats["clips"], "rank_frames": stats["frames"], "seconds": stats["seconds"]}
+    if rank == 0:
+        store = LatentStore(cfg.out, mode="a")
+        if any(store.pending_shards(s) for s in store.splits):
+            raise EncodeError(f"{cfg.out}: some shards are still uncommitted after all ranks finished")
+        summary["latent_stats"] = store.finalize()
+        summary["skipped"] = store.attrs["skipped"]
+    return summary
+
+
+def _encode_shards(cfg, manifest, vae, store, layouts, shards, device, dtype, show: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    clip_jobs = []  # (split, shard, index in split, clip)
+    for split, k in shards:
+        lo, hi = layouts[split].shard_range(k)
+        split_clips = manifest.by_split(split)
+        clip_jobs += [(split, k, i, split_clips[i]) for i in range(lo, hi)]
+    t0, frames_done = time.time(), 0
+    bar = tqdm(total=len(clip_jobs), unit="clip", disable=not show, desc="encode")
+    with ThreadPoolExecutor(cfg.read_workers) as readers, ThreadPoolExecutor(1) as writer:
+        used = {id(c): _used_frames(c.frames, cfg.frame_stride, vae) for *_, c in clip_jobs}
+        ahead = max(2 * cfg.read_workers, 4)
+        futures: list[Future] = [readers.submit(_read, manifest, c, cfg.frame_stride, used[id(c)]) for *_, c in clip_jobs[:ahead]]
+        pending_write: Future | None = None
+        block = None
+        for j, (split, k, idx, clip) in enumerate(clip_jobs):
+            if j + ahead < len(clip_jobs):
+                futures.append(readers.submit(_read, manifest, clip_jobs[j + ahead][3], cfg.frame_stride, used[id(clip_jobs[j + ahead][3])]))
+            lay = layouts[split]
+            lo, hi = lay.shard_range(k)
+            if block is None:
+                block = _new_block(lay, hi - lo, vae.info.deterministic)
+            result = futures[j].result()
+            futures[j] = None  # free the frames
+            i = idx - lo
+            block["keys"].append(clip.path)
+            if isinstance(result, ClipError):
+                if cfg.on_error != "skip":
+                    raise EncodeError(f"{result} (use --on-error skip to leave bad clips out; committed shards are kept)")
+                block["skipped"].append({"index": idx, "path": clip.path, "reason": result.problem})
+            else:
+                frames, actions = result
+                mean, logvar = encode_clip(vae, frames, cfg, device, dtype)
+                n = mean.shape[0]
+                block["mean"][i, :n] = mean
+                if logvar is not None:
+                    block["logvar"][i, :n] = logvar
+                if actions is not None:
+                    block["actions"][i, :n] = _latent_actions(actions, n, vae.info.temporal_compression)
+                block["lengths"][i] = n
+                frames_done += len(frames)
+            bar.update(1)
+            bar.set_postfix(frames_s=f"{frames_done / max(time.time() - t0, 1e-9):.0f}")
+            if idx == hi - 1:  # shard complete: hand it to the writer, keep encoding
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer.submit(store.write_shard, split, k, block["mean"], block["logvar"], block["actions"],
+                                              block["lengths"], block["keys"], block["skipped"])
+                block = None
+        if pending_write is not None:
+            pending_write.result()
+    bar.close()
+    return {"clips": len(clip_jobs), "frames": frames_done, "seconds": time.time() - t0}
+
+
+def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:
+    shape = (n, lay.frames, lay.channels, lay.height, lay.width)
+    return {"mean": np.full(shape, np.nan, np.float16), "logvar": None if deterministic else np.full(shape, np.nan, np.float16),
+            "actions": np.full((n, lay.frames), -1, np.int16), "lengths": np.zeros(n, np.int32), "keys": [], "skipped": []}
+
+
+def _latent_actions(actions: np.ndarray, n: int, temporal_compression: int) -> np.ndarray:
+    """Actions aligned with latent frames: latent frame j covers pixel frames ending at j * tc."""
+    if temporal_compression == 1:
+        return actions[:n]
+    idx = np.minimum(np.arange(n) * temporal_compression, len(actions) - 1)
+    return actions[idx]
