@@ -92,7 +92,8 @@ class ShardCommit:
     lengths: list[int]
     skipped: list[dict] = field(default_factory=list)  # {"index", "path", "reason"}
     checksums: dict[str, str] = field(default_factory=dict)  # array name -> sha256 of its shard file
-    sums: dict[str, list[float]] = field(default_factory=dict)  # per-channel count/sum/sumsq (float64)
+    sums: dict[str, list] = field(default_factory=dict)  # "stats": per-channel [count, sum, sum of E[z^2]]
+    action_max: int = -1  # largest action id in the shard (-1: none)
 
 
 class LatentStore:
@@ -201,7 +202,8 @@ class LatentStore:
             self.array(split, name)[lo:hi] = block
         checksums = {name: _sha256(self.fs.cat_file(f"{self.root}/{self._shard_key(split, name, k)}")) for name in blocks}
         commit = ShardCommit(split=split, shard=k, start=lo, stop=hi, keys=list(keys), lengths=[int(x) for x in lengths],
-                             skipped=skipped, checksums=checksums, sums=channel_sums(blocks["mean"], blocks.get("logvar"), lengths))
+                             skipped=skipped, checksums=checksums, sums=channel_sums(blocks["mean"], blocks.get("logvar"), lengths),
+                             action_max=int(blocks["actions"].max(initial=-1)))
         marker = self._marker_path(split, k)
         tmp = marker + ".tmp"
         self.fs.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -220,16 +222,18 @@ class LatentStore:
             raise StoreError(f"{self.url}: cannot finalize, uncommitted shards: "
                              + ", ".join(f"{s}: {v}" for s, v in pending.items() if v))
         stat_split = "train" if "train" in self.splits else self.splits[0]
-        total = None
+        total, action_max = None, -1
         for k in range(self.layout(stat_split).num_shards):
-            s = np.array(self.read_commit(stat_split, k).sums["stats"], dtype=np.float64)  # (3, C)
+            commit = self.read_commit(stat_split, k)
+            s = np.array(commit.sums["stats"], dtype=np.float64)  # (3, C): count, sum, sum of E[z^2]
             total = s if total is None else total + s
+            action_max = max(action_max, commit.action_max)
         count, s1, s2 = total
         mean = s1 / np.maximum(count, 1)
         std = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean**2, 1e-12))
         skipped = [dict(split=s, **x) for s in self.splits for k in range(self.layout(s).num_shards) for x in self.read_commit(s, k).skipped]
-        stats = {"split": stat_split, "mean": mean.tolist(), "std": std.tolist(), "frames": int(count[0])}
-        self.set_attrs(latent_stats=stats, skipped=skipped, complete=True)
+        stats = {"split": stat_split, "mean": mean.tolist(), "std": std.tolist(), "values_per_channel": int(count[0])}
+        self.set_attrs(latent_stats=stats, skipped=skipped, num_actions=action_max + 1, complete=True)
         return stats
 
     def require_complete(self) -> None:

@@ -1,0 +1,39 @@
+"""Build small latent stores straight from arrays (no VAE), for store and dataset tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from minisora.store import LatentStore, SplitLayout
+
+
+def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_per_shard=2, seed=0,
+               deterministic=False, num_actions=3):
+    """A complete store whose latents are random; returns (store, {split: (mean, logvar, actions)})."""
+    rng = np.random.default_rng(seed)
+    layouts, data, clips = {}, {}, []
+    for split, lens in lengths.items():
+        t = max(lens)
+        layouts[split] = SplitLayout(len(lens), t, channels, hw[0], hw[1], clips_per_shard)
+        mean = np.full((len(lens), t, channels) + hw, np.nan, np.float16)
+        logvar = np.full_like(mean, np.nan)
+        actions = np.full((len(lens), t), -1, np.int16)
+        for i, n in enumerate(lens):
+            mean[i, :n] = rng.normal(size=(n, channels) + hw) * 2 + 1
+            logvar[i, :n] = rng.normal(size=(n, channels) + hw) - 3
+            actions[i, :n] = rng.integers(0, num_actions, n)
+        data[split] = (mean, None if deterministic else logvar, actions)
+        clips += [{"split": split, "path": f"{split}/{i:05d}.npz"} for i in range(len(lens))]
+    attrs = {"vae": {"class_name": "test", "temporal_compression": 1}, "source": {"kind": "dmlab", "resolution": [16, 16]}}
+    store = LatentStore.create(str(url), attrs, layouts, deterministic, json.dumps({"kind": "dmlab", "clips": clips}))
+    for split, lay in layouts.items():
+        mean, logvar, actions = data[split]
+        lens = np.array(lengths[split])
+        for k in range(lay.num_shards):
+            lo, hi = lay.shard_range(k)
+            store.write_shard(split, k, mean[lo:hi], None if logvar is None else logvar[lo:hi], actions[lo:hi], lens[lo:hi],
+                              [f"{split}/{i:05d}.npz" for i in range(lo, hi)], [])
+    store.finalize()
+    return store, data
