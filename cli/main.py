@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data, encode, store, vae
+from cli import data, encode, store, train, vae
 
 app = typer.Typer(
     name="minisora",
@@ -17,6 +17,7 @@ app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout d
 app.add_typer(vae.app, name="vae", help="VAEs: train a small offline AutoencoderKL.")
 app.command(name="encode")(encode.encode)
 app.add_typer(store.app, name="store", help="Latent stores: info and verify.")
+app.command(name="train")(train.train)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,8 @@ def main(cfg: EncodeConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     manifest = Manifest.load(cfg.manifest, root=cfg.root)
+    if os.path.isdir(cfg.vae):  # record where the VAE is, wherever sampling runs from
+        cfg.vae = os.path.abspath(cfg.vae)
     vae = VideoVAE.load(cfg.vae, subfolder=cfg.vae_subfolder, revision=cfg.vae_revision, device=device, dtype=dtype)
     attrs, layouts = plan_store(cfg, manifest, vae)
     err = None

@@ -1,0 +1,64 @@
+"""`minisora train`: stage two, a flow-matching video DiT on a latent store with ColossalAI."""
+
+from __future__ import annotations
+
+import typer
+
+from minisora.model import DIT_MODEL_SPECS, count_params
+
+_PRESETS = ", ".join(f"{n} ({count_params(n) / 1e6:.1f}M params at 4 latent channels)" for n in DIT_MODEL_SPECS)
+
+
+def train(
+    store: str = typer.Option(..., help="Latent store written by `minisora encode` (path or fsspec URL); must be complete."),
+    out: str = typer.Option(..., help="Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json."),
+    model: str = typer.Option("tiny", help=f"Model size preset: {_PRESETS}."),
+    frames: int = typer.Option(8, min=1, help="Latent frames per training window (clips shorter than this are not used)."),
+    batch_size: int = typer.Option(8, min=1, help="Windows per process per micro-step (global batch = processes x this x grad-accum)."),
+    lr: float = typer.Option(3e-4, help="Peak AdamW learning rate."),
+    warmup: int = typer.Option(100, min=0, help="Linear warm-up steps."),
+    steps: int = typer.Option(1000, min=1, help="Total optimizer steps."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: off)."),
+    plugin: str = typer.Option("ddp", help="ColossalAI plugin: ddp (CPU/gloo or GPU), zero1 / zero2 (ZeRO, sharded optimizer state; CUDA), gemini (params sharded + offload; CUDA)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (CPU or GPU) or fp16 (CUDA only)."),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-steps accumulated per optimizer step."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations in the backward pass (less memory, ~30% slower)."),
+    ema_decay: float = typer.Option(0.999, min=0.0, max=1.0, help="EMA decay of the weights that sampling uses."),
+    ckpt_every: int = typer.Option(500, min=0, help="Save a checkpoint every N steps and at the last step (0: never)."),
+    keep_last: int = typer.Option(3, min=0, help="Keep only the newest N checkpoints (0: keep all)."),
+    sample_every: int = typer.Option(0, min=0, help="Every N steps, rank 0 continues a few test clips, decodes them with the store's VAE and saves a gif + PSNR (0: off)."),
+    resume: str = typer.Option("auto", help="auto: continue from the newest checkpoint in OUT if any; a checkpoint path; or 'none' to start fresh."),
+    use_actions: bool = typer.Option(False, "--use-actions", help="Condition on per-frame actions (with dropout, for classifier-free guidance)."),
+    seed: int = typer.Option(0, help="Seed of weights, data order, noise (a resumed run repeats the same randomness)."),
+    log_every: int = typer.Option(10, min=1, help="Log loss / throughput every N steps (one host sync per interval)."),
+    p_full: float = typer.Option(0.5, help="Probability of a window with one noise level for all frames (generation)."),
+    p_prefix: float = typer.Option(0.3, help="Probability of a clean random prefix as context (continuation)."),
+    p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion forcing)."),
+    cache_shards: int = typer.Option(8, min=1, help="Store shards kept in RAM by the window reader."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (if installed)."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda."),
+):
+    """Train a video DiT with rectified flow on cached latents (no pixels, no VAE in the loop).
+
+    One process: `minisora train ...`. Several: `torchrun --nproc_per_node=N --no-python minisora train ...`
+    (multi-node: add --nnodes, --node_rank and --rdzv_endpoint). Killed runs resume from the newest
+    checkpoint with the same command.
+    """
+    from minisora.flow import FlowConfig
+    from minisora.store import StoreError
+    from stages.train import TrainConfig, main
+
+    try:
+        flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent)
+        cfg = TrainConfig(store=store, out=out, model=model, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
+                          steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin, precision=precision,
+                          grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, ema_decay=ema_decay,
+                          ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every,
+                          resume=None if resume == "none" else resume, use_actions=use_actions, seed=seed,
+                          log_every=log_every, cache_shards=cache_shards, flow=flow, wandb=wandb, device=device)
+        result = main(cfg)
+    except (ValueError, RuntimeError, StoreError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"trained to step {result['step']}: loss {result['loss']:.4f}; checkpoints in {out}/checkpoints")
