@@ -81,11 +81,14 @@ def _free_port() -> int:
 def launch(device: str) -> torch.device:
     """Join (or, as a single process, create) the process group through ColossalAI."""
     import colossalai
+    import torch.distributed as dist
 
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if dist.is_initialized():  # already launched in this process (e.g. called twice from Python)
+        return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     if "RANK" not in os.environ:  # plain `minisora train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     colossalai.launch_from_torch(backend="nccl" if use_cuda else "gloo", seed=0, verbose=False)
     if use_cuda:
         local = int(os.environ["LOCAL_RANK"])
