@@ -1,0 +1,165 @@
+"""Rectified-flow objective and Euler sampler for video latents, with one time per latent frame.
+
+Convention (the diffusers FlowMatch one). Data x0, Gaussian noise e, time t in [0, 1], t = 1 is pure
+noise:
+
+    x_t = (1 - t) * x0 + t * e          the straight path from data (t=0) to noise (t=1)
+    v   = d x_t / d t = e - x0          what the model predicts
+
+Sampling integrates dx = v dt from t = 1 down to t = 0.
+
+Latents are (B, T, C, H, W) and **every latent frame has its own t**, a (B, T) tensor (Diffusion
+Forcing). Context frames get t = 0, so x_t equals x0 exactly there, and they are left out of the
+loss; that is what lets one model do unconditional generation, continuation and long rollouts.
+
+Pure tensors: no I/O, no logging, no distributed code, no host synchronisation in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class FlowConfig:
+    """How training times are drawn; the three mode probabilities must sum to 1."""
+
+    p_full: float = 0.5  # all frames share one t (unconditional generation)
+    p_prefix: float = 0.3  # a random prefix of k in [1, T-1] frames is clean context (t=0), the rest share one t
+    p_independent: float = 0.2  # every frame draws its own t (diffusion forcing)
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = 1.0
+    max_context: int | None = None  # cap on the prefix length k
+
+    def __post_init__(self) -> None:
+        probs = (self.p_full, self.p_prefix, self.p_independent)
+        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(
+                f"FlowConfig mode probabilities must be >= 0 and sum to 1, got p_full={self.p_full}, "
+                f"p_prefix={self.p_prefix}, p_independent={self.p_independent} (sum {sum(probs)})"
+            )
+        if self.logit_std <= 0:
+            raise ValueError(f"FlowConfig.logit_std must be > 0, got {self.logit_std}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError(f"FlowConfig.max_context must be >= 1 or None, got {self.max_context}")
+
+
+def logit_normal(
+    shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None, device=None
+) -> Tensor:
+    """Samples of sigmoid(N(mean, std^2)) shaped `shape`, in (0, 1) (SD3's logit-normal times)."""
+    return torch.sigmoid(mean + std * torch.randn(shape, generator=generator, device=device))
+
+
+def sample_times(
+    batch: int, frames: int, cfg: FlowConfig, generator: torch.Generator | None = None, device=None
+) -> tuple[Tensor, Tensor]:
+    """Per-frame training times t (B, T) float32 and the context mask (B, T) bool (where t == 0).
+
+    Each sample picks one mode: full (one shared t), prefix (the first k frames are context, the rest
+    share one t; with T == 1 there is no room for context and it falls back to full) or independent
+    (a t per frame). No host synchronisation.
+    """
+    u = torch.rand(batch, generator=generator, device=device)  # (B,) picks the mode
+    is_prefix = (u >= cfg.p_full) & (u < cfg.p_full + cfg.p_prefix)
+    is_independent = u >= cfg.p_full + cfg.p_prefix
+
+    t_shared = logit_normal((batch, 1), cfg.logit_mean, cfg.logit_std, generator, device)  # (B, 1)
+    t_frame = logit_normal((batch, frames), cfg.logit_mean, cfg.logit_std, generator, device)  # (B, T)
+    t = torch.where(is_independent[:, None], t_frame, t_shared.expand(batch, frames))
+
+    # prefix length k uniform in [1, k_max]; k_max = 0 (no context) when T == 1
+    k_max = min(frames - 1, cfg.max_context if cfg.max_context is not None else frames - 1)
+    k = torch.floor(torch.rand(batch, generator=generator, device=device) * k_max).long() + 1  # (B,)
+    k = torch.where(is_prefix & (k_max > 0), k, torch.zeros_like(k))
+    context = torch.arange(frames, device=t.device)[None, :] < k[:, None]  # (B, T)
+    t = torch.where(context, torch.zeros_like(t), t)
+    return t, context
+
+
+def _check_latents(name: str, x: Tensor) -> None:
+    if x.ndim != 5:
+        raise ValueError(f"{name} must be (B, T, C, H, W) latents, got shape {tuple(x.shape)}")
+
+
+def noisy(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t e with t (B, T) broadcast over (C, H, W); frames with t = 0 return x0 exactly."""
+    _check_latents("x0", x0)
+    if noise.shape != x0.shape or t.shape != x0.shape[:2]:
+        raise ValueError(f"noisy: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and t {tuple(t.shape)} disagree")
+    t = t.to(x0.dtype)[:, :, None, None, None]  # (B, T) -> (B, T, 1, 1, 1)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(velocity: Tensor, x0: Tensor, noise: Tensor, context: Tensor | None = None) -> Tensor:
+    """Mean squared error of `velocity` against e - x0, averaged over non-context frames (each frame
+    weighs the same), computed in float32. Context frames contribute nothing, whatever the model
+    predicted there (even inf/nan). A scalar; 0 if every frame is context. No host synchronisation."""
+    _check_latents("velocity", velocity)
+    if velocity.shape != x0.shape or noise.shape != x0.shape:
+        raise ValueError(
+            f"flow_loss: velocity {tuple(velocity.shape)}, x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} differ"
+        )
+    target = noise.float() - x0.float()
+    per_frame = (velocity.float() - target).square().mean(dim=(2, 3, 4))  # (B, T)
+    if context is None:
+        return per_frame.mean()
+    if context.shape != per_frame.shape:
+        raise ValueError(f"flow_loss: context mask {tuple(context.shape)} must be (B, T) = {tuple(per_frame.shape)}")
+    per_frame = torch.where(context, torch.zeros_like(per_frame), per_frame)
+    return per_frame.sum() / (~context).sum().clamp_min(1)
+
+
+def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
+    """The `steps + 1` sampling times from 1 to 0, float32: t' = shift t / (1 + (shift - 1) t) of a uniform grid.
+
+    shift > 1 moves every interior time towards 1, so more of the steps are spent at high noise (where
+    the coarse layout is decided) and the last steps near t = 0 are longer; shift = 1 is uniform.
+    """
+    if steps < 1:
+        raise ValueError(f"time_grid needs steps >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"time_grid needs shift > 0, got {shift}")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+def euler_sample(
+    velocity_fn: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    steps: int,
+    shift: float = 1.0,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+) -> Tensor:
+    """Integrate dx = v dt from t = 1 (x = noise) to t = 0 with Euler steps on `time_grid(steps, shift)`.
+
+    velocity_fn(x_t (B, T, C, H, W), t (B, T)) -> v. Frames where context_mask (B, T) is True are held
+    exactly at their clean values from `context` (B, T, C, H, W), with t = 0, at every step.
+    """
+    _check_latents("noise", noise)
+    if (context is None) != (context_mask is None):
+        raise ValueError("euler_sample: give both context and context_mask, or neither")
+    batch, frames = noise.shape[:2]
+    if context_mask is None:
+        context_mask = torch.zeros(batch, frames, dtype=torch.bool, device=noise.device)
+        context = noise
+    elif context.shape != noise.shape or context_mask.shape != (batch, frames):
+        raise ValueError(
+            f"euler_sample: context {tuple(context.shape)} must match noise {tuple(noise.shape)} "
+            f"and context_mask {tuple(context_mask.shape)} must be (B, T) = {(batch, frames)}"
+        )
+    keep = context_mask[:, :, None, None, None]  # (B, T) -> (B, T, 1, 1, 1)
+    grid = time_grid(steps, shift, device=noise.device)
+
+    x = torch.where(keep, context, noise)
+    for i in range(steps):
+        t = torch.where(context_mask, 0.0, grid[i].expand(batch, frames))  # (B, T)
+        v = velocity_fn(x, t)
+        x = x + (grid[i + 1] - grid[i]).to(x.dtype) * v
+        x = torch.where(keep, context, x)
+    return x

@@ -1,0 +1,247 @@
+"""The video Diffusion Transformer: latents (B, T, C, H, W) + per-frame times (+ actions) -> velocity.
+
+A DiT (Peebles & Xie) lifted to video:
+- 3D patches (temporal patch 1 by default, so any frame count works and any frame can be context);
+- 3D rotary position embedding over (frame, row, column), computed for the actual T, H, W at forward
+  time, so there is no maximum length and attention only sees relative positions;
+- adaLN-Zero modulation **per frame**: the conditioning c (B, T, D) is the embedding of that frame's
+  t (plus that frame's action) and modulates only that frame's tokens; all gates and the output
+  layer start at zero, so a fresh model predicts zero velocity;
+- q/k RMSNorm and full bidirectional `scaled_dot_product_attention` over all T*h*w tokens.
+
+A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
+`enable_gradient_checkpointing()` work as for any diffusers model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from torch import Tensor, nn
+
+# Sizes follow DiT (S/B/L/XL); "tiny" is for CPU demos and tests of the whole pipeline.
+DIT_MODEL_SPECS: dict[str, dict] = {
+    "tiny": dict(hidden_size=192, depth=4, num_heads=3),
+    "small": dict(hidden_size=384, depth=12, num_heads=6),
+    "base": dict(hidden_size=768, depth=12, num_heads=12),
+    "large": dict(hidden_size=1024, depth=24, num_heads=16),
+    "xl": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """How a head's channels split across (frame, row, column) rotations (Wan's split); all even."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(frames: int, height: int, width: int, head_dim: int, theta: float = 10000.0,
+                frame_offset: float = 0.0, device=None) -> Tensor:
+    """Rotation angles (frames*height*width, head_dim // 2), float32, tokens in (t, h, w) order.
+
+    Channel pair i of a token at (t, h, w) is rotated by pos_axis * theta^(-2j / dim_axis) for the axis
+    and index j that pair belongs to, so q.k of two tokens depends only on their position difference.
+    """
+    angles = []
+    for size, dim, offset in zip((frames, height, width), rope_axis_dims(head_dim), (frame_offset, 0.0, 0.0)):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # (dim/2,)
+        pos = torch.arange(size, dtype=torch.float64, device=device) + offset
+        angles.append(torch.outer(pos, freqs))  # (size, dim/2)
+    a_t, a_h, a_w = angles
+    grid = torch.cat([  # broadcast each axis over the other two -> (T, H, W, head_dim/2)
+        a_t[:, None, None, :].expand(frames, height, width, -1),
+        a_h[None, :, None, :].expand(frames, height, width, -1),
+        a_w[None, None, :, :].expand(frames, height, width, -1),
+    ], dim=-1)
+    return rearrange(grid, "t h w d -> (t h w) d").float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of x (B, heads, N, head_dim) by angles with cos/sin (N, head_dim/2)."""
+    pairs = rearrange(x.float(), "b n l (d two) -> b n l d two", two=2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]  # each (B, heads, N, head_dim/2)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rearrange(out, "b n l d two -> b n l (d two)").to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x (B, T, S, D) with per-frame shift/scale (B, T, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
+        q, k, v = rearrange(self.qkv(x), "b l (three n d) -> three b n l d", three=3, n=self.num_heads)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(rearrange(out, "b n l d -> b l (n d)"))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; each frame's conditioning sets its tokens' shift, scale and gates."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # x (B, T, S, D) tokens per frame; c (B, T, D) -> six (B, T, 1, D) modulations
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)
+        frames = x.shape[1]
+        h = rearrange(modulate(self.norm1(x), shift_a, scale_a), "b t s d -> b (t s) d")
+        h = rearrange(self.attn(h, cos, sin), "b (t s) d -> b t s d", t=frames)
+        x = x + gate_a * h
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, :, None].chunk(2, dim=-1)  # each (B, T, 1, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, S, out_dim)
+
+
+class VideoDiT(ModelMixin, ConfigMixin):
+    """Velocity model v(x_t, t, actions) for flow matching on video latents (see minisora.flow)."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1, hidden_size: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_actions: int = 0,
+                 action_dropout: float = 0.1, rope_theta: float = 10000.0, frequency_dim: int = 256,
+                 timestep_scale: float = 1000.0):
+        super().__init__()
+        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+            raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
+        if not 0.0 <= action_dropout <= 1.0:
+            raise ValueError(f"action_dropout must be in [0, 1], got {action_dropout}")
+        patch_dim = patch_size_t * patch_size * patch_size * in_channels
+        self.patch_embed = nn.Linear(patch_dim, hidden_size)
+        self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(frequency_dim, hidden_size)
+        # index num_actions is the learned "null" action (no action / dropped for classifier-free guidance)
+        self.action_embed = nn.Embedding(num_actions + 1, hidden_size) if num_actions > 0 else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_dim)
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():  # DiT's initialisation
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
+        if self.action_embed is not None:
+            nn.init.normal_(self.action_embed.weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VideoDiT":
+        if name not in DIT_MODEL_SPECS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(DIT_MODEL_SPECS)}")
+        return cls(**{**DIT_MODEL_SPECS[name], **overrides})
+
+    def condition(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+        """Per-frame conditioning c (B, T, D) from times (B, T) and actions (B, T) (None or < 0 -> null)."""
+        batch, frames = timesteps.shape
+        t_freq = self.time_proj(rearrange(timesteps.float(), "b t -> (b t)") * self.config.timestep_scale)
+        c = rearrange(self.time_embed(t_freq.to(self.dtype)), "(b t) d -> b t d", b=batch)
+        if self.action_embed is None:
+            if actions is not None:
+                raise ValueError("actions were given but this model has num_actions=0")
+            return c
+        null = self.config.num_actions
+        if actions is None:
+            actions = torch.full((batch, frames), null, dtype=torch.long, device=c.device)
+        elif actions.shape != (batch, frames):
+            raise ValueError(f"actions {tuple(actions.shape)} must be (B, T) = {(batch, frames)}")
+        actions = torch.where(actions < 0, null, actions.long())
+        if self.training and self.config.action_dropout > 0:  # drop a whole sample's actions at once
+            drop = torch.rand(batch, device=c.device) < self.config.action_dropout  # (B,)
+            actions = torch.where(drop[:, None], null, actions)
+        return c + self.action_embed(actions)
+
+    def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+        """Velocity (B, T, C, H, W) for latents (B, T, C, H, W) at times (B, T) in [0, 1].
+
+        actions (B, T) int in [0, num_actions), or None / negative entries for the learned null action
+        (classifier-free guidance). In train mode each sample's actions are all replaced by the null
+        action with probability action_dropout.
+        """
+        cfg = self.config
+        if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
+            raise ValueError(f"latents must be (B, T, {cfg.in_channels}, H, W), got {tuple(latents.shape)}")
+        batch, frames, _, height, width = latents.shape
+        pt, p = cfg.patch_size_t, cfg.patch_size
+        if frames % pt or height % p or width % p:
+            raise ValueError(f"latents (T, H, W) = {(frames, height, width)} must be divisible by the patch "
+                             f"(patch_size_t, patch_size, patch_size) = {(pt, p, p)}")
+        if timesteps.shape != (batch, frames):
+            raise ValueError(f"timesteps {tuple(timesteps.shape)} must be (B, T) = {(batch, frames)}, "
+                             "one per latent frame")
+        t_, h_, w_ = frames // pt, height // p, width // p
+
+        c = self.condition(timesteps, actions)  # (B, T, D)
+        c = rearrange(c, "b (t pt) d -> b t pt d", pt=pt).mean(dim=2)  # (B, T/pt, D): a temporal patch shares it
+        x = rearrange(latents.to(self.dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
+        x = self.patch_embed(x)  # (B, T/pt, h*w, D)
+        angles = rope_angles(t_, h_, w_, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, device=x.device)
+        cos, sin = angles.cos(), angles.sin()  # (T/pt*h*w, head_dim/2)
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, cos, sin)
+            else:
+                x = block(x, c, cos, sin)
+        x = self.final_layer(x, c)  # (B, T/pt, h*w, pt*p*p*C)
+        return rearrange(x, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=h_, pt=pt, ph=p, pw=p)
+
+
+def count_params(preset_or_spec: str | dict, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1,
+                 num_actions: int = 0) -> int:
+    """Parameters of a VideoDiT, from its sizes alone (no instantiation, so it is instant even for xl).
+
+    `preset_or_spec` is a preset name or a dict with hidden_size, depth, num_heads (and optionally
+    mlp_ratio, frequency_dim).
+    """
+    spec = DIT_MODEL_SPECS[preset_or_spec] if isinstance(preset_or_spec, str) else preset_or_spec
+    d, depth, heads = spec["hidden_size"], spec["depth"], spec["num_heads"]
+    mlp, freq = int(d * spec.get("mlp_ratio", 4.0)), spec.get("frequency_dim", 256)
+    patch_dim = patch_size_t * patch_size * patch_size * in_channels
+    embed = (patch_dim + 1) * d + (freq + 1) * d + (d + 1) * d  # patch, timestep MLP (2 layers)
+    actions = (num_actions + 1) * d if num_actions > 0 else 0
+    block = ((d + 1) * 3 * d + 2 * (d // heads) + (d + 1) * d  # qkv, q/k RMSNorm, out proj
+             + (d + 1) * mlp + (mlp + 1) * d + (d + 1) * 6 * d)  # MLP, adaLN (6 modulations)
+    final = (d + 1) * 2 * d + (d + 1) * patch_dim
+    return embed + actions + depth * block + final

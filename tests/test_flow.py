@@ -1,0 +1,164 @@
+"""Analytic checks of the flow-matching objective and the Euler sampler (minisora.flow)."""
+
+import pytest
+import torch
+
+from minisora.flow import FlowConfig, euler_sample, flow_loss, logit_normal, noisy, sample_times, time_grid
+
+SHAPE = (2, 5, 3, 4, 4)  # (B, T, C, H, W)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_noisy_endpoints_and_midpoint():
+    x0, e = _randn(*SHAPE, seed=1), _randn(*SHAPE, seed=2)
+    t = torch.tensor([[0.0, 1.0, 0.25, 0.5, 0.0], [1.0, 0.0, 0.75, 0.1, 1.0]])
+    xt = noisy(x0, e, t)
+    assert torch.equal(xt[0, 0], x0[0, 0]) and torch.equal(xt[1, 1], x0[1, 1])  # t=0: data, bit-exact
+    assert torch.equal(xt[0, 1], e[0, 1]) and torch.equal(xt[1, 0], e[1, 0])  # t=1: noise
+    torch.testing.assert_close(xt[0, 2], 0.75 * x0[0, 2] + 0.25 * e[0, 2])
+    torch.testing.assert_close(xt[1, 3], 0.9 * x0[1, 3] + 0.1 * e[1, 3])
+    with pytest.raises(ValueError, match=r"t \(2, 4\)"):
+        noisy(x0, e, t[:, :4])
+
+
+def test_loss_zero_for_true_velocity_and_known_value():
+    x0, e = _randn(*SHAPE, seed=1), _randn(*SHAPE, seed=2)
+    assert flow_loss(e - x0, x0, e).item() == 0.0
+    # an error of 2 everywhere gives 4; on one frame of ten gives 4/10
+    assert flow_loss(e - x0 + 2.0, x0, e).item() == pytest.approx(4.0)
+    v = (e - x0).clone()
+    v[1, 3] += 2.0
+    assert flow_loss(v, x0, e).item() == pytest.approx(0.4)
+
+
+def test_loss_ignores_context_frames_and_weighs_frames_equally():
+    x0, e = _randn(*SHAPE, seed=1), _randn(*SHAPE, seed=2)
+    context = torch.tensor([[True, True, False, False, False], [True, False, False, False, False]])
+    v = _randn(*SHAPE, seed=3)
+    base = flow_loss(v, x0, e, context)
+    v2 = v.clone()
+    v2[context] = float("nan")  # whatever the model says on context frames
+    assert torch.equal(flow_loss(v2, x0, e, context), base)
+    # equals the mean of the per-frame MSEs over the 7 non-context frames
+    per_frame = (v - (e - x0)).square().mean(dim=(2, 3, 4))
+    torch.testing.assert_close(base, per_frame[~context].mean())
+    # changing a non-context frame does change it
+    v3 = v.clone()
+    v3[1, 1] += 1.0
+    assert flow_loss(v3, x0, e, context) > base
+    assert flow_loss(v, x0, e, torch.ones(2, 5, dtype=torch.bool)).item() == 0.0
+
+
+def test_logit_normal_range_and_median():
+    t = logit_normal((20000,), mean=0.5, std=1.0, generator=torch.Generator().manual_seed(0))
+    assert t.min() > 0 and t.max() < 1
+    assert t.median().item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), abs=0.01)
+
+
+def _modes(t, context):
+    """Classify each sample: 'prefix' if it has context, 'full' if its frames share one t, else 'independent'."""
+    out = []
+    for ti, ci in zip(t, context):
+        if ci.any():
+            out.append("prefix")
+        elif (ti == ti[0]).all():
+            out.append("full")
+        else:
+            out.append("independent")
+    return out
+
+
+def test_mode_probabilities_respected():
+    cfg = FlowConfig(p_full=0.5, p_prefix=0.3, p_independent=0.2)
+    n = 4000
+    t, context = sample_times(n, 6, cfg, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (n, 6) and context.shape == (n, 6) and context.dtype == torch.bool
+    modes = _modes(t, context)
+    # binomial standard deviation at n=4000 is <= 0.008; allow 4 sigma
+    assert modes.count("full") / n == pytest.approx(0.5, abs=0.032)
+    assert modes.count("prefix") / n == pytest.approx(0.3, abs=0.032)
+    assert modes.count("independent") / n == pytest.approx(0.2, abs=0.032)
+
+
+def test_context_is_a_prefix_with_t_zero():
+    cfg = FlowConfig(p_full=0.0, p_prefix=1.0, p_independent=0.0)
+    frames = 6
+    t, context = sample_times(3000, frames, cfg, generator=torch.Generator().manual_seed(1))
+    k = context.sum(dim=1)
+    assert k.min() == 1 and k.max() == frames - 1  # k in [1, T-1], both ends reached
+    assert torch.equal(context, torch.arange(frames)[None] < k[:, None])  # a prefix
+    assert (t[context] == 0).all() and (t[~context] > 0).all()
+    # the last frame is never context; the other non-context frames share its t
+    assert torch.equal(t[:, -1:].expand_as(t)[~context], t[~context])
+    # the cap on k, and T == 1 has no room for context
+    capped_cfg = FlowConfig(0.0, 1.0, 0.0, max_context=2)
+    _, capped = sample_times(500, frames, capped_cfg, generator=torch.Generator().manual_seed(2))
+    assert capped.sum(dim=1).max() == 2
+    t1, c1 = sample_times(50, 1, cfg, generator=torch.Generator().manual_seed(3))
+    assert not c1.any() and (t1 > 0).all()
+
+
+def test_flow_config_validates():
+    with pytest.raises(ValueError, match="sum to 1"):
+        FlowConfig(p_full=0.5, p_prefix=0.5, p_independent=0.5)
+    with pytest.raises(ValueError, match="max_context"):
+        FlowConfig(max_context=0)
+
+
+def test_time_grid_endpoints_monotone_and_shift():
+    for shift in (1.0, 0.5, 3.0):
+        g = time_grid(10, shift)
+        assert g.shape == (11,) and g[0].item() == 1.0 and g[-1].item() == 0.0
+        assert (g[1:] < g[:-1]).all()
+    torch.testing.assert_close(time_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    # shift 3 moves t=0.5 to 1.5 / 2 = 0.75: more steps at high noise, larger steps near t=0
+    torch.testing.assert_close(time_grid(2, 3.0), torch.tensor([1.0, 0.75, 0.0]))
+    g = time_grid(20, 3.0)
+    assert (g > 0.5).sum() > (time_grid(20) > 0.5).sum()
+    dt = g[:-1] - g[1:]
+    assert (dt[1:] > dt[:-1]).all()  # step sizes grow towards t = 0
+
+
+@pytest.mark.parametrize("steps,shift", [(1, 1.0), (7, 1.0), (13, 3.0), (5, 0.4)])
+def test_constant_velocity_integrates_exactly(steps, shift):
+    e, c = _randn(*SHAPE, seed=4), _randn(*SHAPE, seed=5)
+    x = euler_sample(lambda x_t, t: c, e, steps, shift)
+    torch.testing.assert_close(x, e - c, atol=1e-6, rtol=0)  # x(0) = x(1) - integral_0^1 c dt
+
+
+@pytest.mark.parametrize("steps,shift", [(1, 1.0), (4, 1.0), (25, 3.0)])
+def test_optimal_velocity_for_one_data_point_reaches_it(steps, shift):
+    # If the data is a single point x*, then x_t = (1 - t) x* + t e, so e = (x_t - (1 - t) x*) / t and
+    # the exact velocity is v(x_t, t) = e - x* = (x_t - x*) / t. It is constant along each straight
+    # path, so Euler lands on x* with any grid.
+    x_star, e = _randn(*SHAPE, seed=6), _randn(*SHAPE, seed=7)
+    calls = []
+
+    def velocity(x_t, t):
+        calls.append(t.clone())
+        return (x_t - x_star) / t[:, :, None, None, None]
+
+    x = euler_sample(velocity, e, steps, shift)
+    torch.testing.assert_close(x, x_star, atol=1e-5, rtol=0)
+    assert len(calls) == steps and calls[0].eq(1.0).all() and (torch.stack(calls) > 0).all()
+
+
+def test_euler_keeps_context_frames_bit_exact_at_t_zero():
+    e, ctx = _randn(*SHAPE, seed=8), _randn(*SHAPE, seed=9)
+    mask = torch.tensor([[True, True, False, False, False], [True, False, True, False, False]])
+    seen = []
+
+    def velocity(x_t, t):
+        seen.append((x_t.clone(), t.clone()))
+        return torch.full_like(x_t, 3.0)  # would move context frames if they were integrated
+
+    x = euler_sample(velocity, e, 6, 2.0, context=ctx, context_mask=mask)
+    assert torch.equal(x[mask], ctx[mask])
+    torch.testing.assert_close(x[~mask], e[~mask] - 3.0, atol=1e-6, rtol=0)
+    for x_t, t in seen:  # every step sees clean context frames with t = 0, and t > 0 elsewhere
+        assert torch.equal(x_t[mask], ctx[mask]) and (t[mask] == 0).all() and (t[~mask] > 0).all()
+    with pytest.raises(ValueError, match="both context and context_mask"):
+        euler_sample(velocity, e, 2, context=ctx)
