@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/python -m stages.demo --out $(DEMO_DIR)
+	$(VENV)/bin/minisora demo --out $(DEMO_DIR)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data, encode, store, train, vae
+from cli import data, demo, encode, evaluate, sample, store, train, vae
 
 app = typer.Typer(
     name="minisora",
@@ -18,6 +18,9 @@ app.add_typer(vae.app, name="vae", help="VAEs: train a small offline Autoencoder
 app.command(name="encode")(encode.encode)
 app.add_typer(store.app, name="store", help="Latent stores: info and verify.")
 app.command(name="train")(train.train)
+app.command(name="sample")(sample.sample)
+app.command(name="eval")(evaluate.evaluate)
+app.command(name="demo")(demo.demo)
 
 
 if __name__ == "__main__":

@@ -148,8 +148,9 @@ def save_pipeline(path: Path, model: VideoDiT, ema: dict[str, torch.Tensor], sto
     ema_model = VideoDiT.from_config(model.config)
     ema_model.load_state_dict({k: v.to(torch.float32) for k, v in ema.items()})
     ema_model.save_pretrained(path / "transformer", safe_serialization=True)
+    lay = store.layout(cfg.split)
     meta = {"vae": store.attrs["vae"], "latent_stats": store.attrs["latent_stats"], "source": store.attrs["source"],
-            "store": store.url, "frames": cfg.frames, "use_actions": cfg.use_actions,
+            "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width], "use_actions": cfg.use_actions,
             "num_actions": model.config.num_actions, "scheduler": {"type": "flow_euler", "shift": 1.0}}
     (path / "minisora_pipeline.json").write_text(json.dumps(meta, indent=2))
 

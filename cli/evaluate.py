@@ -1,0 +1,37 @@
+"""`minisora eval`: TECO-protocol continuation metrics with baselines."""
+
+from __future__ import annotations
+
+import typer
+
+
+def evaluate(
+    checkpoint: str = typer.Option(..., help="Run, checkpoint or pipeline directory."),
+    store: str = typer.Option(..., help="Latent store with the evaluation split (context latents, actions, source clips)."),
+    split: str = typer.Option("test", help="Split to evaluate on."),
+    context_frames: int = typer.Option(4, min=1, help="K: latent frames of ground truth given as context."),
+    frames: int = typer.Option(16, min=2, help="N: latent frames per video, context included; metrics use frames K..N-1."),
+    num_clips: int = typer.Option(16, min=1, help="M: the first M clips of the split that have N latent frames."),
+    seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
+    steps: int = typer.Option(20, min=1, help="Euler steps per window."),
+    shift: float = typer.Option(None, help="Time shift of the sampler [default: the pipeline's]."),
+    batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
+    i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: str = typer.Option("report.json", help="Report file (JSON)."),
+):
+    """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame and VAE reconstruction."""
+    from minisora.store import StoreError
+    from stages.evaluate import EvalConfig, format_table, main
+    from stages.sample import SampleError
+
+    cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
+                     num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, batch_size=batch_size, i3d=i3d,
+                     device=device, out=out)
+    try:
+        report = main(cfg)
+    except (SampleError, StoreError, ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(format_table(report))
+    typer.echo(f"report: {out}")

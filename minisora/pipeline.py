@@ -1,0 +1,145 @@
+"""DiTPipeline: generation, continuation and long rollouts with a trained VideoDiT and a VAE.
+
+A diffusers `DiffusionPipeline` with three components (transformer: minisora's VideoDiT; vae: the
+diffusers VAE the latent store was encoded with; scheduler: a FlowMatchEulerDiscreteScheduler that
+only carries the time `shift`) and the latent statistics the model was trained with. Sampling
+integrates the flow ODE with minisora.flow.euler_sample; context frames stay clean (t = 0);
+videos longer than the training window are generated window by window, each window conditioned
+on the last `overlap` latent frames of the previous one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from minisora.flow import euler_sample
+from minisora.model import VideoDiT
+from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
+
+
+@dataclass
+class VideoOutput:
+    frames: np.ndarray | torch.Tensor  # uint8 (B, T, H, W, 3), or float (B, T, 3, H, W) in [-1, 1]
+    latents: torch.Tensor  # (B, T', C, h, w) normalised latents, context included
+    context_frames: int  # how many leading latent frames were given, not generated
+
+
+class DiTPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(self, transformer: VideoDiT, vae, scheduler: FlowMatchEulerDiscreteScheduler,
+                 latents_mean: list[float] | None = None, latents_std: list[float] | None = None,
+                 window_frames: int = 8, latent_size: list[int] | None = None, fps: float | None = None,
+                 frame_stride: int = 1, resolution: list[int] | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        c = transformer.config.in_channels
+        self.register_to_config(latents_mean=list(latents_mean or [0.0] * c), latents_std=list(latents_std or [1.0] * c),
+                                window_frames=window_frames, latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
+                                frame_stride=frame_stride, resolution=None if resolution is None else list(resolution))
+        self.video_vae = VideoVAE.from_model(vae)
+
+    # ------------------------------------------------------------------ latent <-> pixels
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, 1, -1, 1, 1)
+        mean = torch.tensor(self.config.latents_mean, device=like.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) frames -> normalised latents (B, T', C, h, w) (posterior means)."""
+        pixels = frames_to_pixels(torch.as_tensor(frames)).to(self.device, self.vae.dtype)  # (B, T, 3, H, W)
+        mean, _ = self.video_vae.encode(pixels)
+        mu, sd = self._stats(mean)
+        return (mean.float() - mu) / sd
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """Normalised latents (B, T', C, h, w) -> pixels (B, T, 3, H, W) in [-1, 1]."""
+        mu, sd = self._stats(latents)
+        raw = (latents.float() * sd + mu).to(self.vae.dtype)
+        if self.video_vae.info.temporal_compression > 1:  # a video VAE decodes the clip as a whole
+            return self.video_vae.decode(raw).float()
+        return torch.cat([self.video_vae.decode(raw[:, i:i + chunk]).float() for i in range(0, raw.shape[1], chunk)], dim=1)
+
+    # ------------------------------------------------------------------ sampling
+    def _velocity(self, actions: torch.Tensor | None, guidance: float):
+        model = self.transformer
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if actions is None or guidance == 1.0:
+                return model(x, t, actions).float()
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([actions, torch.full_like(actions, -1)])).float()
+            cond, uncond = both.chunk(2)
+            return uncond + guidance * (cond - uncond)  # classifier-free guidance on actions
+
+        return fn
+
+    def rollout_plan(self, total: int, given: int, overlap: int) -> list[tuple[int, int, int]]:
+        """Windows (start, length, first new frame) covering latent frames [given, total).
+
+        The first window sees as much of the given context as fits (window - 1 frames at most);
+        every later window is conditioned on the last `overlap` frames generated before it.
+        """
+        window, plan, known = self.config.window_frames, [], given
+        while known < total:
+            ctx = min(known, window - 1) if known == given else min(known, overlap)
+            start = known - ctx
+            n = min(window, total - start)
+            plan.append((start, n, known))
+            known = start + n
+        return plan
+
+    @torch.no_grad()
+    def __call__(self, num_videos: int = 1, num_frames: int | None = None, context_latents: torch.Tensor | None = None,
+                 context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
+                 guidance: float = 1.0, steps: int = 20, shift: float | None = None, overlap: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True) -> VideoOutput:
+        """Generate videos of `num_frames` latent frames (context included).
+
+        context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
+        pixels (B, T, H, W, 3) that the pipeline's VAE encodes. actions: (B, num_frames) ints, one per
+        latent frame, or None. output_type: "uint8" -> (B, T, H, W, 3), "float" -> (B, T, 3, H, W)
+        in [-1, 1], "latent" -> no decoding.
+        """
+        cfg, tcfg = self.config, self.transformer.config
+        if context_frames is not None:
+            context_latents = self.encode_frames(context_frames)
+        ctx = None if context_latents is None else context_latents.to(self.device, torch.float32)
+        batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (num_videos, 0)
+        total = num_frames or cfg.window_frames
+        overlap = cfg.window_frames // 2 if overlap is None else overlap
+        if total <= given:
+            raise ValueError(f"num_frames {total} must exceed the {given} context latent frames")
+        if not 0 < overlap < cfg.window_frames:
+            raise ValueError(f"overlap {overlap} must be in [1, {cfg.window_frames - 1}] for windows of {cfg.window_frames}")
+        if actions is not None:
+            if tcfg.num_actions == 0:
+                raise ValueError("this model was trained without actions; pass no actions")
+            actions = torch.as_tensor(actions, device=self.device).long()
+            if actions.shape != (batch, total):
+                raise ValueError(f"actions {tuple(actions.shape)} must be (videos, latent frames) = {(batch, total)}")
+        shift = self.scheduler.config.shift if shift is None else shift
+        h, w = cfg.latent_size if ctx is None else ctx.shape[-2:]
+        latents = torch.zeros(batch, total, tcfg.in_channels, h, w, device=self.device)  # (B, T', C, h, w)
+        if ctx is not None:
+            latents[:, :given] = ctx
+        plan = self.rollout_plan(total, given, overlap)
+        for start, n, known in self.progress_bar(plan) if progress else plan:
+            noise = randn_tensor((batch, n, tcfg.in_channels, h, w), generator=generator, device=self.device)
+            mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
+            mask[:, : known - start] = True  # frames already known stay clean (t = 0)
+            act = None if actions is None else actions[:, start:start + n]
+            out = euler_sample(self._velocity(act, guidance), noise, steps, shift=shift,
+                               context=latents[:, start:start + n], context_mask=mask)
+            latents[:, known:start + n] = out[:, known - start:]
+        if output_type == "latent":
+            return VideoOutput(latents, latents, given)
+        pixels = self.decode_latents(latents)
+        return VideoOutput(pixels if output_type == "float" else pixels_to_frames(pixels), latents, given)

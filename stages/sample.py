@@ -1,0 +1,235 @@
+"""`minisora sample`: load a trained pipeline, generate / continue / roll out videos, write mp4/gif/npz.
+
+Checkpoint resolution: a run directory (its newest checkpoint), a checkpoint directory (its
+`pipeline/`), a training `pipeline/` directory (transformer + minisora_pipeline.json naming the
+VAE), or a full DiTPipeline saved with `save_pretrained` (model_index.json).
+Context sources: a TECO clip file (`.npz` DMLab, `.mp4` Minecraft) or a store reference
+`STORE:SPLIT:INDEX` (latents straight from the store, ground truth from the store's source clip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minisora.data.clips import read_clip
+from minisora.pipeline import DiTPipeline
+from minisora.store import LatentStore
+from minisora.video import write_gif, write_mp4
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str
+    out: str
+    num_videos: int = 1
+    frames: int | None = None  # latent frames in all (context included); None: the training window
+    steps: int = 20
+    shift: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    context: str | None = None  # clip file or STORE:SPLIT:INDEX
+    context_frames: int = 4  # latent frames of context
+    actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
+    guidance: float = 1.0
+    formats: tuple[str, ...] = ("mp4", "gif")
+    overlap: int | None = None
+    fps: float | None = None
+
+
+class SampleError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------ loading
+def resolve_pipeline_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "model_index.json").exists() or (path / "minisora_pipeline.json").exists():
+        return path
+    if (path / "pipeline").is_dir():
+        return path / "pipeline"
+    ckpts = sorted(p for p in (path / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
+        if (path / "checkpoints").is_dir() else []
+    if ckpts:
+        return ckpts[-1] / "pipeline"
+    raise SampleError(f"{path}: not a run, checkpoint or pipeline directory (no checkpoints/, pipeline/, "
+                      "model_index.json or minisora_pipeline.json)")
+
+
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> DiTPipeline:
+    """DiTPipeline from any of the directory kinds above, on `device`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from minisora.model import VideoDiT
+    from minisora.vae import VideoVAE
+
+    pdir = resolve_pipeline_dir(path)
+    if (pdir / "model_index.json").exists():
+        return DiTPipeline.from_pretrained(str(pdir)).to(device)
+    meta = json.loads((pdir / "minisora_pipeline.json").read_text())
+    v = meta["vae"]
+    vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
+    transformer = VideoDiT.from_pretrained(str(pdir / "transformer"))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
+    return DiTPipeline(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
+
+
+def pipeline_kwargs(meta: dict) -> dict:
+    """DiTPipeline's config values from a training pipeline description."""
+    src = meta.get("source", {})
+    return {"latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
+            "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
+            "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution")}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------ context
+@dataclass
+class Context:
+    latents: torch.Tensor  # (1, K, C, h, w) normalised
+    truth: np.ndarray | None  # uint8 (T, H, W, 3) ground-truth frames at the pipeline's stride and size
+    actions: np.ndarray | None  # (T',) per latent frame
+    name: str
+
+
+def _kind_of(path: Path) -> str:
+    kind = {".npz": "dmlab", ".mp4": "minecraft"}.get(path.suffix.lower())
+    if kind is None:
+        raise SampleError(f"{path}: context clips must be .npz (DMLab) or .mp4 (Minecraft)")
+    return kind
+
+
+def clip_frames(pipe: DiTPipeline, path: Path, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A source clip's frames and actions at the pipeline's frame stride and resolution."""
+    frames, actions = read_clip(path, kind)
+    s = pipe.config.frame_stride
+    frames = frames[::s]
+    actions = None if actions is None else actions[::s]
+    res = pipe.config.resolution
+    if res and tuple(frames.shape[1:3]) != tuple(res):
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        x = F.interpolate(x, size=tuple(res), mode="bilinear", antialias=True, align_corners=False)
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return frames, actions
+
+
+def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
+    """Context latents (first k latent frames), ground truth and actions from a clip or a store."""
+    tc = pipe.video_vae.info.temporal_compression
+    parts = source.rsplit(":", 2)
+    if len(parts) == 3 and parts[2].isdigit() and not Path(source).exists():
+        url, split, idx = parts[0], parts[1], int(parts[2])
+        store = LatentStore(url)
+        lay = store.layout(split)
+        if not 0 <= idx < lay.clips:
+            raise SampleError(f"{source}: index {idx} out of range, {split} has {lay.clips} clips")
+        n = int(store.array(split, "length")[idx])
+        if n < k:
+            raise SampleError(f"{source}: clip has {n} latent frames < {k} context frames")
+        mean = torch.from_numpy(store.array(split, "mean")[idx, :k].astype(np.float32))[None]
+        st = store.attrs["latent_stats"]
+        mu, sd = (torch.tensor(st[x]).view(1, 1, -1, 1, 1) for x in ("mean", "std"))
+        actions = store.array(split, "actions")[idx, :n].astype(np.int64)
+        manifest = store.manifest_json()
+        clip = [c for c in manifest["clips"] if c["split"] == split][idx]
+        path = Path(manifest["root"]) / clip["path"]
+        truth = clip_frames(pipe, path, manifest["kind"])[0] if path.exists() else None
+        return Context((mean - mu) / sd, truth, actions if (actions >= 0).all() else None, f"{split}-{idx}")
+    path = Path(source)
+    if not path.exists():
+        raise SampleError(f"context {source}: no such file, and not a STORE:SPLIT:INDEX reference")
+    frames, actions = clip_frames(pipe, path, _kind_of(path))
+    pix = 1 + (k - 1) * tc if tc > 1 else k
+    if len(frames) < pix:
+        raise SampleError(f"{path}: {len(frames)} frames < {pix} needed for {k} context latent frames")
+    latents = pipe.encode_frames(frames[None, :pix])
+    lat_actions = None if actions is None else actions[np.minimum(np.arange(len(frames) // max(tc, 1) + 1) * tc, len(actions) - 1)]
+    return Context(latents, frames, lat_actions, path.stem)
+
+
+def load_actions(spec: str | None, ctx: Context | None, total: int, videos: int) -> torch.Tensor | None:
+    if spec is None or spec == "none":
+        return None
+    if spec == "context":
+        if ctx is None or ctx.actions is None:
+            raise SampleError("--actions context needs a --context clip that has recorded actions")
+        acts = ctx.actions
+    else:
+        with np.load(spec, allow_pickle=False) as f:
+            acts = f["actions"] if isinstance(f, np.lib.npyio.NpzFile) else f
+    acts = np.asarray(acts, dtype=np.int64)
+    if len(acts) < total:
+        raise SampleError(f"{spec}: {len(acts)} actions < {total} latent frames to generate")
+    return torch.from_numpy(acts[:total])[None].repeat(videos, 1)
+
+
+# ------------------------------------------------------------------------------ output
+def mark_context(frames: np.ndarray, n: int, color=(255, 0, 0), width: int = 2) -> np.ndarray:
+    """Draw a coloured border on the first n frames (the given context)."""
+    out = frames.copy()
+    out[:n, :width], out[:n, -width:], out[:n, :, :width], out[:n, :, -width:] = color, color, color, color
+    return out
+
+
+def side_by_side(truth: np.ndarray, generated: np.ndarray, context_pixels: int) -> np.ndarray:
+    t = min(len(truth), len(generated))
+    gap = np.full((t, generated.shape[1], 4, 3), 255, np.uint8)
+    return np.concatenate([mark_context(truth[:t], context_pixels), gap, mark_context(generated[:t], context_pixels)], axis=2)
+
+
+def write_video(path: Path, frames: np.ndarray, formats, fps: float) -> list[str]:
+    written = []
+    for fmt in formats:
+        p = path.with_suffix(f".{fmt}")
+        if fmt == "mp4":
+            write_mp4(p, frames, fps=max(1, round(fps)))
+        elif fmt == "gif":
+            write_gif(p, frames, fps=fps)
+        elif fmt == "npz":
+            p.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(p, frames=frames)
+        written.append(str(p))
+    return written
+
+
+# ------------------------------------------------------------------------------ main
+def main(cfg: SampleConfig) -> dict:
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.checkpoint, device)
+    pipe.set_progress_bar_config(desc="sample windows")
+    ctx = load_context(pipe, cfg.context, cfg.context_frames) if cfg.context else None
+    total = cfg.frames or pipe.config.window_frames
+    videos = 1 if ctx is not None else cfg.num_videos
+    actions = load_actions(cfg.actions, ctx, total, videos)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ctx_latents = None if ctx is None else ctx.latents.repeat(cfg.num_videos, 1, 1, 1, 1)
+    if ctx_latents is not None and actions is not None:
+        actions = actions.repeat(cfg.num_videos, 1)
+    out = pipe(num_videos=cfg.num_videos, num_frames=total, context_latents=ctx_latents, actions=actions,
+               guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, overlap=cfg.overlap, generator=gen)
+    fps = cfg.fps or pipe.config.fps or 10
+    out_path = Path(cfg.out)
+    stem = out_path.with_suffix("") if out_path.suffix else out_path / "sample"
+    written = []
+    tc = pipe.video_vae.info.temporal_compression
+    ctx_pix = 0 if ctx is None else (1 + (cfg.context_frames - 1) * tc if tc > 1 else cfg.context_frames)
+    for i, frames in enumerate(out.frames):
+        name = stem.with_name(f"{stem.name}-{i:02d}") if len(out.frames) > 1 else stem
+        written += write_video(name, mark_context(frames, ctx_pix) if ctx_pix else frames, cfg.formats, fps)
+        if ctx is not None and ctx.truth is not None:
+            written += write_video(name.with_name(name.name + "-vs-truth"), side_by_side(ctx.truth, frames, ctx_pix),
+                                   [f for f in cfg.formats if f != "npz"], fps)
+    if "npz" in cfg.formats:
+        np.save(str(stem) + "-latents.npy", out.latents.cpu().numpy())
+    return {"written": written, "frames": int(out.frames.shape[1]), "latent_frames": total, "videos": len(out.frames)}
