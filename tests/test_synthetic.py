@@ -1,0 +1,262 @@
+"""Synthetic DMLab-like and Minecraft-like clips: determinism, learnable motion, action effects, layout, CLI."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from minisora.data.synthetic import (
+    DMLAB_ACTIONS,
+    MAZE_RADIUS,
+    MAZE_TURN,
+    MINECRAFT_ACTIONS,
+    WORLD_EYE,
+    MazePose,
+    clip_seed,
+    clip_stem,
+    dmlab_walk,
+    make_maze,
+    make_world,
+    minecraft_walk,
+    move_in_maze,
+    move_in_world,
+    render_dmlab_clip,
+    render_maze,
+    render_minecraft_clip,
+    render_world,
+    save_npz,
+    write_synthetic_dataset,
+)
+from minisora.video import probe_mp4, read_mp4
+
+
+def horizontal_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 10) -> int:
+    """The s for which b[:, x] best matches a[:, x - s] (content moved right by s pixels)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    w = a.shape[1]
+    errs = {s: np.abs(b[:, max_shift + s : w - max_shift + s] - a[:, max_shift : w - max_shift]).mean() for s in range(-max_shift, max_shift + 1)}
+    return min(errs, key=errs.get)
+
+
+def vertical_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 10) -> int:
+    return horizontal_shift(a.transpose(1, 0, 2), b.transpose(1, 0, 2), max_shift)
+
+
+# --- clips ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "render, size, n_actions", [(render_dmlab_clip, 64, len(DMLAB_ACTIONS)), (render_minecraft_clip, 128, len(MINECRAFT_ACTIONS))]
+)
+def test_clip_shapes_dtypes_and_determinism(render, size, n_actions):
+    frames, actions = render(7, 12)
+    assert frames.shape == (12, size, size, 3) and frames.dtype == np.uint8
+    assert actions.shape == (12,) and actions.dtype == np.int64
+    assert actions.min() >= 0 and actions.max() < n_actions
+    again, again_actions = render(7, 12)
+    assert np.array_equal(frames, again) and np.array_equal(actions, again_actions)
+    other, _ = render(8, 12)
+    assert not np.array_equal(frames, other)
+
+
+@pytest.mark.parametrize("render, frames", [(render_dmlab_clip, 40), (render_minecraft_clip, 30)])
+def test_consecutive_frames_are_related_and_not_constant(render, frames):
+    a = render(0, frames)[0].astype(np.float64)
+    b = render(1, frames)[0].astype(np.float64)
+    consecutive = np.abs(np.diff(a, axis=0)).mean()
+    across_clips = np.abs(a - b).mean()
+    assert consecutive < 0.35 * across_clips, (consecutive, across_clips)
+    assert np.abs(np.diff(a, axis=0)).mean((1, 2, 3)).max() < 0.6 * across_clips  # no cuts inside a clip
+    assert a.std(axis=(1, 2)).max(-1).min() > 8  # no flat frame
+    colours = np.unique((a // 32).reshape(-1, 3), axis=0)  # coarse colour bins
+    assert len(colours) >= 8
+
+
+def test_maze_is_connected_with_solid_border():
+    maze = make_maze(np.random.default_rng(3), cells=6)
+    walls = maze.walls
+    assert walls.shape == (13, 13)
+    assert walls[0].all() and walls[-1].all() and walls[:, 0].all() and walls[:, -1].all()
+    assert len(np.unique(maze.colours[walls].round(3), axis=0)) >= 5  # walls in several colours
+    open_cells = {tuple(c) for c in np.argwhere(~walls)}
+    start = next(iter(open_cells))
+    seen, todo = {start}, deque([start])
+    while todo:  # flood fill: every open cell is reachable from every other
+        x, y = todo.popleft()
+        for nxt in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+            if nxt in open_cells and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == open_cells
+    assert all((2 * i + 1, 2 * j + 1) in open_cells for i in range(6) for j in range(6))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dmlab_camera_never_enters_a_wall_and_actions_match_motion(seed):
+    rng = np.random.default_rng(seed)
+    maze = make_maze(rng)
+    pos, angles, actions = dmlab_walk(maze, rng, 300)
+    for dx in (-MAZE_RADIUS, MAZE_RADIUS):
+        for dy in (-MAZE_RADIUS, MAZE_RADIUS):
+            assert not maze.walls[np.floor(pos[:, 0] + dx).astype(int), np.floor(pos[:, 1] + dy).astype(int)].any()
+    # actions[t] is the move from frame t-1 to frame t
+    step = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    turn = np.diff(angles)
+    names = np.array(DMLAB_ACTIONS)[actions[1:]]
+    assert (step[names == "forward"] > 0.05).all() and (turn[names == "forward"] == 0).all()
+    assert np.allclose(turn[names == "turn_left"], MAZE_TURN) and np.allclose(turn[names == "turn_right"], -MAZE_TURN)
+    assert (step[names != "forward"] == 0).all() and (turn[names == "noop"] == 0).all()
+    assert (names == "forward").mean() > 0.3  # the walk goes somewhere
+    assert len(set(actions.tolist())) >= 3
+
+
+def test_dmlab_turns_shift_the_view_in_opposite_directions():
+    rng = np.random.default_rng(5)
+    maze = make_maze(rng)
+    pos, angles, _ = dmlab_walk(maze, rng, 30)
+    pose = MazePose(pos[-1, 0], pos[-1, 1], angles[-1])
+    views = {}
+    for a, name in enumerate(DMLAB_ACTIONS):
+        p = move_in_maze(maze, pose, a)
+        views[name] = render_maze(maze, np.array([[p.x, p.y]]), np.array([p.angle]))[0]
+    base = render_maze(maze, np.array([[pose.x, pose.y]]), np.array([pose.angle]))[0]
+    left, right = horizontal_shift(base, views["turn_left"]), horizontal_shift(base, views["turn_right"])
+    assert left >= 2 and right <= -2 and abs(left + right) <= 1  # turning left moves the scene right on screen
+    assert np.array_equal(views["noop"], base)
+    assert np.abs(views["forward"].astype(int) - base).mean() > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_minecraft_walk_stays_above_ground_and_on_land(seed):
+    rng = np.random.default_rng(seed)
+    world = make_world(rng)
+    players, actions = minecraft_walk(world, rng, 300)
+    n = world.height.shape[0]
+    cells = np.array([[int(np.floor(p.x)) % n, int(np.floor(p.y)) % n] for p in players])
+    feet = np.array([p.feet for p in players])
+    ground = world.height[cells[:, 0], cells[:, 1]]
+    assert (feet + WORLD_EYE > ground + 0.6).all()  # the eye is never inside a block
+    assert (feet >= ground - 1.0).all()  # stepping up one block is eased in, never more
+    assert not world.water[cells[:, 0], cells[:, 1]].any()
+    names = np.array(MINECRAFT_ACTIONS)[actions]
+    assert (names == "forward").mean() > 0.4
+    step = np.hypot(*np.diff(np.array([[p.x, p.y] for p in players]), axis=0).T)
+    assert (np.minimum(step, n - step)[names[1:] == "forward"] > 0.1).all()  # forward always moves
+
+
+def test_minecraft_actions_change_the_view():
+    rng = np.random.default_rng(4)
+    world = make_world(rng)
+    players, _ = minecraft_walk(world, rng, 20)
+    p = players[-1]
+    base = render_world(world, [p])[0]
+    after = {name: render_world(world, [move_in_world(world, p, a)])[0] for a, name in enumerate(MINECRAFT_ACTIONS)}
+    left, right = horizontal_shift(base, after["turn_left"]), horizontal_shift(base, after["turn_right"])
+    assert left >= 2 and right <= -2 and abs(left + right) <= 1
+    up, down = vertical_shift(base, after["look_up"]), vertical_shift(base, after["look_down"])
+    assert up >= 2 and down <= -2 and abs(up + down) <= 1  # looking up moves the scene down on screen
+    assert np.abs(after["forward"].astype(int) - base).mean() > 0.5
+    jumped = p
+    for _ in range(4):
+        jumped = move_in_world(world, jumped, MINECRAFT_ACTIONS.index("jump"))
+    assert jumped.feet > p.feet + 0.5
+    assert np.abs(render_world(world, [jumped])[0].astype(int) - base).mean() > 0.5
+    assert np.array_equal(after["noop"], base)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_save_npz_is_byte_deterministic_and_loads_without_pickle(tmp_path):
+    video = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    actions = np.array([0, 2], np.int64)
+    save_npz(tmp_path / "a.npz", video=video, actions=actions)
+    save_npz(tmp_path / "b.npz", video=video, actions=actions)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf:
+        assert [(i.filename, i.date_time, i.compress_type) for i in zf.infolist()] == [
+            ("video.npy", (1980, 1, 1, 0, 0, 0), zipfile.ZIP_STORED),
+            ("actions.npy", (1980, 1, 1, 0, 0, 0), zipfile.ZIP_STORED),
+        ]
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["video"], video) and np.array_equal(z["actions"], actions)
+
+
+def test_clip_stem_groups_1000_clips_per_subdir(tmp_path):
+    assert clip_stem(tmp_path, "train", 7) == tmp_path / "train" / "0000" / "00007"
+    assert clip_stem(tmp_path, "test", 1234) == tmp_path / "test" / "0001" / "01234"
+    assert clip_seed(0, "train", 3) != clip_seed(0, "test", 3) != clip_seed(1, "test", 3)
+
+
+def test_dmlab_dataset_layout_content_and_reuse(tmp_path):
+    stats = write_synthetic_dataset("dmlab", tmp_path / "d", clips=3, test_clips=1, frames=8, seed=1, progress=False)
+    assert {k: stats[k] for k in ("kind", "clips", "train", "test", "frames", "written", "reused")} == {
+        "kind": "dmlab", "clips": 4, "train": 3, "test": 1, "frames": 32, "written": 4, "reused": 0,
+    }
+    files = sorted(p.relative_to(tmp_path / "d").as_posix() for p in (tmp_path / "d").rglob("*") if p.is_file())
+    assert files == ["synthetic.json", "test/0000/00000.npz", "train/0000/00000.npz", "train/0000/00001.npz", "train/0000/00002.npz"]
+    with np.load(tmp_path / "d/train/0000/00001.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["actions", "video"]
+        video, actions = z["video"], z["actions"]
+    expected_video, expected_actions = render_dmlab_clip(clip_seed(1, "train", 1), 8)
+    assert video.shape == (8, 64, 64, 3) and video.dtype == np.uint8
+    assert np.array_equal(video, expected_video) and np.array_equal(actions, expected_actions)
+
+    # a second run with more clips keeps the complete ones (same bytes, not rewritten)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "d").rglob("*.npz")}
+    stats = write_synthetic_dataset("dmlab", tmp_path / "d", clips=4, test_clips=1, frames=8, seed=1, progress=False)
+    assert (stats["written"], stats["reused"], stats["clips"]) == (1, 4, 5)
+    assert all((p.stat().st_mtime_ns, p.read_bytes()) == v for p, v in before.items())
+    assert not (tmp_path / "d" / ".partial").exists()
+
+    # a separate run gives the same bytes; other settings in the same directory are refused
+    write_synthetic_dataset("dmlab", tmp_path / "e", clips=3, test_clips=1, frames=8, seed=1, progress=False)
+    for p in (tmp_path / "e").rglob("*.npz"):
+        assert p.read_bytes() == (tmp_path / "d" / p.relative_to(tmp_path / "e")).read_bytes()
+    with pytest.raises(ValueError, match=r"synthetic\.json.*frames: 8 there, 9 now"):
+        write_synthetic_dataset("dmlab", tmp_path / "d", clips=3, frames=9, seed=1, progress=False)
+
+
+def test_minecraft_dataset_mp4_plus_actions_and_workers_do_not_change_bytes(tmp_path):
+    one = write_synthetic_dataset("minecraft", tmp_path / "w1", clips=2, test_clips=1, frames=10, seed=2, workers=1, progress=False)
+    two = write_synthetic_dataset("minecraft", tmp_path / "w2", clips=2, test_clips=1, frames=10, seed=2, workers=2, progress=False)
+    assert one["clips"] == two["clips"] == 3 and one["frames"] == 30
+    names = sorted(p.relative_to(tmp_path / "w1").as_posix() for p in (tmp_path / "w1").rglob("*.*"))
+    assert names == [
+        "synthetic.json", "test/0000/00000.mp4", "test/0000/00000.npz",
+        "train/0000/00000.mp4", "train/0000/00000.npz", "train/0000/00001.mp4", "train/0000/00001.npz",
+    ]
+    for p in (tmp_path / "w1").rglob("0*.*"):
+        assert p.read_bytes() == (tmp_path / "w2" / p.relative_to(tmp_path / "w1")).read_bytes(), p
+
+    mp4 = tmp_path / "w1/train/0000/00001.mp4"
+    assert probe_mp4(mp4) == (10, 128, 128, 20.0)
+    decoded = read_mp4(mp4)
+    expected, expected_actions = render_minecraft_clip(clip_seed(2, "train", 1), 10)
+    assert decoded.shape == expected.shape
+    assert np.abs(decoded.astype(int) - expected).mean() < 4  # H.264 at crf 18: close, not exact
+    with np.load(tmp_path / "w1/train/0000/00001.npz", allow_pickle=False) as z:
+        assert z.files == ["actions"] and np.array_equal(z["actions"], expected_actions)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown synthetic kind 'atari'"):
+        write_synthetic_dataset("atari", "/nonexistent", clips=1)
+    with pytest.raises(ValueError, match="frames >= 2.*got 1, 0, 1, 1"):
+        write_synthetic_dataset("dmlab", "/nonexistent", clips=1, frames=1)
+
+
+def test_cli_data_synth(tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["data", "synth", "--kind", "dmlab", "--out", str(out), "--clips", "2", "--test-clips", "1", "--frames", "6"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote 3 dmlab clips (18 frames) to {out}" in result.output
+    assert sorted(p.name for p in Path(out).rglob("*.npz")) == ["00000.npz", "00000.npz", "00001.npz"]
+    with np.load(out / "test/0000/00000.npz", allow_pickle=False) as z:
+        assert z["video"].shape == (6, 64, 64, 3) and z["actions"].shape == (6,)
