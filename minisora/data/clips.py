@@ -1,0 +1,98 @@
+"""One entry point for raw clips of every kind: probe a clip cheaply, read a window of it.
+
+A clip is one trajectory on disk in TECO's published layout. The format specifics live in
+`teco_dmlab.py` (.npz with `video` and `actions`) and `teco_minecraft.py` (.mp4 plus a sibling
+actions .npz); this file dispatches on `kind` and holds what all kinds share:
+
+    frames   uint8 (T, H, W, 3), RGB pixels as stored (no scaling)
+    actions  int64 (T,), one per frame, or None when the clip has none
+
+Every problem with an input file is a `ClipError` whose message names the file and the problem,
+with the numbers ("/data/train/0/7.npz: has 12 frames < 20 required").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("dmlab", "minecraft")
+
+
+class ClipError(ValueError):
+    """Bad input clip. str(e) == f"{path}: {problem}"."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # survive the trip back from a worker process
+        return (type(self), (self.path, self.problem))
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    frames: int
+    height: int
+    width: int
+    has_actions: bool
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown clip kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def clip_suffix(kind: str) -> str:
+    """File suffix of a clip of this kind: ".npz" (dmlab) or ".mp4" (minecraft)."""
+    return {"dmlab": ".npz", "minecraft": ".mp4"}[_check_kind(kind)]
+
+
+def check_window(path, frames: int, start: int, length: int | None) -> int:
+    """Validate the window [start, start + length) against a clip of `frames` frames; return its stop.
+
+    `length=None` means "to the end of the clip". Bad arguments are the caller's bug (ValueError);
+    a clip too short for the window is bad input (ClipError naming both numbers).
+    """
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if length is not None and length < 1:
+        raise ValueError(f"length must be >= 1 or None, got {length}")
+    required = start + (length if length is not None else 1)
+    if frames < required:
+        raise ClipError(path, f"has {frames} frames < {required} required")
+    return start + length if length is not None else frames
+
+
+def probe_clip(path, kind: str) -> ClipInfo:
+    """Frame count, size and whether actions exist, without decoding the frames."""
+    if _check_kind(kind) == "dmlab":
+        from minisora.data.teco_dmlab import probe_dmlab_clip
+
+        return probe_dmlab_clip(path)
+    from minisora.data.teco_minecraft import probe_minecraft_clip
+
+    return probe_minecraft_clip(path)
+
+
+def read_clip(path, kind: str, start: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Frames [start, start + length) as uint8 (T, H, W, 3) and their actions as int64 (T,) or None."""
+    if _check_kind(kind) == "dmlab":
+        from minisora.data.teco_dmlab import read_dmlab_clip
+
+        return read_dmlab_clip(path, start, length)
+    from minisora.data.teco_minecraft import read_minecraft_clip
+
+    return read_minecraft_clip(path, start, length)
+
+
+def clip_files(path, kind: str) -> list[Path]:
+    """Every file a clip consists of (minecraft: the mp4 and its actions npz)."""
+    path = Path(path)
+    if _check_kind(kind) == "minecraft":
+        return [path, path.with_suffix(".npz")]
+    return [path]
