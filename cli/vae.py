@@ -1,5 +1,80 @@
-"""`minisora vae ...` (being written)."""
+"""`minisora vae ...`: train the small offline AutoencoderKL; inspect any supported diffusers VAE."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+class Loss(str, Enum):
+    l1 = "l1"
+    mse = "mse"
+
+
+@app.command()
+def train(
+    manifest: Path = typer.Option(..., exists=True, dir_okay=False, help="Clip manifest written by `minisora data manifest`; trains on its train split, reports PSNR on its test split."),
+    out: Path = typer.Option(..., help="Directory to write the model to (diffusers save_pretrained: config.json + safetensors) and train_info.json."),
+    steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(32, min=1, help="Frames per step, drawn at random from the clips held in RAM."),
+    latent_channels: int = typer.Option(4, min=1, help="Channels of the latent."),
+    downsample: int = typer.Option(4, help="Spatial compression: 4 (64x64 frames -> 16x16 latents) or 8."),
+    width: int = typer.Option(32, min=8, help="Channels of the first level (multiple of 8); 32 gives ~1M parameters at 4x."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate (constant)."),
+    kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both summed per frame, as in LDM)."),
+    loss: Loss = typer.Option(Loss.l1, help="Reconstruction loss."),
+    device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    seed: int = typer.Option(0, help="Seed of initialisation and frame sampling."),
+    max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even if STEPS are not done."),
+    pool_clips: int = typer.Option(16, min=1, help="Whole training clips held in RAM to draw frames from."),
+    refresh_every: int = typer.Option(20, min=1, help="Steps between swapping one clip in RAM for another training clip."),
+    eval_frames: int = typer.Option(256, min=1, help="Held-out frames for PSNR, spread evenly over the test clips."),
+    eval_every: int = typer.Option(500, min=1, help="Steps between held-out PSNR measurements (also done at the end)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in OUT."),
+):
+    """Train a small AutoencoderKL from scratch on a manifest's frames: the offline default VAE.
+
+    Not resumable (minutes on a CPU): re-run the same command to get the same model.
+    """
+    from minisora.data.clips import ClipError
+    from minisora.data.manifest import ManifestError
+    from stages.vae_train import VAETrainConfig, VAETrainError, main
+
+    if downsample not in (4, 8):
+        raise typer.BadParameter("must be 4 or 8", param_hint="--downsample")
+    if width % 8:
+        raise typer.BadParameter("must be a multiple of 8", param_hint="--width")
+    cfg = VAETrainConfig(manifest=str(manifest), out=str(out), steps=steps, batch_size=batch_size,
+                         latent_channels=latent_channels, downsample=downsample, width=width, lr=lr,
+                         kl_weight=kl_weight, loss=loss.value, device=device, seed=seed, max_minutes=max_minutes,
+                         pool_clips=pool_clips, refresh_every=refresh_every, eval_frames=eval_frames,
+                         eval_every=eval_every, overwrite=overwrite)
+    try:
+        main(cfg)
+    except (VAETrainError, ManifestError, ClipError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    vae: str = typer.Argument(..., help="A local diffusers model directory or a Hub id (e.g. stabilityai/sd-vae-ft-ema)."),
+    subfolder: str = typer.Option(None, help="Subfolder of the VAE inside the directory/repo (e.g. 'vae' for a pipeline)."),
+    revision: str = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+):
+    """Load a VAE and print what a latent store would record about it (JSON), plus its parameter count."""
+    from minisora.vae import VAEError, VideoVAE
+
+    try:
+        model = VideoVAE.load(vae, subfolder=subfolder, revision=revision)
+    except VAEError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+    record = asdict(model.info) | {"parameters": sum(p.numel() for p in model.model.parameters())}
+    typer.echo(json.dumps(record, indent=2))

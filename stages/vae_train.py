@@ -1,0 +1,212 @@
+"""`minisora vae train`: train a small AutoencoderKL from scratch, the offline default VAE.
+
+Frames are drawn at random from a pool of whole training clips held in RAM; every
+`refresh_every` steps one pooled clip is swapped for another, so the model sees the whole split
+without one clip read per frame. Loss (the latent-diffusion VAE recipe without GAN/perceptual terms):
+
+    loss = mean |x - decode(z)| + kl_weight * KL(q(z|x) || N(0, I)) / pixels_per_frame,   z ~ q(z|x)
+
+i.e. L1 and KL both summed over a frame, as in LDM, divided by the same constant (Adam does not
+care). Held-out PSNR is measured on uint8-rounded reconstructions of the posterior mean, over the
+whole held-out set: PSNR = 10 log10(255^2 / MSE). Before saving, the config's `scaling_factor` is
+set to 1 / std of the held-out latents (as for Stable Diffusion's 0.18215), so other diffusers
+tools can use the model too; minisora stores raw latents and its own per-channel statistics.
+
+Not resumable: a run is minutes on a CPU; run it again (same seed, same steps: the same model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minisora.data.clips import read_clip
+from minisora.data.manifest import Manifest, ManifestClip
+from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames, tiny_vae_config
+
+
+class VAETrainError(ValueError):
+    """Input the trainer cannot use; the message names the file and the numbers."""
+
+
+@dataclass
+class VAETrainConfig:
+    manifest: str  # clip manifest (minisora data manifest)
+    out: str  # directory to write: config.json, diffusion_pytorch_model.safetensors, train_info.json
+    steps: int = 3000
+    batch_size: int = 32  # frames per step
+    latent_channels: int = 4
+    downsample: int = 4  # spatial compression, 4 or 8
+    width: int = 32  # channels of the first level (32: ~1M parameters at 4x)
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    loss: str = "l1"  # "l1" or "mse" reconstruction term
+    device: str = "auto"
+    seed: int = 0
+    max_minutes: float | None = None  # stop early (and save) after this much training time
+    pool_clips: int = 16  # whole clips held in RAM
+    refresh_every: int = 20  # steps between swapping one pooled clip for another
+    eval_frames: int = 256  # held-out frames for PSNR, spread evenly over the test clips
+    eval_every: int = 500
+    overwrite: bool = False
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+
+
+def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
+    """PSNR in dB of uint8 arrays over all their pixels: 10 log10(255^2 / MSE)."""
+    mse = np.mean((reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+class FramePool:
+    """Whole clips in RAM; `batch(n)` draws n random frames; `refresh()` swaps one clip for a new one."""
+
+    def __init__(self, manifest: Manifest, clips: list[ManifestClip], size: int, rng: np.random.Generator):
+        self.manifest, self.clips, self.rng = manifest, clips, rng
+        self.pool = [self._read(i) for i in rng.choice(len(clips), size=min(size, len(clips)), replace=False)]
+
+    def _read(self, i: int) -> np.ndarray:
+        frames, _ = read_clip(self.manifest.abspath(self.clips[i]), self.manifest.kind)
+        return frames  # uint8 (T, H, W, 3)
+
+    def refresh(self) -> None:
+        if len(self.pool) < len(self.clips):
+            self.pool[self.rng.integers(len(self.pool))] = self._read(int(self.rng.integers(len(self.clips))))
+
+    def batch(self, n: int) -> np.ndarray:
+        which = self.rng.integers(len(self.pool), size=n)
+        return np.stack([self.pool[c][self.rng.integers(len(self.pool[c]))] for c in which])  # (n, H, W, 3)
+
+
+def held_out_frames(manifest: Manifest, n: int) -> tuple[np.ndarray, str]:
+    """Up to n frames spread evenly over the test clips (the train clips if there is no test split)."""
+    split = "test" if manifest.by_split("test") else "train"
+    clips = manifest.by_split(split)[:n]
+    per_clip = math.ceil(n / len(clips))
+    out = []
+    for clip in clips:
+        frames, _ = read_clip(manifest.abspath(clip), manifest.kind)
+        out.append(frames[np.unique(np.linspace(0, len(frames) - 1, min(per_clip, len(frames))).round().astype(int))])
+    return np.concatenate(out)[:n], split
+
+
+@torch.no_grad()
+def reconstruct(vae: VideoVAE, frames: np.ndarray, batch: int = 64) -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 frames (N, H, W, 3) -> uint8 reconstructions of the posterior mean, and those means (N, C, h, w)."""
+    recon, means = [], []
+    for i in range(0, len(frames), batch):
+        pixels = frames_to_pixels(frames[i:i + batch])[None]  # (1, n, 3, H, W)
+        mean, _ = vae.encode(pixels)
+        recon.append(pixels_to_frames(vae.decode(mean)[0]))
+        means.append(mean[0])
+    return np.concatenate(recon), torch.cat(means)
+
+
+def _check_data(cfg: VAETrainConfig, manifest: Manifest) -> list[ManifestClip]:
+    train = manifest.by_split("train")
+    if not train:
+        raise VAETrainError(f"{cfg.manifest}: no train clips (splits: {manifest.split_counts()})")
+    sizes = sorted({(c.height, c.width) for c in manifest.clips})
+    if len(sizes) > 1:
+        raise VAETrainError(f"{cfg.manifest}: clips have several frame sizes {sizes}; the VAE trains on one")
+    h, w = sizes[0]
+    if h % cfg.downsample or w % cfg.downsample:
+        raise VAETrainError(f"{cfg.manifest}: frame size {h}x{w} is not divisible by --downsample {cfg.downsample}")
+    return train
+
+
+def _step(model, pixels: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """One loss evaluation on pixels (B, 3, H, W); returns the loss and the batch's PSNR in dB."""
+    posterior = model.encode(pixels).latent_dist
+    recon = model.decode(posterior.sample(generator=gen)).sample  # (B, 3, H, W)
+    err = recon - pixels
+    rec = err.abs().mean() if cfg.loss == "l1" else err.pow(2).mean()
+    kl = posterior.kl().mean() / pixels[0].numel()  # kl() sums over (C, h, w)
+    mse = err.detach().clamp(-2, 2).pow(2).mean().item()  # pixels span 2: PSNR = 10 log10(2^2 / mse)
+    return rec + cfg.kl_weight * kl, 10 * math.log10(4 / max(mse, 1e-12))
+
+
+def main(cfg: VAETrainConfig) -> dict:
+    from diffusers import AutoencoderKL
+
+    if cfg.loss not in ("l1", "mse"):
+        raise VAETrainError(f"loss must be l1 or mse, got {cfg.loss!r}")
+    out = Path(cfg.out)
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise VAETrainError(f"{out}: already holds a model (config.json); pass --overwrite to replace it")
+    manifest = Manifest.load(cfg.manifest)
+    train_clips = _check_data(cfg, manifest)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+
+    model = AutoencoderKL(**tiny_vae_config("kl", cfg.latent_channels, cfg.downsample, cfg.width)).to(device)
+    vae = VideoVAE.from_model(model, source=str(out))
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    pool = FramePool(manifest, train_clips, cfg.pool_clips, rng)
+    eval_frames, eval_split = held_out_frames(manifest, cfg.eval_frames)
+    print(f"AutoencoderKL: {n_params / 1e6:.2f}M parameters, {cfg.downsample}x down, {cfg.latent_channels} latent "
+          f"channels; {len(train_clips)} train clips ({len(pool.pool)} in RAM), {len(eval_frames)} {eval_split} frames "
+          f"held out; device {device}")
+
+    history, test_psnr, step, t0 = [], float("nan"), 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="vae train", dynamic_ncols=True)
+    while step < cfg.steps:
+        if step and step % cfg.refresh_every == 0:
+            pool.refresh()
+        model.train().requires_grad_(True)
+        pixels = frames_to_pixels(pool.batch(cfg.batch_size)).to(device)  # (B, 3, H, W)
+        loss, batch_psnr = _step(model, pixels, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            model.eval().requires_grad_(False)
+            test_psnr = psnr(eval_frames, reconstruct(vae, eval_frames)[0])
+            history.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), "test_psnr": round(test_psnr, 3)})
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.1f}", test=f"{test_psnr:.1f}")
+        bar.update(1)
+        if out_of_time:
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    model.eval().requires_grad_(False)
+    _, means = reconstruct(vae, eval_frames)
+    model.register_to_config(scaling_factor=float(1 / means.std().clamp_min(1e-6)))
+    baseline = psnr(eval_frames, np.broadcast_to(eval_frames.mean(0), eval_frames.shape))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    info = {
+        "test_psnr": test_psnr,
+        "eval_split": eval_split,
+        "eval_frames": len(eval_frames),
+        "mean_frame_baseline_psnr": baseline,  # PSNR of the held-out frames' own mean frame
+        "parameters": n_params,
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "scaling_factor": model.config.scaling_factor,
+        "frame_size": list(eval_frames.shape[1:3]),
+        "train_clips": len(train_clips),
+        "device": str(device),
+        "history": history,
+        "config": asdict(cfg),
+    }
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved {out}: {eval_split} PSNR {test_psnr:.2f} dB (mean-frame baseline {baseline:.2f} dB) "
+          f"after {step} steps in {seconds:.0f}s")
+    return info
