@@ -255,7 +255,7 @@ def render_dmlab_clip(seed: int, frames: int, size: int = 64) -> tuple[np.ndarra
 WORLD_FOV_TAN = np.tan(np.radians(70) / 2)
 WORLD_SPEED = 0.22  # blocks per frame (~4.3 blocks/s at 20 fps, Minecraft's walking speed)
 WORLD_TURN = np.radians(4.5)
-WORLD_LOOK = np.radians(3.0)
+WORLD_LOOK = np.radians(2.5)
 WORLD_MAX_PITCH = np.radians(30)
 WORLD_EYE = 1.62  # eye height above the feet, blocks
 WORLD_JUMP, WORLD_GRAVITY = 0.42, 0.08  # blocks per frame, per frame^2 (Minecraft's per-tick values)
@@ -394,7 +394,7 @@ def minecraft_walk(world: World, rng: np.random.Generator, frames: int) -> tuple
     p = Player(x, y, rng.uniform(0, 2 * np.pi), 0.0, _ground(world, x, y))
     forward, left, right, noop, jump, up, down = range(7)
     probs = np.array([0.55, 0.12, 0.12, 0.06, 0.05, 0.05, 0.05])
-    durations = {forward: (6, 25), left: (3, 13), right: (3, 13), noop: (2, 9), jump: (1, 4), up: (2, 8), down: (2, 8)}
+    durations = {forward: (6, 25), left: (3, 13), right: (3, 13), noop: (2, 9), jump: (1, 4), up: (2, 7), down: (2, 7)}
     players, actions = [], np.empty(frames, np.int64)
     action, hold, until_open = noop, 0, False
     for t in range(frames):
@@ -402,18 +402,18 @@ def minecraft_walk(world: World, rng: np.random.Generator, frames: int) -> tuple
             hold, until_open = 0, False
         if hold == 0:
             action = int(rng.choice(7, p=probs))
-            if action == up and p.pitch > WORLD_MAX_PITCH / 3 or action == down and p.pitch < -WORLD_MAX_PITCH / 3:
-                action = down if action == up else up
+            if action in (up, down) and abs(p.pitch) > np.radians(5) and rng.random() < 0.75:
+                action = down if p.pitch > 0 else up  # mostly look back towards the horizon
             hold = int(rng.integers(*durations[action]))
         nxt = move_in_world(world, p, action)
         if action == forward and (world_clearance(world, p, p.angle) < WORLD_STOP or (nxt.x, nxt.y) == (p.x, p.y)):
-            space_left = world_clearance(world, p, p.angle + np.pi / 2)
-            space_right = world_clearance(world, p, p.angle - np.pi / 2)
-            if abs(space_left - space_right) < 0.5:
+            # turn towards the side with the longest way within 90 degrees
+            space = {a: max(world_clearance(world, p, p.angle + sign * np.radians(deg)) for deg in (30, 60, 90)) for a, sign in ((left, 1), (right, -1))}
+            if abs(space[left] - space[right]) < 0.5:
                 action = int(rng.choice([left, right]))
             else:
-                action = left if space_left > space_right else right
-            hold, until_open = 80, True  # at most a full circle
+                action = max(space, key=space.get)
+            hold, until_open = int(2 * np.pi / WORLD_TURN), True  # at most a full circle
             nxt = move_in_world(world, p, action)
         p, hold = replace(nxt, x=nxt.x % n, y=nxt.y % n), hold - 1
         players.append(p)
