@@ -22,14 +22,15 @@ def train(
     manifest: Path = typer.Option(..., exists=True, dir_okay=False, help="Clip manifest written by `minisora data manifest`; trains on its train split, reports PSNR on its test split."),
     out: Path = typer.Option(..., help="Directory to write the model to (diffusers save_pretrained: config.json + safetensors) and train_info.json."),
     steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
-    batch_size: int = typer.Option(32, min=1, help="Frames per step, drawn at random from the clips held in RAM."),
+    batch_size: int = typer.Option(8, min=1, help="Frames per step, drawn at random from the clips held in RAM."),
     latent_channels: int = typer.Option(4, min=1, help="Channels of the latent."),
     downsample: int = typer.Option(4, help="Spatial compression: 4 (64x64 frames -> 16x16 latents) or 8."),
-    width: int = typer.Option(32, min=8, help="Channels of the first level (multiple of 8); 32 gives ~1M parameters at 4x."),
+    width: int = typer.Option(16, min=8, help="Channels of the first level (multiple of 8), doubling per level up to 4x: 16 gives (16, 32, 64), 0.68M parameters at 4x."),
     lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate (constant)."),
     kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both summed per frame, as in LDM)."),
     loss: Loss = typer.Option(Loss.l1, help="Reconstruction loss."),
     device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads [default: one per core]; use 1 when other jobs share the cores (oversubscribed threads are many times slower)."),
     seed: int = typer.Option(0, help="Seed of initialisation and frame sampling."),
     max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even if STEPS are not done."),
     pool_clips: int = typer.Option(16, min=1, help="Whole training clips held in RAM to draw frames from."),
@@ -52,7 +53,7 @@ def train(
         raise typer.BadParameter("must be a multiple of 8", param_hint="--width")
     cfg = VAETrainConfig(manifest=str(manifest), out=str(out), steps=steps, batch_size=batch_size,
                          latent_channels=latent_channels, downsample=downsample, width=width, lr=lr,
-                         kl_weight=kl_weight, loss=loss.value, device=device, seed=seed, max_minutes=max_minutes,
+                         kl_weight=kl_weight, loss=loss.value, device=device, threads=threads, seed=seed, max_minutes=max_minutes,
                          pool_clips=pool_clips, refresh_every=refresh_every, eval_frames=eval_frames,
                          eval_every=eval_every, overwrite=overwrite)
     try:

@@ -113,6 +113,9 @@ def test_load_subfolder_and_bad_directories(tmp_path):
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(VAEError, match="_class_name='UNet2DModel'; supported: AutoencoderKL, AutoencoderTiny, AutoencoderKLWan"):
         VideoVAE.load(str(tmp_path / "unet"))
+    vae.model.save_pretrained(tmp_path / "pickled", safe_serialization=False)  # .bin weights: refused
+    with pytest.raises(VAEError, match="cannot load AutoencoderTiny from it \\(weights must be safetensors\\)"):
+        VideoVAE.load(str(tmp_path / "pickled"))
     with pytest.raises(VAEError, match="no such directory, and not a Hub id"):
         VideoVAE.load(str(tmp_path / "missing"))
 
