@@ -220,7 +220,7 @@ def main(cfg: SampleConfig) -> dict:
                guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, overlap=cfg.overlap, generator=gen)
     fps = cfg.fps or pipe.config.fps or 10
     out_path = Path(cfg.out)
-    stem = out_path.with_suffix("") if out_path.suffix else out_path / "sample"
+    stem = out_path.with_suffix("") if out_path.suffix in (".mp4", ".gif", ".npz") else out_path
     written = []
     tc = pipe.video_vae.info.temporal_compression
     ctx_pix = 0 if ctx is None else (1 + (cfg.context_frames - 1) * tc if tc > 1 else cfg.context_frames)
