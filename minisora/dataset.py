@@ -1,8 +1,8 @@
 """Latent windows for training: random windows of consecutive latent frames from a latent store.
 
 The reader never pays one zarr call per window: it reads whole shards (one call per array per
-shard), keeps them in RAM (an LRU of `cache_shards` shards), and gathers a whole batch of windows
-with one numpy fancy-index per array. An epoch visits every usable clip once, with a random window
+shard), keeps them in RAM (an LRU of `cache_shards` shards), and copies each window out of the
+cached shard with a contiguous slice. An epoch visits every usable clip once, with a random window
 start, in shard-major order (shards shuffled, clips shuffled inside each shard) so consecutive
 batches come from the same shard; ranks take interleaved items of the same order. Everything is a
 function of (seed, epoch), so a run resumes mid-epoch from (epoch, batch index).
@@ -96,21 +96,15 @@ class LatentWindows:
             bad = int(np.flatnonzero((starts < 0) | (starts + self.frames > self.lengths[clips]))[0])
             raise IndexError(f"window [{starts[bad]}, {starts[bad] + self.frames}) of clip {clips[bad]} "
                              f"leaves its {self.lengths[clips[bad]]} latent frames")
-        b = len(clips)
-        out = {"mean": None, "logvar": None, "actions": None}
         shards = self.shard_of(clips)
-        t = starts[:, None] + np.arange(self.frames)  # (B, F)
-        for k in np.unique(shards):
-            sel = np.flatnonzero(shards == k)
-            data = self._shard(int(k))
-            rows = (clips[sel] - k * self.layout.clips_per_shard)[:, None]  # (b, 1)
-            for name, arr in data.items():
-                win = arr[rows, t[sel]]  # (b, F, ...) one fancy index per array and shard
-                if out[name] is None:
-                    out[name] = np.empty((b,) + win.shape[1:], arr.dtype)
-                out[name][sel] = win
+        data = {int(k): self._shard(int(k)) for k in np.unique(shards)}  # one zarr read per array per new shard
+        rows = clips - shards * self.layout.clips_per_shard
+        out = {name: np.empty((len(clips), self.frames) + arr.shape[2:], arr.dtype) for name, arr in data[int(shards[0])].items()}
+        for j, (k, r, t0) in enumerate(zip(shards.tolist(), rows.tolist(), starts.tolist())):
+            for name, arr in data[k].items():  # a contiguous slice copy per window and array
+                out[name][j] = arr[r, t0:t0 + self.frames]
         return LatentBatch(mean=torch.from_numpy(out["mean"]),
-                           logvar=None if out["logvar"] is None else torch.from_numpy(out["logvar"]),
+                           logvar=torch.from_numpy(out["logvar"]) if "logvar" in out else None,
                            actions=torch.from_numpy(out["actions"].astype(np.int64)),
                            clip=torch.from_numpy(clips), start=torch.from_numpy(starts))
 
