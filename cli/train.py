@@ -61,4 +61,4 @@ def train(
     except (ValueError, RuntimeError, StoreError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(f"trained to step {result['step']}: loss {result['loss']:.4f}; checkpoints in {out}/checkpoints")
+    typer.echo(f"trained to step {result['step']}: loss {result['loss']:.4f}; {len(result['checkpoints'])} checkpoint(s) in {out}/checkpoints")

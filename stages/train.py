@@ -27,13 +27,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from minisora.dataset import LatentWindows, WindowLoader, WindowSampler, sample_latents
 from minisora.dist import barrier, dist_info, print0
 from minisora.flow import FlowConfig, flow_loss, noisy, sample_times
-from minisora.model import DIT_MODEL_SPECS, VideoDiT, count_params
+from minisora.model import DIT_MODEL_SPECS, VideoDiT
 from minisora.store import LatentStore
 
 PLUGINS = ("ddp", "zero1", "zero2", "gemini")
@@ -143,16 +144,78 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.exists() else []
 
 
+def pipeline_meta(store: LatentStore, cfg: TrainConfig, num_actions: int) -> dict:
+    """What sampling needs besides the weights: the VAE to decode with, latent statistics, geometry."""
+    lay = store.layout(cfg.split)
+    return {"vae": store.attrs["vae"], "latent_stats": store.attrs["latent_stats"], "source": store.attrs["source"],
+            "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width],
+            "use_actions": cfg.use_actions, "num_actions": num_actions, "scheduler": {"type": "flow_euler", "shift": 1.0}}
+
+
 def save_pipeline(path: Path, model: VideoDiT, ema: dict[str, torch.Tensor], store: LatentStore, cfg: TrainConfig) -> None:
-    """A self-contained directory `minisora sample` loads: EMA transformer + what to decode with."""
+    """A directory `minisora sample` loads: the EMA transformer + minisora_pipeline.json."""
     ema_model = VideoDiT.from_config(model.config)
     ema_model.load_state_dict({k: v.to(torch.float32) for k, v in ema.items()})
     ema_model.save_pretrained(path / "transformer", safe_serialization=True)
-    lay = store.layout(cfg.split)
-    meta = {"vae": store.attrs["vae"], "latent_stats": store.attrs["latent_stats"], "source": store.attrs["source"],
-            "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width], "use_actions": cfg.use_actions,
-            "num_actions": model.config.num_actions, "scheduler": {"type": "flow_euler", "shift": 1.0}}
+    meta = pipeline_meta(store, cfg, model.config.num_actions)
     (path / "minisora_pipeline.json").write_text(json.dumps(meta, indent=2))
+
+
+class Validator:
+    """Rank 0, every --sample-every steps: continue a few held-out clips with the EMA weights, decode
+    them with the store's VAE, save ground truth | generation gifs and report PSNR of the generated
+    frames (and of repeating the last context frame). Decoding here is validation, not training."""
+
+    def __init__(self, cfg: TrainConfig, store: LatentStore, model: VideoDiT, device: torch.device, clips: int = 2):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from minisora.pipeline import DiTPipeline
+        from minisora.vae import VideoVAE
+        from stages.sample import pipeline_kwargs
+
+        v = store.attrs["vae"]
+        vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
+        meta = pipeline_meta(store, cfg, model.config.num_actions)
+        self.pipe = DiTPipeline(VideoDiT.from_config(model.config), vae.model, FlowMatchEulerDiscreteScheduler(shift=1.0),
+                                **pipeline_kwargs(meta)).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.store, self.cfg = store, cfg
+        self.split = "test" if "test" in store.splits else cfg.split
+        self.context = max(1, cfg.frames // 2)
+        self.total = 2 * cfg.frames
+        lengths = store.array(self.split, "length")[:]
+        self.clips = [int(i) for i in np.flatnonzero(lengths >= self.total)[:clips]]
+
+    @torch.no_grad()
+    def __call__(self, step: int, ema: dict[str, torch.Tensor]) -> dict:
+        from minisora.metrics import psnr_per_frame
+        from minisora.video import write_gif
+        from stages.sample import load_context, side_by_side
+
+        self.pipe.transformer.load_state_dict(ema)
+        tc = self.pipe.video_vae.info.temporal_compression
+        k_pix = 1 + (self.context - 1) * tc if tc > 1 else self.context
+        psnr, psnr_repeat = [], []
+        for i in self.clips:
+            ctx = load_context(self.pipe, f"{self.store.url}:{self.split}:{i}", self.context)
+            acts = None
+            if self.cfg.use_actions and ctx.actions is not None:
+                acts = torch.from_numpy(ctx.actions[: self.total])[None]
+            out = self.pipe(context_latents=ctx.latents, num_frames=self.total, actions=acts, steps=10,
+                            generator=torch.Generator().manual_seed(i), progress=False)
+            frames = out.frames[0]
+            if ctx.truth is None:
+                continue
+            n = min(len(frames), len(ctx.truth))
+            unit = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)[None].float() / 255  # noqa: E731
+            psnr.append(float(psnr_per_frame(unit(frames[k_pix:n]), unit(ctx.truth[k_pix:n])).mean()))
+            repeat = np.repeat(ctx.truth[k_pix - 1:k_pix], n - k_pix, axis=0)
+            psnr_repeat.append(float(psnr_per_frame(unit(repeat), unit(ctx.truth[k_pix:n])).mean()))
+            write_gif(Path(self.cfg.out) / "samples" / f"step-{step:08d}-{self.split}-{i}.gif",
+                      side_by_side(ctx.truth, frames, k_pix), fps=8)
+        if not psnr:
+            return {}
+        return {"val_psnr": sum(psnr) / len(psnr), "val_psnr_repeat_last": sum(psnr_repeat) / len(psnr_repeat)}
 
 
 def save_checkpoint(booster, model, optimizer, scheduler, ema, loader_state, step, cfg, store, world, device) -> Path:
@@ -313,6 +376,8 @@ def main(cfg: TrainConfig) -> dict:
            f"{cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {cfg.precision}")
 
     logger = Logger(cfg, enabled=rank == 0)
+    unwrapped = model.unwrap() if hasattr(model, "unwrap") else model
+    validator = Validator(cfg, store, unwrapped, device) if cfg.sample_every > 0 and rank == 0 else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", unit="step")
@@ -341,7 +406,7 @@ def main(cfg: TrainConfig) -> dict:
             optimizer.zero_grad()
             scheduler.step()
             step += 1
-            ema_update(ema, model.unwrap() if hasattr(model, "unwrap") else model, cfg.ema_decay)
+            ema_update(ema, unwrapped, cfg.ema_decay)
             loss_n += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 last_loss = float((loss_sum / loss_n).item())  # one host sync per log interval
@@ -354,25 +419,14 @@ def main(cfg: TrainConfig) -> dict:
             bar.update(1)
             if cfg.ckpt_every > 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
                 save_checkpoint(booster, model, optimizer, scheduler, ema, loader.state_dict(), step, cfg, store, world, device)
-            if cfg.sample_every > 0 and step % cfg.sample_every == 0 and rank == 0:
-                _validate(cfg, step, ema, model, store, logger, device)
+            if validator is not None and step % cfg.sample_every == 0:
+                metrics = validator(step, ema)
+                logger.log(step, metrics)
+                if metrics:
+                    bar.write(f"step {step}: validation PSNR {metrics['val_psnr']:.2f} dB "
+                              f"(repeat last frame {metrics['val_psnr_repeat_last']:.2f} dB)")
     finally:
         loader.close()
         bar.close()
         logger.close()
     return {"step": step, "loss": last_loss, "params": n_params, "checkpoints": [str(p) for p in list_checkpoints(cfg.out)]}
-
-
-def _validate(cfg, step, ema, model, store, logger, device) -> None:
-    """Short continuation of a few test clips with the EMA weights, decoded, gif + PSNR (validation only)."""
-    try:
-        from stages.sample import validation_rollout
-    except ImportError:  # the sampling stage is not installed in this build
-        return
-    metrics = validation_rollout(cfg, step, ema, model, store, device)
-    logger.log(step, metrics)
-
-
-def preset_table(in_channels: int = 4, patch_size: int = 2) -> str:
-    """Parameter counts of the presets, for --help (computed, not instantiated)."""
-    return ", ".join(f"{name} {count_params(name, in_channels, patch_size) / 1e6:.1f}M" for name in DIT_MODEL_SPECS)

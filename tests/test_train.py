@@ -107,3 +107,27 @@ def test_cuda_only_plugins_refused_on_cpu(store, tmp_path):
                                      "--steps", "1"])
         assert r.exit_code == 1
         assert f"--plugin {plugin} needs CUDA GPUs" in r.output and "use --plugin ddp" in r.output
+
+
+def test_sample_every_writes_validation_gifs_and_psnr(tmp_path):
+    """A real encoded store (synthetic DMLab, tiny VAE) so validation can decode and compare with the source clips."""
+    from minisora.data.manifest import build_manifest
+    from minisora.data.synthetic import write_synthetic_dataset
+    from minisora.vae import build_vae, tiny_vae_config
+    from stages.encode import EncodeConfig, main as encode
+
+    write_synthetic_dataset("dmlab", tmp_path / "data", clips=4, test_clips=1, frames=16, seed=0, progress=False)
+    m, _ = build_manifest(tmp_path / "data", "dmlab")
+    m.save(tmp_path / "manifest.json")
+    build_vae("AutoencoderKL", tiny_vae_config("kl")).model.save_pretrained(tmp_path / "vae")
+    encode(EncodeConfig(manifest=str(tmp_path / "manifest.json"), vae=str(tmp_path / "vae"), out=str(tmp_path / "store"),
+                        progress=False))
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(run), "--frames", "4",
+                                 "--batch-size", "2", "--steps", "2", "--ckpt-every", "0", "--sample-every", "2"])
+    assert r.exit_code == 0, r.output
+    assert "validation PSNR" in r.output
+    gifs = sorted(p.name for p in (run / "samples").iterdir())
+    assert gifs == ["step-00000002-test-0.gif"]
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_psnr" in line]
+    assert len(val) == 1 and 0 < val[0]["val_psnr"] < 100 and 0 < val[0]["val_psnr_repeat_last"] < 100
