@@ -66,8 +66,8 @@ def train(
 @app.command()
 def info(
     vae: str = typer.Argument(..., help="A local diffusers model directory or a Hub id (e.g. stabilityai/sd-vae-ft-ema)."),
-    subfolder: str = typer.Option(None, help="Subfolder of the VAE inside the directory/repo (e.g. 'vae' for a pipeline)."),
-    revision: str = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    subfolder: str = typer.Option(None, "--subfolder", "--vae-subfolder", help="Subfolder of the VAE inside the directory/repo (e.g. 'vae' for a pipeline)."),
+    revision: str = typer.Option(None, "--revision", "--vae-revision", help="Hub revision (branch, tag or commit)."),
 ):
     """Load a VAE and print what a latent store would record about it (JSON), plus its parameter count."""
     from minisora.vae import VAEError, VideoVAE

@@ -128,7 +128,7 @@ def _hub_error(source: str, subfolder: str | None, revision: str | None, e: Base
             f"{what}: cannot reach the Hugging Face Hub (offline, HF_HUB_OFFLINE set, or no network) and the "
             f"model is not in the local Hub cache; there is no local directory {source!r} either. Pass a local "
             f"diffusers model directory instead: one written by `minisora vae train --out DIR`, or a copy made "
-            f"on a machine with Hub access (`huggingface-cli download {source}`; its `vae/` subfolder for a pipeline)."
+            f"on a machine with Hub access (`hf download {source} --local-dir DIR`, then --vae DIR, with the subfolder if any)."
         )
     return VAEError(f"{what}: cannot fetch from the Hugging Face Hub: {type(e).__name__}: {e}".rstrip())
 
@@ -140,12 +140,12 @@ def read_vae_config(source: str, subfolder: str | None = None, revision: str | N
         model_dir = local / subfolder if subfolder else local
         path = model_dir / "config.json"
         if not path.is_file():
-            hint = " (it has a vae/ subfolder: pass --vae-subfolder vae)" if (local / "vae" / "config.json").is_file() else ""
+            hint = " (it has a vae/ subfolder: pass subfolder 'vae', --vae-subfolder vae)" if (local / "vae" / "config.json").is_file() else ""
             raise VAEError(f"{path}: no config.json; expected a diffusers model directory (save_pretrained output){hint}")
         try:
             return json.loads(path.read_text()), str(local.resolve())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VAEError(f"{path}: not valid JSON ({e})") from e
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VAEError(f"{path}: cannot read it as JSON ({e})") from e
     if local.exists():
         raise VAEError(f"{source}: is a file; expected a diffusers model directory or a Hub id like stabilityai/sd-vae-ft-ema")
     if source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source):

@@ -165,11 +165,11 @@ def main(cfg: VAETrainConfig) -> dict:
           f"held out; device {device}")
 
     history, test_psnr, step, t0 = [], float("nan"), 0, time.perf_counter()
+    model.train().requires_grad_(True)  # from_model froze it for inference
     bar = tqdm(total=cfg.steps, desc="vae train", dynamic_ncols=True)
     while step < cfg.steps:
         if step and step % cfg.refresh_every == 0:
             pool.refresh()
-        model.train().requires_grad_(True)
         pixels = frames_to_pixels(pool.batch(cfg.batch_size)).to(device)  # (B, 3, H, W)
         loss, batch_psnr = _step(model, pixels, cfg, gen)
         opt.zero_grad(set_to_none=True)
@@ -178,9 +178,11 @@ def main(cfg: VAETrainConfig) -> dict:
         step += 1
         out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            model.eval().requires_grad_(False)
-            test_psnr = psnr(eval_frames, reconstruct(vae, eval_frames)[0])
+            model.eval()
+            recon, means = reconstruct(vae, eval_frames)
+            test_psnr = psnr(eval_frames, recon)
             history.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), "test_psnr": round(test_psnr, 3)})
+            model.train()
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.1f}", test=f"{test_psnr:.1f}")
         bar.update(1)
         if out_of_time:
@@ -189,8 +191,7 @@ def main(cfg: VAETrainConfig) -> dict:
     seconds = time.perf_counter() - t0
 
     model.eval().requires_grad_(False)
-    _, means = reconstruct(vae, eval_frames)
-    model.register_to_config(scaling_factor=float(1 / means.std().clamp_min(1e-6)))
+    model.register_to_config(scaling_factor=float(1 / means.std().clamp_min(1e-6)))  # means of the last eval
     baseline = psnr(eval_frames, np.broadcast_to(eval_frames.mean(0), eval_frames.shape))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

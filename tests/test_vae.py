@@ -107,7 +107,12 @@ def test_load_subfolder_and_bad_directories(tmp_path):
     vae.model.save_pretrained(tmp_path / "pipe" / "vae")
     loaded = VideoVAE.load(str(tmp_path / "pipe"), subfolder="vae")
     assert (loaded.info.class_name, loaded.info.subfolder) == ("AutoencoderTiny", "vae")
-    with pytest.raises(VAEError, match=r"pipe/config.json: no config.json.*pass --vae-subfolder vae"):
+    shown = CliRunner().invoke(app, ["vae", "info", str(tmp_path / "pipe"), "--vae-subfolder", "vae"])
+    assert shown.exit_code == 0, shown.output
+    record = json.loads(shown.stdout)
+    assert (record["class_name"], record["subfolder"], record["deterministic"]) == ("AutoencoderTiny", "vae", True)
+    assert record["parameters"] == sum(p.numel() for p in vae.model.parameters())
+    with pytest.raises(VAEError, match=r"pipe/config.json: no config.json.*pass subfolder .vae., --vae-subfolder vae"):
         VideoVAE.load(str(tmp_path / "pipe"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
