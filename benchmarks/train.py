@@ -1,0 +1,115 @@
+"""Training step time of the video DiT on cached latents vs the original minisora's pixel-space setup.
+
+    python benchmarks/train.py [--presets tiny,small] [--batch 2] [--iters 5] [--precision fp32|bf16]
+
+For each preset, one row per input geometry, all with the same model class (minisora.model.VideoDiT):
+  - latents  (minisora): 20 latent frames of 4 x h x w, patch 1x2x2, h x w = 64x64 / compression
+  - pixels   (original minisora): 20 raw RGB frames, patch 2x4x4 (its DMLab/Minecraft config)
+It times forward + backward + AdamW step on random inputs of those shapes (the data path is measured
+by benchmarks/dataloader.py). Prints step time, clips/s, tokens/s and, on CUDA, model FLOP
+utilisation (6 * params * tokens + attention, over --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from minisora.flow import FlowConfig, flow_loss, noisy, sample_times
+from minisora.model import DIT_MODEL_SPECS, VideoDiT
+
+# (name, frames, channels, height, width, patch_size_t, patch_size)
+GEOMETRIES = {
+    "dmlab": [("latents 4x VAE (16x16)", 20, 4, 16, 16, 1, 2), ("latents 8x VAE (8x8)", 20, 4, 8, 8, 1, 2),
+              ("pixels 64x64, patch 2x4x4 (original)", 20, 3, 64, 64, 2, 4)],
+    "minecraft": [("latents 4x VAE (32x32)", 20, 4, 32, 32, 1, 2), ("latents 8x VAE (16x16)", 20, 4, 16, 16, 1, 2),
+                  ("pixels 128x128, patch 2x4x4 (original)", 20, 3, 128, 128, 2, 4)],
+}
+
+
+def step_flops(model: VideoDiT, tokens: int, batch: int) -> float:
+    """Forward + backward FLOPs: 6 * params * tokens for the matmuls, plus attention scores and values."""
+    d, depth = model.config.hidden_size, model.config.depth
+    params = sum(p.numel() for p in model.parameters())
+    attention = 4 * depth * d * tokens * tokens  # QK^T and AV, forward
+    return batch * (6 * params * tokens + 3 * attention)
+
+
+def bench(preset: str, geom, batch: int, iters: int, device: torch.device, precision: str) -> dict:
+    name, t, c, h, w, pt, p = geom
+    model = VideoDiT.from_preset(preset, in_channels=c, patch_size=p, patch_size_t=pt).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0 = torch.randn(batch, t, c, h, w, device=device)
+    tokens = (t // pt) * (h // p) * (w // p)
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
+    cfg = FlowConfig()
+
+    def step():
+        tt, ctx = sample_times(batch, t, cfg, device=device)
+        noise = torch.randn_like(x0)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            v = model(noisy(x0, noise, tt), tt)
+        loss = flow_loss(v.float(), x0, noise, ctx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    sec = sorted(times)[len(times) // 2]
+    return {"preset": preset, "input": name, "tokens": tokens, "step_s": sec, "clips_s": batch / sec,
+            "tokens_s": batch * tokens / sec, "tflops": step_flops(model, tokens, batch) / sec / 1e12,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny,small", help=f"comma-separated, from {', '.join(DIT_MODEL_SPECS)}")
+    ap.add_argument("--datasets", default="dmlab,minecraft")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    ap.add_argument("--skip-pixels-over", type=int, default=0, help="skip pixel rows with more tokens than this (0: none)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for ds in args.datasets.split(","):
+        for preset in args.presets.split(","):
+            for geom in GEOMETRIES[ds]:
+                tokens = (geom[1] // geom[5]) * (geom[3] // geom[6]) * (geom[4] // geom[6])
+                if args.skip_pixels_over and geom[2] == 3 and tokens > args.skip_pixels_over:
+                    continue
+                r = bench(preset, geom, args.batch, args.iters, device, args.precision)
+                r["dataset"] = ds
+                rows.append(r)
+                print(f"  done {ds} {preset} {geom[0]}: {r['step_s'] * 1e3:.1f} ms/step", flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{name}, batch {args.batch}, {args.precision}, median of {args.iters} steps (fwd + bwd + AdamW)")
+    hdr = f"{'dataset':<10}{'preset':<7}{'input':<40}{'tokens':>7}{'ms/step':>10}{'clips/s':>10}{'tokens/s':>12}"
+    hdr += f"{'MFU':>7}" if device.type == "cuda" else ""
+    hdr += f"{'vs pixels':>11}"
+    print(hdr)
+    for r in rows:
+        pixel = next(x for x in rows if x["dataset"] == r["dataset"] and x["preset"] == r["preset"] and "pixels" in x["input"]) \
+            if any("pixels" in x["input"] and x["dataset"] == r["dataset"] and x["preset"] == r["preset"] for x in rows) else None
+        line = (f"{r['dataset']:<10}{r['preset']:<7}{r['input']:<40}{r['tokens']:>7}{r['step_s'] * 1e3:>10.1f}"
+                f"{r['clips_s']:>10.2f}{r['tokens_s']:>12,.0f}")
+        if device.type == "cuda":
+            line += f"{r['tflops'] / args.peak_tflops:>7.1%}"
+        line += f"{pixel['step_s'] / r['step_s']:>10.1f}x" if pixel else f"{'-':>11}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
