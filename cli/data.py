@@ -1,4 +1,4 @@
-"""`minisora data ...`: make synthetic TECO-layout clips and scan clip roots into manifests."""
+"""`minisora data ...`: make synthetic TECO-layout clips, download TECO's archives, scan clip roots into manifests."""
 
 from __future__ import annotations
 
@@ -65,3 +65,37 @@ def manifest(
         typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
     per_split = ", ".join(f"{s}: {n}" for s, n in m.split_counts().items())
     typer.echo(f"wrote {out}: {len(m.clips)} clips ({per_split}), {len(skipped)} skipped")
+
+
+@app.command()
+def download(
+    kind: Kind = typer.Argument(..., help="Which TECO dataset: dmlab (~54 GB, 3 parts) or minecraft (~210 GB, 11 parts)."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="Where to download (DIR/parts/) and unpack; needs about twice the dataset size."),
+    base_url: str = typer.Option(None, help="Mirror serving <item>/<file> like https://archive.org/download [default: the dataset card's URLs]."),
+    manifest: Path = typer.Option(None, help="Manifest file to write [default: DIR/manifest.json]."),
+    keep_parts: bool = typer.Option(True, "--keep-parts/--delete-parts", help="Keep the archive parts after a successful unpack, or delete them."),
+    on_error: OnError = typer.Option(OnError.fail, help="Manifest step: fail at the first bad clip, or skip bad clips and list them."),
+    workers: int = typer.Option(1, min=1, help="Worker processes for probing clips in the manifest step."),
+    retries: int = typer.Option(5, min=0, help="Retries per part after a dropped connection or a 5xx answer (each resumes where it stopped)."),
+    timeout: float = typer.Option(60.0, min=1.0, help="Seconds without data before a connection counts as dropped."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (bytes) on stderr."),
+):
+    """Download TECO's archive from the Internet Archive, verify it, unpack it and write its manifest.
+
+    Resumes interrupted downloads; checks sizes and md5/sha1 against the archive's <item>_files.xml.
+    """
+    from minisora.data.clips import ClipError
+    from minisora.data.download import DownloadError, download_dataset
+
+    try:
+        report = download_dataset(kind.value, directory, base_url=base_url, manifest=manifest, keep_parts=keep_parts,
+                                  on_error=on_error.value, workers=workers, timeout=timeout, retries=retries, progress=progress)
+    except (DownloadError, ClipError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+    for path, reason in report.skipped:
+        typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
+    fetched = sum(p.fetched for p in report.parts)
+    typer.echo(f"{kind.value}: {len(report.parts)} parts ({fetched} bytes fetched now), {report.members} tar members unpacked; "
+               f"clips under {report.root}")
+    typer.echo(f"wrote {report.manifest}: {report.clips} clips, {len(report.skipped)} skipped")
