@@ -30,7 +30,7 @@ def train(
     kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both summed per frame, as in LDM)."),
     loss: Loss = typer.Option(Loss.l1, help="Reconstruction loss."),
     device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
-    threads: int = typer.Option(None, min=1, help="torch CPU threads [default: one per core]; use 1 when other jobs share the cores (oversubscribed threads are many times slower)."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: one per core); use 1 when other jobs share the cores (oversubscribed threads are many times slower)."),
     seed: int = typer.Option(0, help="Seed of initialisation and frame sampling."),
     max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even if STEPS are not done."),
     pool_clips: int = typer.Option(16, min=1, help="Whole training clips held in RAM to draw frames from."),
