@@ -69,10 +69,10 @@ def manifest(
 
 @app.command()
 def download(
-    kind: Kind = typer.Argument(..., help="Which TECO dataset: dmlab (~54 GB, 3 parts) or minecraft (~210 GB, 11 parts)."),
+    kind: Kind = typer.Argument(..., metavar="KIND", help="Which TECO dataset: dmlab (~54 GB, 3 parts) or minecraft (~210 GB, 11 parts)."),
     directory: Path = typer.Argument(..., metavar="DIR", help="Where to download (DIR/parts/) and unpack; needs about twice the dataset size."),
-    base_url: str = typer.Option(None, help="Mirror serving <item>/<file> like https://archive.org/download [default: the dataset card's URLs]."),
-    manifest: Path = typer.Option(None, help="Manifest file to write [default: DIR/manifest.json]."),
+    base_url: str = typer.Option(None, help="Mirror serving <item>/<file> like https://archive.org/download (default: the dataset card's URLs)."),
+    manifest: Path = typer.Option(None, help="Manifest file to write (default: DIR/manifest.json)."),
     keep_parts: bool = typer.Option(True, "--keep-parts/--delete-parts", help="Keep the archive parts after a successful unpack, or delete them."),
     on_error: OnError = typer.Option(OnError.fail, help="Manifest step: fail at the first bad clip, or skip bad clips and list them."),
     workers: int = typer.Option(1, min=1, help="Worker processes for probing clips in the manifest step."),
