@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import zarr
 
 import minisora
 from minisora.data.clips import ClipError, read_clip
@@ -75,7 +77,8 @@ def plan_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE) -> tuple[di
     sizes = {(c.height, c.width) for c in clips}
     if cfg.size is None and len(sizes) > 1:
         raise EncodeError(f"{cfg.manifest}: clips have several resolutions {sorted(sizes)}; pass --size to resize them")
-    h, w = (cfg.size, cfg.size) if cfg.size else sizes.pop()
+    native = list(next(iter(sizes))) if len(sizes) == 1 else None
+    h, w = (cfg.size, cfg.size) if cfg.size else native
     sc = vae.info.spatial_compression
     if h % sc or w % sc:
         raise EncodeError(f"frames of {h}x{w} are not divisible by the VAE's spatial compression {sc}")
@@ -91,13 +94,13 @@ def plan_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE) -> tuple[di
     try:
         from minisora.data import load_dataset_card
 
-        fps = load_dataset_card(manifest.kind).get("fps")
+        fps = load_dataset_card(manifest.kind)["clip"].get("fps")
     except Exception:  # a card is informative, never required
         fps = None
     attrs = {
         "vae": asdict(vae.info),
         "source": {"kind": manifest.kind, "manifest_digest": manifest.digest(), "root": manifest.root,
-                   "resolution": [h, w], "native_resolution": list(sizes.pop()) if len(sizes) == 1 else None,
+                   "resolution": [h, w], "native_resolution": native,
                    "frame_stride": cfg.frame_stride, "fps": fps / cfg.frame_stride if fps else None},
         "encode": {"dtype": cfg.dtype, "batch_size": cfg.batch_size},
         "minisora_version": minisora.__version__,
@@ -112,6 +115,8 @@ def _same_plan(store: LatentStore, attrs: dict, layouts: dict[str, SplitLayout])
             diffs.append(key)
     if store.attrs.get("splits") != {s: asdict(l) for s, l in layouts.items()}:
         diffs.append("splits/geometry")
+    if (store.attrs.get("encode") or {}).get("dtype") != attrs["encode"]["dtype"]:
+        diffs.append("dtype")
     return diffs
 
 
@@ -122,7 +127,7 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
 
     fs, root, _ = _fs_and_root(cfg.out)
     if fs.exists(f"{root}/zarr.json"):
-        if cfg.overwrite:
+        if cfg.overwrite or _interrupted_create(fs, root, layouts):
             fs.rm(root, recursive=True)
         else:
             store = LatentStore(cfg.out, mode="a")
@@ -136,11 +141,35 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
     return LatentStore.create(cfg.out, attrs, layouts, vae.info.deterministic, manifest_json, cfg.compression_level)
 
 
+def _interrupted_create(fs, root: str, layouts: dict[str, SplitLayout]) -> bool:
+    """True when OUT holds only what `LatentStore.create` writes before its attributes (which come last):
+    a run killed while creating the store. Nothing can have been committed yet, so it is safe to start over."""
+    try:
+        attrs = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes") or {}
+    except (ValueError, AttributeError):  # an empty or half-written zarr.json
+        attrs = {}
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    return ("schema" not in attrs and names <= {"zarr.json", "manifest.json", *layouts}
+            and not any(fs.exists(f"{root}/{split}/_commits") for split in layouts))
+
+
+def _rank0_view(flags: list[bool]) -> list[bool]:
+    """Rank 0's list of flags on every rank, so that all ranks split the same pending shards."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32)
+    dist.broadcast(t, src=0)
+    return [bool(x) for x in t.tolist()]
+
+
 def _read(manifest: Manifest, clip: ManifestClip, stride: int, used: int):
     try:
         frames, actions = read_clip(manifest.abspath(clip), manifest.kind)
     except ClipError as e:
         return e
+    if frames.shape[1:3] != (clip.height, clip.width):
+        return ClipError(manifest.abspath(clip), f"frames are {frames.shape[1]}x{frames.shape[2]}, the manifest "
+                         f"promised {clip.height}x{clip.width}")
     frames = frames[::stride][:used]
     if len(frames) < used:
         return ClipError(manifest.abspath(clip), f"decoded {len(frames)} frames, the manifest promised {clip.frames} "
@@ -191,11 +220,15 @@ def main(cfg: EncodeConfig) -> dict:
     if _same_plan(store, attrs, layouts):
         raise EncodeError(f"{cfg.out}: store settings differ from this run (another rank failed to create it?)")
 
+    # Ranks split the shards still pending, round robin: a resumed run stays balanced, and since every
+    # rank works from rank 0's one listing of the commit markers, no two ranks ever take the same shard.
     work = [(s, k) for s in layouts for k in range(layouts[s].num_shards)]
-    mine = [(s, k) for i, (s, k) in enumerate(work) if i % world == rank and not store.is_committed(s, k)]
+    committed = _rank0_view([store.is_committed(s, k) for s, k in work])
+    pending = [w for w, done in zip(work, committed) if not done]
+    mine = pending[rank::world]
     n_clips = sum(layouts[s].shard_range(k)[1] - layouts[s].shard_range(k)[0] for s, k in mine)
     print0(f"encode: {len(work)} shards in {', '.join(f'{s}: {l.num_shards}' for s, l in layouts.items())}; "
-           f"{len(work) - len(mine) if world == 1 else 'some'} already committed; rank 0 encodes {n_clips} clips")
+           f"{len(work) - len(pending)} already committed; {world} process(es); rank 0 encodes {n_clips} clips")
     stats = _encode_shards(cfg, manifest, vae, store, layouts, mine, device, dtype, show=cfg.progress and rank == 0)
     barrier()
     summary = {"rank_clips": stats["clips"], "rank_frames": stats["frames"], "seconds": stats["seconds"]}
@@ -255,13 +288,27 @@ def _encode_shards(cfg, manifest, vae, store, layouts, shards, device, dtype, sh
             if idx == hi - 1:  # shard complete: hand it to the writer, keep encoding
                 if pending_write is not None:
                     pending_write.result()
-                pending_write = writer.submit(store.write_shard, split, k, block["mean"], block["logvar"], block["actions"],
-                                              block["lengths"], block["keys"], block["skipped"])
+                pending_write = writer.submit(_write_shard, store, split, k, block)
                 block = None
         if pending_write is not None:
             pending_write.result()
     bar.close()
     return {"clips": len(clip_jobs), "frames": frames_done, "seconds": time.time() - t0}
+
+
+def _write_shard(store: LatentStore, split: str, k: int, block: dict) -> None:
+    """Write and commit one shard (the writer thread), robust to what an interrupted attempt left behind."""
+    # An earlier attempt killed mid-write may have left a torn shard file, and zarr reads the old file of a
+    # shard it writes into: delete them first. Nothing refers to them, the shard is not committed.
+    for name in store.array_names():
+        path = f"{store.root}/{store._shard_key(split, name, k)}"
+        if store.fs.exists(path):
+            store.fs.rm(path)
+    # Reopened zarr arrays drop chunks equal to the fill value (NaN latents, -1 actions, 0 lengths) unless
+    # told otherwise, which leaves no file at all for a shard of skipped or action-less clips.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        store.write_shard(split, k, block["mean"], block["logvar"], block["actions"], block["lengths"], block["keys"],
+                          block["skipped"])
 
 
 def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:
