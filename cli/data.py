@@ -25,7 +25,7 @@ def synth(
     kind: Kind = typer.Option(Kind.dmlab, help="dmlab: 64x64 first-person maze (.npz); minecraft: 128x128 blocky world (.mp4 + actions .npz)."),
     out: Path = typer.Option(..., help="Root directory to write, in TECO layout: OUT/{train,test}/<subdir>/<name>.{npz,mp4}."),
     clips: int = typer.Option(64, min=1, help="Number of training clips."),
-    test_clips: int = typer.Option(None, min=0, help="Number of test clips [default: max(1, clips // 8)]."),
+    test_clips: int = typer.Option(None, min=0, help="Number of test clips (default: max(1, clips // 8))."),
     frames: int = typer.Option(300, min=2, help="Frames per clip (TECO uses 300)."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same clips byte for byte."),
     workers: int = typer.Option(1, min=1, help="Worker processes."),

@@ -14,7 +14,7 @@ def evaluate(
     num_clips: int = typer.Option(16, min=1, help="M: the first M clips of the split that have N latent frames."),
     seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
     steps: int = typer.Option(20, min=1, help="Euler steps per window."),
-    shift: float = typer.Option(None, help="Time shift of the sampler [default: the pipeline's]."),
+    shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -9,18 +9,18 @@ def sample(
     checkpoint: str = typer.Option(..., help="A run directory (newest checkpoint), a checkpoint directory, or a pipeline directory."),
     out: str = typer.Option(..., help="Output path without or with extension (OUT.mp4 / OUT.gif); several videos get -00, -01 ..."),
     num_videos: int = typer.Option(1, min=1, help="Videos generated in one batch."),
-    frames: int = typer.Option(None, min=1, help="Latent frames per video, context included (= video frames for image VAEs); more than the training window rolls out window by window (e.g. 300) [default: the training window]."),
+    frames: int = typer.Option(None, min=1, help="Latent frames per video, context included (= video frames for image VAEs); more than the training window rolls out window by window (e.g. 300) (default: the training window)."),
     steps: int = typer.Option(20, min=1, help="Euler steps of the flow ODE per window."),
-    shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise [default: the pipeline's]."),
+    shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise (default: the pipeline's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same checkpoint: same video)."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda."),
     context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
     context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
     actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
-    overlap: int = typer.Option(None, min=1, help="Latent frames each rollout window re-uses from the previous one [default: half the window]."),
+    overlap: int = typer.Option(None, min=1, help="Latent frames each rollout window re-uses from the previous one (default: half the window)."),
     format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif, npz (frames + latents)."),
-    fps: float = typer.Option(None, help="Frames per second of the written videos [default: the dataset's]."),
+    fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
 ):
     """Generate videos: unconditional, continuation of a clip, and rollouts longer than the training window.
 

@@ -68,7 +68,7 @@ def main(cfg: DemoConfig) -> dict:
 
         info = vae_main(VAETrainConfig(manifest=str(manifest_path), out=str(vae_dir), steps=cfg.vae_steps,
                                        max_minutes=cfg.vae_minutes, seed=cfg.seed))
-        _done(t0, f"held-out PSNR {info['psnr']:.2f} dB")
+        _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB (mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
 
     t0 = _step(f"4/8 encode every frame once -> {store_path}")
     from minisora.store import LatentStore
