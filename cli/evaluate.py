@@ -17,7 +17,7 @@ def evaluate(
     shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame and VAE reconstruction."""

@@ -13,13 +13,13 @@ def sample(
     steps: int = typer.Option(20, min=1, help="Euler steps of the flow ODE per window."),
     shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise (default: the pipeline's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same checkpoint: same video)."),
-    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda."),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in bf16, the VAE in fp32."),
     context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
     context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
     actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
     overlap: int = typer.Option(None, min=1, help="Latent frames each rollout window re-uses from the previous one (default: half the window)."),
-    format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif, npz (frames + latents)."),
+    format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz (unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
 ):
     """Generate videos: unconditional, continuation of a clip, and rollouts longer than the training window.

@@ -37,6 +37,7 @@ class DiTPipeline(DiffusionPipeline):
                  window_frames: int = 8, latent_size: list[int] | None = None, fps: float | None = None,
                  frame_stride: int = 1, resolution: list[int] | None = None):
         super().__init__()
+        transformer.eval()  # sampling: no action dropout (a DiT built with from_config starts in train mode)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         c = transformer.config.in_channels
         self.register_to_config(latents_mean=list(latents_mean or [0.0] * c), latents_std=list(latents_std or [1.0] * c),
@@ -54,7 +55,7 @@ class DiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) frames -> normalised latents (B, T', C, h, w) (posterior means)."""
-        pixels = frames_to_pixels(torch.as_tensor(frames)).to(self.device, self.vae.dtype)  # (B, T, 3, H, W)
+        pixels = frames_to_pixels(frames).to(self.device, self.vae.dtype)  # (B, T, 3, H, W)
         mean, _ = self.video_vae.encode(pixels)
         mu, sd = self._stats(mean)
         return (mean.float() - mu) / sd
@@ -69,15 +70,21 @@ class DiTPipeline(DiffusionPipeline):
         return torch.cat([self.video_vae.decode(raw[:, i:i + chunk]).float() for i in range(0, raw.shape[1], chunk)], dim=1)
 
     # ------------------------------------------------------------------ sampling
-    def _velocity(self, actions: torch.Tensor | None, guidance: float):
+    def _velocity(self, actions: torch.Tensor | None, guidance: float, bar=None):
+        """v(x_t, t) for euler_sample: the transformer, with classifier-free guidance on actions when
+        guidance != 1 (one batched call: conditional and null-action halves). Ticks `bar` once per call."""
         model = self.transformer
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if actions is None or guidance == 1.0:
-                return model(x, t, actions).float()
-            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([actions, torch.full_like(actions, -1)])).float()
-            cond, uncond = both.chunk(2)
-            return uncond + guidance * (cond - uncond)  # classifier-free guidance on actions
+                v = model(x, t, actions).float()
+            else:
+                both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([actions, torch.full_like(actions, -1)])).float()
+                cond, uncond = both.chunk(2)
+                v = uncond + guidance * (cond - uncond)  # classifier-free guidance on actions
+            if bar is not None:
+                bar.update(1)
+            return v
 
         return fn
 
@@ -87,7 +94,12 @@ class DiTPipeline(DiffusionPipeline):
         The first window sees as much of the given context as fits (window - 1 frames at most);
         every later window is conditioned on the last `overlap` frames generated before it.
         """
-        window, plan, known = self.config.window_frames, [], given
+        window = self.config.window_frames
+        if not 0 <= given < total:
+            raise ValueError(f"num_frames {total} must exceed the {given} context latent frames")
+        if not 0 < overlap < window:
+            raise ValueError(f"overlap {overlap} must be in [1, {window - 1}] for windows of {window} latent frames")
+        plan, known = [], given
         while known < total:
             ctx = min(known, window - 1) if known == given else min(known, overlap)
             start = known - ctx
@@ -104,42 +116,60 @@ class DiTPipeline(DiffusionPipeline):
         """Generate videos of `num_frames` latent frames (context included).
 
         context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
-        pixels (B, T, H, W, 3) that the pipeline's VAE encodes. actions: (B, num_frames) ints, one per
-        latent frame, or None. output_type: "uint8" -> (B, T, H, W, 3), "float" -> (B, T, 3, H, W)
-        in [-1, 1], "latent" -> no decoding.
+        pixels (B, T, H, W, 3) that the pipeline's VAE encodes. actions: (B, num_frames) ints in
+        [0, num_actions), one per latent frame (-1: none), or None; guidance > 1 pushes the sample
+        towards them (classifier-free guidance against the null action). steps: Euler steps per
+        window; shift: the time shift (default: the scheduler's). output_type: "uint8" ->
+        (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
+        bar ticks once per Euler step of every window.
         """
         cfg, tcfg = self.config, self.transformer.config
         if context_frames is not None:
             context_latents = self.encode_frames(context_frames)
         ctx = None if context_latents is None else context_latents.to(self.device, torch.float32)
+        if ctx is not None and (ctx.ndim != 5 or ctx.shape[2] != tcfg.in_channels):
+            raise ValueError(f"context latents must be (B, K, {tcfg.in_channels}, h, w), got {tuple(ctx.shape)}")
         batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (num_videos, 0)
         total = num_frames or cfg.window_frames
         overlap = cfg.window_frames // 2 if overlap is None else overlap
-        if total <= given:
-            raise ValueError(f"num_frames {total} must exceed the {given} context latent frames")
-        if not 0 < overlap < cfg.window_frames:
-            raise ValueError(f"overlap {overlap} must be in [1, {cfg.window_frames - 1}] for windows of {cfg.window_frames}")
+        plan = self.rollout_plan(total, given, overlap)  # validates total and overlap
         if actions is not None:
-            if tcfg.num_actions == 0:
-                raise ValueError("this model was trained without actions; pass no actions")
-            actions = torch.as_tensor(actions, device=self.device).long()
-            if actions.shape != (batch, total):
-                raise ValueError(f"actions {tuple(actions.shape)} must be (videos, latent frames) = {(batch, total)}")
+            actions = self._check_actions(actions, batch, total)
         shift = self.scheduler.config.shift if shift is None else shift
         h, w = cfg.latent_size if ctx is None else ctx.shape[-2:]
         latents = torch.zeros(batch, total, tcfg.in_channels, h, w, device=self.device)  # (B, T', C, h, w)
         if ctx is not None:
             latents[:, :given] = ctx
-        plan = self.rollout_plan(total, given, overlap)
-        for start, n, known in self.progress_bar(plan) if progress else plan:
+        bar = self.progress_bar(total=len(plan) * steps) if progress else None  # one tick per Euler step
+        for i, (start, n, known) in enumerate(plan):
+            if bar is not None:
+                bar.set_description(f"window {i + 1}/{len(plan)}")
             noise = randn_tensor((batch, n, tcfg.in_channels, h, w), generator=generator, device=self.device)
             mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
             mask[:, : known - start] = True  # frames already known stay clean (t = 0)
             act = None if actions is None else actions[:, start:start + n]
-            out = euler_sample(self._velocity(act, guidance), noise, steps, shift=shift,
+            out = euler_sample(self._velocity(act, guidance, bar), noise, steps, shift=shift,
                                context=latents[:, start:start + n], context_mask=mask)
             latents[:, known:start + n] = out[:, known - start:]
+        if bar is not None:
+            bar.close()
         if output_type == "latent":
             return VideoOutput(latents, latents, given)
+        if output_type not in ("uint8", "float"):
+            raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
         pixels = self.decode_latents(latents)
         return VideoOutput(pixels if output_type == "float" else pixels_to_frames(pixels), latents, given)
+
+    def _check_actions(self, actions: np.ndarray | torch.Tensor, batch: int, total: int) -> torch.Tensor:
+        """(videos, latent frames) integer actions in [0, num_actions), or -1 for the null action."""
+        num_actions = self.transformer.config.num_actions
+        if num_actions == 0:
+            raise ValueError("this model was trained without actions; pass no actions")
+        actions = torch.as_tensor(np.asarray(actions) if not torch.is_tensor(actions) else actions)
+        if actions.dtype.is_floating_point or actions.shape != (batch, total):
+            raise ValueError(f"actions {actions.dtype} {tuple(actions.shape)} must be integers shaped "
+                             f"(videos, latent frames) = {(batch, total)}")
+        if actions.numel() and (actions.min() < -1 or actions.max() >= num_actions):
+            raise ValueError(f"actions must be in [0, {num_actions}) (or -1 for none); got values "
+                             f"{int(actions.min())}..{int(actions.max())}")
+        return actions.to(self.device).long()

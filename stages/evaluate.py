@@ -50,16 +50,17 @@ def _clip_mean(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def main(cfg: EvalConfig) -> dict:
+    if not 1 <= cfg.context_frames < cfg.frames:
+        raise ValueError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device)
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
     store.require_complete()
+    store.layout(cfg.split)  # a missing split is a StoreError naming the ones there are
     tc = pipe.video_vae.info.temporal_compression
     pix = (lambda n: 1 + (n - 1) * tc) if tc > 1 else (lambda n: n)  # latent frames -> pixel frames
     k_pix, n_pix = pix(cfg.context_frames), pix(cfg.frames)
-    if cfg.frames <= cfg.context_frames:
-        raise ValueError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames}")
 
     # 1. clips: the first M of the split long enough for N latent frames, ground truth from the source clips
     lengths = store.array(cfg.split, "length")[:]

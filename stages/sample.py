@@ -38,7 +38,7 @@ class SampleConfig:
     context_frames: int = 4  # latent frames of context
     actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
     guidance: float = 1.0
-    formats: tuple[str, ...] = ("mp4", "gif")
+    formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
     overlap: int | None = None
     fps: float | None = None
 
@@ -62,8 +62,12 @@ def resolve_pipeline_dir(path: str | Path) -> Path:
                       "model_index.json or minisora_pipeline.json)")
 
 
-def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> DiTPipeline:
-    """DiTPipeline from any of the directory kinds above, on `device`."""
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> DiTPipeline:
+    """DiTPipeline from any of the directory kinds above, on `device`.
+
+    The transformer runs in `dtype` (default: sampling_dtype(device), bf16 on CUDA); the VAE and
+    the Euler integration stay float32.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from minisora.model import VideoDiT
@@ -71,13 +75,18 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> DiTPi
 
     pdir = resolve_pipeline_dir(path)
     if (pdir / "model_index.json").exists():
-        return DiTPipeline.from_pretrained(str(pdir)).to(device)
-    meta = json.loads((pdir / "minisora_pipeline.json").read_text())
-    v = meta["vae"]
-    vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
-    transformer = VideoDiT.from_pretrained(str(pdir / "transformer"))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
-    return DiTPipeline(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
+        pipe = DiTPipeline.from_pretrained(str(pdir)).to(device)
+    else:
+        meta = json.loads((pdir / "minisora_pipeline.json").read_text())
+        v = meta["vae"]
+        vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
+        transformer = VideoDiT.from_pretrained(str(pdir / "transformer"))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
+        pipe = DiTPipeline(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
+    dtype = dtype or sampling_dtype(torch.device(device))
+    if pipe.transformer.dtype != dtype:
+        pipe.transformer.to(dtype)
+    return pipe
 
 
 def pipeline_kwargs(meta: dict) -> dict:
@@ -91,7 +100,20 @@ def pipeline_kwargs(meta: dict) -> dict:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SampleError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu")
+    return dev
+
+
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """The transformer's dtype when sampling: bf16 on CUDA GPUs that support it, float32 otherwise."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 # ------------------------------------------------------------------------------ context
@@ -137,6 +159,9 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
         n = int(store.array(split, "length")[idx])
         if n < k:
             raise SampleError(f"{source}: clip has {n} latent frames < {k} context frames")
+        channels = pipe.transformer.config.in_channels
+        if lay.channels != channels:
+            raise SampleError(f"{source}: the store has {lay.channels} latent channels, the model {channels}")
         mean = torch.from_numpy(store.array(split, "mean")[idx, :k].astype(np.float32))[None]
         st = store.attrs["latent_stats"]
         mu, sd = (torch.tensor(st[x]).view(1, 1, -1, 1, 1) for x in ("mean", "std"))
@@ -154,11 +179,17 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
     if len(frames) < pix:
         raise SampleError(f"{path}: {len(frames)} frames < {pix} needed for {k} context latent frames")
     latents = pipe.encode_frames(frames[None, :pix])
-    lat_actions = None if actions is None else actions[np.minimum(np.arange(len(frames) // max(tc, 1) + 1) * tc, len(actions) - 1)]
+    lat_actions = None
+    if actions is not None:  # one per latent frame, as the encode stage stores them: latent j <- frame j * tc
+        lat_actions = actions[np.minimum(np.arange(pipe.video_vae.latent_frames(len(frames))) * tc, len(actions) - 1)]
     return Context(latents, frames, lat_actions, path.stem)
 
 
 def load_actions(spec: str | None, ctx: Context | None, total: int, videos: int) -> torch.Tensor | None:
+    """(videos, total) actions, one per latent frame: the context clip's ("context"), a file's, or None.
+
+    A file is a .npy array or a .npz with an `actions` array, (T,) ints read as per latent frame.
+    """
     if spec is None or spec == "none":
         return None
     if spec == "context":
@@ -166,12 +197,27 @@ def load_actions(spec: str | None, ctx: Context | None, total: int, videos: int)
             raise SampleError("--actions context needs a --context clip that has recorded actions")
         acts = ctx.actions
     else:
-        with np.load(spec, allow_pickle=False) as f:
-            acts = f["actions"] if isinstance(f, np.lib.npyio.NpzFile) else f
+        acts = _read_actions_file(Path(spec))
     acts = np.asarray(acts, dtype=np.int64)
     if len(acts) < total:
         raise SampleError(f"{spec}: {len(acts)} actions < {total} latent frames to generate")
     return torch.from_numpy(acts[:total])[None].repeat(videos, 1)
+
+
+def _read_actions_file(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise SampleError(f"--actions {path}: no such file (use 'context', a .npy file or a .npz with `actions`)")
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if "actions" not in loaded.files:
+                raise SampleError(f"{path}: no `actions` array (has: {', '.join(loaded.files) or 'nothing'})")
+            acts = loaded["actions"]
+    else:
+        acts = loaded
+    if acts.ndim != 1 or not np.issubdtype(acts.dtype, np.integer):
+        raise SampleError(f"{path}: actions must be a 1-D integer array, got {acts.dtype} {acts.shape}")
+    return acts
 
 
 # ------------------------------------------------------------------------------ output
@@ -188,17 +234,18 @@ def side_by_side(truth: np.ndarray, generated: np.ndarray, context_pixels: int) 
     return np.concatenate([mark_context(truth[:t], context_pixels), gap, mark_context(generated[:t], context_pixels)], axis=2)
 
 
-def write_video(path: Path, frames: np.ndarray, formats, fps: float) -> list[str]:
+def write_video(path: Path, frames: np.ndarray, formats, fps: float, arrays: dict[str, np.ndarray] | None = None) -> list[str]:
+    """PATH.mp4 / PATH.gif of uint8 (T, H, W, 3) frames, and PATH.npz with `frames` plus `arrays`."""
     written = []
     for fmt in formats:
-        p = path.with_suffix(f".{fmt}")
+        p = path.with_name(f"{path.name}.{fmt}")
         if fmt == "mp4":
             write_mp4(p, frames, fps=max(1, round(fps)))
         elif fmt == "gif":
             write_gif(p, frames, fps=fps)
         elif fmt == "npz":
             p.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(p, frames=frames)
+            np.savez(p, frames=frames, **(arrays or {}))
         written.append(str(p))
     return written
 
@@ -207,15 +254,14 @@ def write_video(path: Path, frames: np.ndarray, formats, fps: float) -> list[str
 def main(cfg: SampleConfig) -> dict:
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device)
-    pipe.set_progress_bar_config(desc="sample windows")
-    ctx = load_context(pipe, cfg.context, cfg.context_frames) if cfg.context else None
     total = cfg.frames or pipe.config.window_frames
-    videos = 1 if ctx is not None else cfg.num_videos
-    actions = load_actions(cfg.actions, ctx, total, videos)
+    if cfg.context and total <= cfg.context_frames:
+        raise SampleError(f"--frames {total}{'' if cfg.frames else ' (the training window)'} must exceed "
+                          f"--context-frames {cfg.context_frames}")
+    ctx = load_context(pipe, cfg.context, cfg.context_frames) if cfg.context else None
+    actions = load_actions(cfg.actions, ctx, total, cfg.num_videos)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ctx_latents = None if ctx is None else ctx.latents.repeat(cfg.num_videos, 1, 1, 1, 1)
-    if ctx_latents is not None and actions is not None:
-        actions = actions.repeat(cfg.num_videos, 1)
+    ctx_latents = None if ctx is None else ctx.latents.repeat(cfg.num_videos, 1, 1, 1, 1)  # (videos, K, C, h, w)
     out = pipe(num_videos=cfg.num_videos, num_frames=total, context_latents=ctx_latents, actions=actions,
                guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, overlap=cfg.overlap, generator=gen)
     fps = cfg.fps or pipe.config.fps or 10
@@ -224,12 +270,15 @@ def main(cfg: SampleConfig) -> dict:
     written = []
     tc = pipe.video_vae.info.temporal_compression
     ctx_pix = 0 if ctx is None else (1 + (cfg.context_frames - 1) * tc if tc > 1 else cfg.context_frames)
+    videos_fmt = [f for f in cfg.formats if f != "npz"]
     for i, frames in enumerate(out.frames):
         name = stem.with_name(f"{stem.name}-{i:02d}") if len(out.frames) > 1 else stem
-        written += write_video(name, mark_context(frames, ctx_pix) if ctx_pix else frames, cfg.formats, fps)
+        written += write_video(name, mark_context(frames, ctx_pix) if ctx_pix else frames, videos_fmt, fps)
+        if "npz" in cfg.formats:  # the data, unmarked: decoded frames and normalised latents (context included)
+            written += write_video(name, frames, ["npz"], fps, {"latents": out.latents[i].cpu().numpy(),
+                                                                "context_frames": np.array(ctx_pix),
+                                                                "context_latent_frames": np.array(out.context_frames)})
         if ctx is not None and ctx.truth is not None:
             written += write_video(name.with_name(name.name + "-vs-truth"), side_by_side(ctx.truth, frames, ctx_pix),
-                                   [f for f in cfg.formats if f != "npz"], fps)
-    if "npz" in cfg.formats:
-        np.save(str(stem) + "-latents.npy", out.latents.cpu().numpy())
+                                   videos_fmt, fps)
     return {"written": written, "frames": int(out.frames.shape[1]), "latent_frames": total, "videos": len(out.frames)}
