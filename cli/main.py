@@ -13,8 +13,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests.")
-app.add_typer(vae.app, name="vae", help="VAEs: train a small offline AutoencoderKL.")
+app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests, TECO downloads.")
+app.add_typer(vae.app, name="vae", help="VAEs: train a small offline AutoencoderKL, inspect any diffusers VAE.")
 app.command(name="encode")(encode.encode)
 app.add_typer(store.app, name="store", help="Latent stores: info and verify.")
 app.command(name="train")(train.train)
