@@ -182,7 +182,7 @@ def _read(manifest: Manifest, clip: ManifestClip, stride: int, used: int):
 @torch.no_grad()
 def encode_clip(vae: VideoVAE, frames: np.ndarray, cfg: EncodeConfig, device: torch.device, dtype: torch.dtype):
     """uint8 (T, H, W, 3) frames -> posterior mean, logvar (T', C, h, w) float32 numpy."""
-    pixels = frames_to_pixels(torch.from_numpy(frames)).to(device)  # (T, 3, H, W) in [-1, 1]
+    pixels = frames_to_pixels(torch.from_numpy(frames).to(device))  # (T, 3, H, W) in [-1, 1]; uint8 crosses to the device
     if cfg.size and pixels.shape[-2:] != (cfg.size, cfg.size):
         pixels = F.interpolate(pixels, size=(cfg.size, cfg.size), mode="bilinear", antialias=True, align_corners=False)
     pixels = pixels.to(dtype)

@@ -262,7 +262,6 @@ def test_rerun_recovers_from_what_a_kill_leaves(clips, ref, tmp_path):
     _assert_same_store(out, ref)
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch + diffusers: ~25 s on 2 busy cores
 def test_torchrun_two_processes_give_the_same_store(clips, ref, tmp_path):
     out = tmp_path / "store"
     p = _popen(["encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2"], nproc=2)
@@ -409,3 +408,23 @@ def test_clips_without_actions_and_a_deterministic_vae(clips, tmp_path):
         assert logvar is None
         np.testing.assert_allclose(st.array("train", "mean")[i].astype(np.float32), want[0].numpy(), rtol=FP16_RTOL, atol=FP16_ATOL)
     assert st.verify() == []
+
+
+def test_minecraft_mp4_clips_resized_with_stride_and_fps(clips, tmp_path):
+    from minisora.data.clips import read_clip
+
+    write_synthetic_dataset("minecraft", tmp_path / "mc", clips=2, frames=9, seed=0, progress=False)
+    manifest, _ = build_manifest(tmp_path / "mc", "minecraft")
+    manifest.save(tmp_path / "manifest.json")
+    cfg = EncodeConfig(manifest=str(tmp_path / "manifest.json"), vae=clips["kl"], out=str(tmp_path / "store"), size=32,
+                       frame_stride=2, progress=False)
+    encode_main(cfg)
+    st = LatentStore(tmp_path / "store")
+    src = st.attrs["source"]
+    assert (src["kind"], src["fps"], src["frame_stride"], src["resolution"], src["native_resolution"]) == ("minecraft", 10.0, 2, [32, 32], [128, 128])
+    assert st.array("train", "length")[:].tolist() == [5, 5]  # frames 0, 2, 4, 6, 8
+    for i, c in enumerate(manifest.clips):
+        frames, actions = read_clip(manifest.abspath(c), "minecraft")
+        want, _ = _vae_encode(clips, frames[::2], size=32)
+        np.testing.assert_allclose(st.array("train", "mean")[i].astype(np.float32), want, rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_array_equal(st.array("train", "actions")[i], actions[::2])
