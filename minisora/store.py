@@ -160,7 +160,8 @@ class LatentStore:
         return SplitLayout(**self.attrs["splits"][split])
 
     def array(self, split: str, name: str) -> zarr.Array:
-        return self.group[f"{split}/{name}"]
+        # write_empty_chunks: a shard of skipped clips is all fill value, and must still be a file
+        return self.group[f"{split}/{name}"].with_config({"write_empty_chunks": True})
 
     def array_names(self) -> tuple[str, ...]:
         return (("mean",) if self.attrs["deterministic"] else ARRAYS_5D) + ("actions", "length")
@@ -198,6 +199,10 @@ class LatentStore:
         blocks = {"mean": mean.astype(np.float16), "actions": actions.astype(np.int16), "length": lengths.astype(np.int32)}
         if not self.attrs["deterministic"]:
             blocks["logvar"] = logvar.astype(np.float16)
+        for name in blocks:  # an interrupted attempt may have left torn files, which zarr would read back
+            path = f"{self.root}/{self._shard_key(split, name, k)}"
+            if self.fs.exists(path):
+                self.fs.rm(path)
         for name, block in blocks.items():
             self.array(split, name)[lo:hi] = block
         checksums = {name: _sha256(self.fs.cat_file(f"{self.root}/{self._shard_key(split, name, k)}")) for name in blocks}

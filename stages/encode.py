@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import zarr
 
 import minisora
 from minisora.data.clips import ClipError, read_clip
@@ -289,27 +288,13 @@ def _encode_shards(cfg, manifest, vae, store, layouts, shards, device, dtype, sh
             if idx == hi - 1:  # shard complete: hand it to the writer, keep encoding
                 if pending_write is not None:
                     pending_write.result()
-                pending_write = writer.submit(_write_shard, store, split, k, block)
+                pending_write = writer.submit(store.write_shard, split, k, block["mean"], block["logvar"], block["actions"],
+                                              block["lengths"], block["keys"], block["skipped"])
                 block = None
         if pending_write is not None:
             pending_write.result()
     bar.close()
     return {"clips": len(clip_jobs), "frames": frames_done, "seconds": time.time() - t0}
-
-
-def _write_shard(store: LatentStore, split: str, k: int, block: dict) -> None:
-    """Write and commit one shard (the writer thread), robust to what an interrupted attempt left behind."""
-    # An earlier attempt killed mid-write may have left a torn shard file, and zarr reads the old file of a
-    # shard it writes into: delete them first. Nothing refers to them, the shard is not committed.
-    for name in store.array_names():
-        path = f"{store.root}/{store._shard_key(split, name, k)}"
-        if store.fs.exists(path):
-            store.fs.rm(path)
-    # Reopened zarr arrays drop chunks equal to the fill value (NaN latents, -1 actions, 0 lengths) unless
-    # told otherwise, which leaves no file at all for a shard of skipped or action-less clips.
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        store.write_shard(split, k, block["mean"], block["logvar"], block["actions"], block["lengths"], block["keys"],
-                          block["skipped"])
 
 
 def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:

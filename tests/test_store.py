@@ -98,3 +98,22 @@ def test_memory_url_store(tmp_path):
     info = st.info()
     assert info["splits"]["train"]["latent_frames"] == sum(LENGTHS["train"])
     assert info["bytes"] > 0
+
+
+def test_reopened_store_writes_all_padding_shard_and_replaces_torn_files(tmp_path):
+    lay = {"train": SplitLayout(2, 3, 4, 2, 2, 1)}
+    LatentStore.create(str(tmp_path / "s"), {"vae": {}, "source": {}}, lay, False,
+                       json.dumps({"clips": [{"split": "train", "path": "train/a.npz"}, {"split": "train", "path": "train/b.npz"}]}))
+    st = LatentStore(tmp_path / "s", mode="a")  # reopened, as a resumed encode does
+    torn = tmp_path / "s" / "train" / "mean" / "c" / "0" / "0" / "0" / "0" / "0"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"half a shard")  # what a kill -9 mid-write leaves
+    pad = np.full((1, 3, 4, 2, 2), np.nan, np.float16)
+    st.write_shard("train", 0, pad, pad, np.full((1, 3), -1), np.zeros(1), ["train/a.npz"],
+                   [{"index": 0, "path": "train/a.npz", "reason": "bad"}])  # a shard of one skipped clip
+    data = np.ones((1, 3, 4, 2, 2), np.float16)
+    st.write_shard("train", 1, data, data, np.zeros((1, 3)), np.full(1, 3), ["train/b.npz"], [])
+    st.finalize()
+    assert LatentStore(tmp_path / "s").verify() == []
+    assert torn.read_bytes() != b"half a shard"
+    assert LatentStore(tmp_path / "s").attrs["skipped"] == [{"split": "train", "index": 0, "path": "train/a.npz", "reason": "bad"}]
