@@ -223,3 +223,16 @@ def test_tiny_model_overfits_one_clip():
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-30:]) / 30
     assert last < first / 10, (first, last)
+
+
+def test_cli_preset_help_matches_computed_counts():
+    """cli/train.py lists the presets without importing diffusers; its numbers must match count_params."""
+    import re
+
+    from cli.train import _PRESETS
+    from minisora.model import DIT_MODEL_SPECS, count_params
+
+    listed = dict(re.findall(r"(\w+) \(([\d.]+)M", _PRESETS))
+    assert set(listed) == set(DIT_MODEL_SPECS)
+    for name, millions in listed.items():
+        assert float(millions) == round(count_params(name) / 1e6, 1)
