@@ -51,7 +51,7 @@ def sample(*args):
     return CliRunner().invoke(app, ["sample", *map(str, args)])
 
 
-def test_clips(trained: Run) -> list[str]:
+def held_out_clips(trained: Run) -> list[str]:
     """Paths (relative to the data root) of the store's test clips, in store order."""
     return [c["path"] for c in LatentStore(trained.store).manifest_json()["clips"] if c["split"] == "test"]
 
@@ -105,7 +105,7 @@ def test_sample_actions_and_guidance_change_the_video(trained, tmp_path):
 
 def test_sample_continues_npz_and_mp4_clip_files(trained, tmp_path):
     """A TECO DMLab .npz and a Minecraft-layout .mp4 (+ actions .npz), both 64x64: resized to the model's 16x16."""
-    clip = trained.data / test_clips(trained)[0]
+    clip = trained.data / held_out_clips(trained)[0]
     with np.load(clip) as f:
         video, actions = f["video"], f["actions"]
     mp4 = tmp_path / "clips" / "walk.mp4"
@@ -170,7 +170,7 @@ KN = ["--context-frames", "2", "--frames", "6"]
 def test_sample_errors_name_the_problem(trained, tmp_path, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    fill = dict(store=trained.store, root=trained.root, data=trained.data, clip=test_clips(trained)[1])
+    fill = dict(store=trained.store, root=trained.root, data=trained.data, clip=held_out_clips(trained)[1])
     args = [a.format(**fill) for a in args]
     r = sample("--checkpoint", trained.run, "--out", tmp_path / "x", "--steps", 1, *args)
     assert r.exit_code == 1, r.output
@@ -209,7 +209,7 @@ def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
                                  "--out", str(report_path)])
     assert r.exit_code == 0, r.output
     rep = json.loads(report_path.read_text())
-    assert rep["clips"] == test_clips(trained) and rep["use_actions"] is True
+    assert rep["clips"] == held_out_clips(trained) and rep["use_actions"] is True
     assert rep["generated_frames_per_clip"] == N - K and rep["context_frames_pixels"] == K
     assert rep["config"]["seeds"] == 2 and rep["config"]["frames"] == N
     assert rep["fvd"].startswith("skipped") and rep["lpips"].startswith("skipped")
