@@ -151,8 +151,8 @@ def main() -> None:
             rows.append((name, f"{params / 1e6:.2f}M", f"{size or 64}x{size or 64}", b, lp, ee))
 
     print()
-    print(f"| VAE  | params | frames  | bare VAE frames/s | encode loop frames/s | loop / bare | end to end frames/s | e2e / bare |")
-    print(f"|------|--------|---------|-------------------|----------------------|-------------|---------------------|------------|")
+    print("| VAE  | params | frames  | bare VAE frames/s | encode loop frames/s | loop / bare | end to end frames/s | e2e / bare |")
+    print("|------|--------|---------|-------------------|----------------------|-------------|---------------------|------------|")
     for name, params, res, b, lp, ee in rows:
         print(f"| {name:<4} | {params:>6} | {res:<7} | {_r(b):>17} | {_r(lp):>20} | {lp / b:10.0%} | {_r(ee):>19} | {ee / b:9.0%} |")
 

@@ -41,7 +41,7 @@ def _done(t0: float, what: str) -> None:
 
 
 def main(cfg: DemoConfig) -> dict:
-    from minisora.data.manifest import Manifest, build_manifest
+    from minisora.data.manifest import build_manifest
     from minisora.data.synthetic import write_synthetic_dataset
 
     out = Path(cfg.out)

@@ -10,7 +10,6 @@ Context sources: a TECO clip file (`.npz` DMLab, `.mp4` Minecraft) or a store re
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

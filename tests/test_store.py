@@ -68,7 +68,6 @@ def test_verify_catches_missing_shard_and_truncation(tmp_path):
 def test_verify_catches_data_in_padding_with_valid_checksums(tmp_path):
     store, _ = make_store(tmp_path / "s", LENGTHS)
     # rewrite shard 0 with a non-NaN padding frame: checksums are recomputed, padding check must fire
-    lay = store.layout("train")
     mean = store.array("train", "mean")[0:2]
     mean[0, 6] = 0.0  # clip 0 has 5 frames
     c = store.read_commit("train", 0)
