@@ -45,7 +45,7 @@ def encode(
                        read_workers=read_workers, compression_level=compression_level)
     try:
         summary = main(cfg)
-    except (EncodeError, StoreError) as e:
+    except (EncodeError, StoreError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
     if "latent_stats" in summary:

@@ -58,7 +58,7 @@ def train(
                          eval_every=eval_every, overwrite=overwrite)
     try:
         main(cfg)
-    except (VAETrainError, ManifestError, ClipError) as e:
+    except (VAETrainError, ManifestError, ClipError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
 

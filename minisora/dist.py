@@ -39,3 +39,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> this process's GPU (cuda:LOCAL_RANK) when CUDA is there, else the CPU; otherwise checked as given."""
+    if device == "auto":
+        return torch.device("cuda", dist_info()[2]) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu")
+    return dev

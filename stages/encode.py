@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import minisora
 from minisora.data.clips import ClipError, read_clip
 from minisora.data.manifest import Manifest, ManifestClip
-from minisora.dist import barrier, dist_info, init_distributed, print0
+from minisora.dist import barrier, dist_info, init_distributed, print0, resolve_device
 from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for
 from minisora.vae import VideoVAE, frames_to_pixels
 
@@ -55,13 +55,6 @@ class EncodeConfig:
 class EncodeError(RuntimeError):
     pass
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def _used_frames(clip_frames: int, stride: int, vae: VideoVAE) -> int:

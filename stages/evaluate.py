@@ -19,7 +19,8 @@ import torch
 
 from minisora.metrics import I3DFeatures, fvd, lpips_available, summarize_seeds, video_metrics
 from minisora.store import LatentStore
-from stages.sample import clip_frames, load_pipeline, resolve_device
+from minisora.dist import resolve_device
+from stages.sample import clip_frames, load_pipeline
 
 
 @dataclass

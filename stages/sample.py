@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minisora.data.clips import read_clip
+from minisora.dist import resolve_device
 from minisora.pipeline import DiTPipeline
 from minisora.store import LatentStore
 from minisora.video import write_gif, write_mp4
@@ -94,18 +95,6 @@ def pipeline_kwargs(meta: dict) -> dict:
     return {"latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
             "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
             "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution")}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise SampleError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu")
-    return dev
 
 
 def sampling_dtype(device: torch.device) -> torch.dtype:

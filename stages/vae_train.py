@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from minisora.data.clips import read_clip
 from minisora.data.manifest import Manifest, ManifestClip
+from minisora.dist import resolve_device
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames, tiny_vae_config
 
 
@@ -57,10 +58,6 @@ class VAETrainConfig:
     eval_frames: int = 256  # held-out frames for PSNR, spread evenly over the test clips
     eval_every: int = 500
     overwrite: bool = False
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
 
 
 def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
