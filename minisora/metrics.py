@@ -32,6 +32,12 @@ I3D_MIN_FRAMES = 9  # fewer frames and the I3D's temporal pooling has nothing le
 _SSIM_CHUNK = 64  # frames per SSIM pass: bounds memory of the float64 filtered maps
 
 
+def frames_to_unit(frames: np.ndarray | Tensor) -> Tensor:
+    """uint8 frames (B, T, H, W, 3) -> float (B, T, 3, H, W) in [0, 1], what the metrics take."""
+    x = torch.as_tensor(np.ascontiguousarray(frames))
+    return x.permute(0, 1, 4, 2, 3).float() / 255.0
+
+
 def _check_pair(pred: Tensor, target: Tensor) -> None:
     if pred.shape != target.shape:
         raise ValueError(f"pred and target differ in shape: {tuple(pred.shape)} vs {tuple(target.shape)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minisora.metrics import I3DFeatures, fvd, lpips_available, summarize_seeds, video_metrics
+from minisora.metrics import I3DFeatures, frames_to_unit, fvd, lpips_available, summarize_seeds, video_metrics
 from minisora.store import LatentStore
 from minisora.dist import resolve_device
 from stages.sample import clip_frames, load_pipeline
@@ -38,12 +38,6 @@ class EvalConfig:
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
-
-
-def _to_unit(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [0, 1]."""
-    x = torch.as_tensor(np.asarray(frames))
-    return x.permute(0, 1, 4, 2, 3).float() / 255.0
 
 
 def _clip_mean(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -80,14 +74,14 @@ def main(cfg: EvalConfig) -> dict:
     acts = store.array(cfg.split, "actions").get_orthogonal_selection((chosen, slice(0, cfg.frames))).astype(np.int64)
     use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
 
-    gt_unit = _to_unit(truth)
+    gt_unit = frames_to_unit(truth)
     gen_slice = slice(k_pix, n_pix)  # metrics on generated frames only
 
     # 2. baselines (deterministic, computed once)
     repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
     recon = np.concatenate([_decode(pipe, latents_gt[i:i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)])
-    baselines = {"repeat_last_context_frame": _clip_mean(video_metrics(_to_unit(repeat), gt_unit[:, gen_slice])),
-                 "vae_reconstruction": _clip_mean(video_metrics(_to_unit(recon[:, gen_slice]), gt_unit[:, gen_slice]))}
+    baselines = {"repeat_last_context_frame": _clip_mean(video_metrics(frames_to_unit(repeat), gt_unit[:, gen_slice])),
+                 "vae_reconstruction": _clip_mean(video_metrics(frames_to_unit(recon[:, gen_slice]), gt_unit[:, gen_slice]))}
 
     # 3. the model, once per seed
     per_seed, videos_by_seed = [], []
@@ -101,7 +95,7 @@ def main(cfg: EvalConfig) -> dict:
                        generator=gen, progress=False)
             frames.append(out.frames)
         frames = np.concatenate(frames)[:, :n_pix]
-        per_seed.append(_clip_mean(video_metrics(_to_unit(frames[:, gen_slice]), gt_unit[:, gen_slice])))
+        per_seed.append(_clip_mean(video_metrics(frames_to_unit(frames[:, gen_slice]), gt_unit[:, gen_slice])))
         videos_by_seed.append(frames)
         print(f"    seed {seed}: PSNR {per_seed[-1]['psnr']:.2f} dB, SSIM {per_seed[-1]['ssim']:.4f}", flush=True)
 

@@ -189,7 +189,7 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, step: int, ema: dict[str, torch.Tensor]) -> dict:
-        from minisora.metrics import psnr_per_frame
+        from minisora.metrics import frames_to_unit, psnr_per_frame
         from minisora.video import write_gif
         from stages.sample import load_context, side_by_side
 
@@ -208,10 +208,10 @@ class Validator:
             if ctx.truth is None:
                 continue
             n = min(len(frames), len(ctx.truth))
-            unit = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)[None].float() / 255  # noqa: E731
-            psnr.append(float(psnr_per_frame(unit(frames[k_pix:n]), unit(ctx.truth[k_pix:n])).mean()))
+            truth = frames_to_unit(ctx.truth[None, k_pix:n])  # (1, T, 3, H, W)
+            psnr.append(float(psnr_per_frame(frames_to_unit(frames[None, k_pix:n]), truth).mean()))
             repeat = np.repeat(ctx.truth[k_pix - 1:k_pix], n - k_pix, axis=0)
-            psnr_repeat.append(float(psnr_per_frame(unit(repeat), unit(ctx.truth[k_pix:n])).mean()))
+            psnr_repeat.append(float(psnr_per_frame(frames_to_unit(repeat[None]), truth).mean()))
             write_gif(Path(self.cfg.out) / "samples" / f"step-{step:08d}-{self.split}-{i}.gif",
                       side_by_side(ctx.truth, frames, k_pix), fps=8)
         if not psnr:
