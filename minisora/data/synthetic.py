@@ -138,6 +138,15 @@ def maze_clearance(maze: Maze, x: float, y: float, angle: float, reach: float = 
     return reach
 
 
+
+def turn_to_open_side(clearance, angle: float, rng: np.random.Generator, left: int, right: int, tie: float) -> int:
+    """The turn action towards the side with the longest clear view within 90 degrees (random when the
+    two sides differ by less than `tie`). clearance(angle) -> distance to the first obstacle."""
+    space = {a: max(clearance(angle + sign * np.radians(deg)) for deg in (30, 60, 90)) for a, sign in ((left, 1), (right, -1))}
+    if abs(space[left] - space[right]) < tie:
+        return int(rng.choice([left, right]))
+    return max(space, key=space.get)
+
 def dmlab_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A smooth random walk: (positions (T, 2) float64, angles (T,), actions (T,) int64).
 
@@ -163,12 +172,7 @@ def dmlab_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.nd
             hold = int(rng.integers(*durations[action]))
         nxt = move_in_maze(maze, pose, action)
         if action == forward and (maze_clearance(maze, pose.x, pose.y, pose.angle) < MAZE_STOP or nxt == pose):
-            # turn towards the side with the longest view within 90 degrees
-            space = {a: max(maze_clearance(maze, pose.x, pose.y, pose.angle + sign * np.radians(deg)) for deg in (30, 60, 90)) for a, sign in ((left, 1), (right, -1))}
-            if abs(space[left] - space[right]) < 0.3:
-                action = int(rng.choice([left, right]))
-            else:
-                action = max(space, key=space.get)
+            action = turn_to_open_side(lambda a: maze_clearance(maze, pose.x, pose.y, a), pose.angle, rng, left, right, tie=0.3)
             hold, until_open = int(2 * np.pi / MAZE_TURN), True  # at most a full circle
             nxt = move_in_maze(maze, pose, action)
         pose, hold = nxt, hold - 1
@@ -407,12 +411,7 @@ def minecraft_walk(world: World, rng: np.random.Generator, frames: int) -> tuple
             hold = int(rng.integers(*durations[action]))
         nxt = move_in_world(world, p, action)
         if action == forward and (world_clearance(world, p, p.angle) < WORLD_STOP or (nxt.x, nxt.y) == (p.x, p.y)):
-            # turn towards the side with the longest way within 90 degrees
-            space = {a: max(world_clearance(world, p, p.angle + sign * np.radians(deg)) for deg in (30, 60, 90)) for a, sign in ((left, 1), (right, -1))}
-            if abs(space[left] - space[right]) < 0.5:
-                action = int(rng.choice([left, right]))
-            else:
-                action = max(space, key=space.get)
+            action = turn_to_open_side(lambda a: world_clearance(world, p, a), p.angle, rng, left, right, tie=0.5)
             hold, until_open = int(2 * np.pi / WORLD_TURN), True  # at most a full circle
             nxt = move_in_world(world, p, action)
         p, hold = replace(nxt, x=nxt.x % n, y=nxt.y % n), hold - 1
