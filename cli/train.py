@@ -18,6 +18,8 @@ def train(
     batch_size: int = typer.Option(8, min=1, help="Windows per process per micro-step (global batch = processes x this x grad-accum)."),
     lr: float = typer.Option(3e-4, help="Peak AdamW learning rate."),
     warmup: int = typer.Option(100, min=0, help="Linear warm-up steps."),
+    lr_schedule: str = typer.Option("cosine", help="After warm-up: cosine (decay to --min-lr-ratio x lr at the last step) or constant."),
+    min_lr_ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="Final learning rate of the cosine schedule, as a fraction of --lr."),
     steps: int = typer.Option(1000, min=1, help="Total optimizer steps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: off)."),
@@ -53,6 +55,7 @@ def train(
     try:
         flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent)
         cfg = TrainConfig(store=store, out=out, model=model, patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
+                          lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin, precision=precision,
                           grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, ema_decay=ema_decay,
                           ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every,

@@ -51,6 +51,8 @@ class TrainConfig:
     batch_size: int = 8  # windows per rank per micro-step
     lr: float = 3e-4
     warmup: int = 100
+    lr_schedule: str = "cosine"  # constant | cosine (to min_lr_ratio * lr at the last step, after warm-up)
+    min_lr_ratio: float = 0.1
     steps: int = 1000
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -123,8 +125,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / max(warmup, 1))
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_lambda(warmup: int, steps: int = 0, schedule: str = "constant", min_ratio: float = 0.1):
+    """LR multiplier of `step`: linear warm-up, then constant or a cosine decay to `min_ratio` at `steps`
+    (nanoGPT's schedule). A pure function of the step, so a resumed run continues on the same curve."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -331,6 +349,9 @@ def main(cfg: TrainConfig) -> dict:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_MODEL_SPECS)}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES or not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule!r}) and "
+                         f"--min-lr-ratio in [0, 1] (got {cfg.min_lr_ratio})")
     device = launch(cfg.device)
     if cfg.plugin in CUDA_ONLY_PLUGINS and device.type != "cuda":
         build_plugin(cfg.plugin, cfg.precision, device)  # raises the clear CPU message
@@ -357,7 +378,7 @@ def main(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     ema = {k: v.detach().float().clone() for k, v in model.named_parameters()}
     optimizer = build_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio))
     plugin = build_plugin(cfg.plugin, cfg.precision, device)
     mixed = cfg.precision if (cfg.plugin == "ddp" and cfg.precision == "fp16") else None
     booster = Booster(plugin=plugin, mixed_precision=mixed)

@@ -97,6 +97,30 @@ def test_single_process_checkpoints_are_atomic_and_pruned(store, tmp_path):
     assert cfg["steps"] == 4 and cfg["flow"]["p_full"] == 0.5
 
 
+def test_lr_schedule_warmup_cosine_and_constant():
+    import math
+
+    from stages.train import lr_lambda
+
+    cos = lr_lambda(warmup=10, steps=110, schedule="cosine", min_ratio=0.1)
+    assert [cos(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    assert cos(10) == pytest.approx(1.0) and cos(60) == pytest.approx(0.55)  # half-way down the cosine
+    assert cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)  # floor at min_ratio, also past the end
+    values = [cos(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    assert cos(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    const = lr_lambda(warmup=10, steps=110, schedule="constant")
+    assert const(9) == pytest.approx(1.0) and const(100) == 1.0
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
+        lr_lambda(10, 100, "linear")
+
+
+def test_bad_lr_schedule_is_a_clear_cli_error(store, tmp_path):
+    r = CliRunner().invoke(app, ["train", "--store", store, "--out", str(tmp_path / "run"), "--lr-schedule", "step"])
+    assert r.exit_code == 1 and "--lr-schedule must be one of constant, cosine (got 'step')" in r.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_cuda_only_plugins_refused_on_cpu(store, tmp_path):
     import torch
 
