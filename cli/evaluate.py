@@ -15,6 +15,8 @@ def evaluate(
     seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
     steps: int = typer.Option(20, min=1, help="Euler steps per window."),
     shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
+    chunk: int = typer.Option(None, min=1, help="New latent frames per rollout window (default: the pipeline's, a quarter of the training window)."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the clips' recorded actions (1: plain conditional; models trained with actions)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
@@ -26,7 +28,7 @@ def evaluate(
     from stages.sample import SampleError
 
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
-                     num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, batch_size=batch_size, i3d=i3d,
+                     num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
                      device=device, out=out)
     try:
         report = main(cfg)

@@ -18,7 +18,7 @@ def sample(
     context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
     actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
-    overlap: int = typer.Option(None, min=1, help="Latent frames each rollout window re-uses from the previous one (default: half the window)."),
+    chunk: int = typer.Option(None, min=1, help="New latent frames per rollout window; each window is conditioned on the window - chunk frames before them (default: a quarter of the training window)."),
     format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz (unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
 ):
@@ -35,7 +35,7 @@ def sample(
         raise typer.BadParameter(f"unknown format(s) {bad}; use mp4, gif, npz", param_hint="--format")
     cfg = SampleConfig(checkpoint=checkpoint, out=out, num_videos=num_videos, frames=frames, steps=steps, shift=shift,
                        seed=seed, device=device, context=context, context_frames=context_frames, actions=actions,
-                       guidance=guidance, formats=formats, overlap=overlap, fps=fps)
+                       guidance=guidance, formats=formats, chunk=chunk, fps=fps)
     try:
         result = main(cfg)
     except (SampleError, StoreError, ValueError, FileNotFoundError) as e:

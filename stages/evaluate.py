@@ -35,6 +35,8 @@ class EvalConfig:
     seeds: int = 3
     steps: int = 20
     shift: float | None = None
+    chunk: int | None = None  # new latent frames per rollout window (None: the pipeline's default)
+    guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
@@ -91,7 +93,8 @@ def main(cfg: EvalConfig) -> dict:
         for i in range(0, len(chosen), cfg.batch_size):
             sl = slice(i, i + cfg.batch_size)
             out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
-                       actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift,
+                       actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk,
+                       guidance=cfg.guidance,
                        generator=gen, progress=False)
             frames.append(out.frames)
         frames = np.concatenate(frames)[:, :n_pix]
@@ -105,7 +108,8 @@ def main(cfg: EvalConfig) -> dict:
               "model": model, "per_seed": per_seed, "baselines": baselines,
               "psnr_gain_over_repeat_db": model["psnr"]["mean"] - baselines["repeat_last_context_frame"]["psnr"],
               "ssim_gain_over_repeat": model["ssim"]["mean"] - baselines["repeat_last_context_frame"]["ssim"],
-              "use_actions": bool(use_actions)}
+              "use_actions": bool(use_actions),
+              "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk or pipe.default_chunk()}}
 
     # 4. FVD on full videos with the ground-truth context copied in (TECO)
     if cfg.i3d:

@@ -39,7 +39,7 @@ class SampleConfig:
     actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
     guidance: float = 1.0
     formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
-    overlap: int | None = None
+    chunk: int | None = None  # new latent frames per rollout window (None: the pipeline's default)
     fps: float | None = None
 
 
@@ -252,7 +252,7 @@ def main(cfg: SampleConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     ctx_latents = None if ctx is None else ctx.latents.repeat(cfg.num_videos, 1, 1, 1, 1)  # (videos, K, C, h, w)
     out = pipe(num_videos=cfg.num_videos, num_frames=total, context_latents=ctx_latents, actions=actions,
-               guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, overlap=cfg.overlap, generator=gen)
+               guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk, generator=gen)
     fps = cfg.fps or pipe.config.fps or 10
     out_path = Path(cfg.out)
     stem = out_path.with_suffix("") if out_path.suffix in (".mp4", ".gif", ".npz") else out_path

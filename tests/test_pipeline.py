@@ -163,12 +163,17 @@ def test_bf16_transformer_keeps_float32_latents_and_exact_context(vae):
 # ------------------------------------------------------------------------------ long rollouts
 def test_rollout_plan_windows(vae):
     pipe = make_pipe(vae, window=8)
-    assert pipe.rollout_plan(8, 0, 4) == [(0, 8, 0)]
-    assert pipe.rollout_plan(10, 0, 4) == [(0, 8, 0), (4, 6, 8)]
+    assert pipe.default_chunk() == 2  # a quarter of the window
+    assert pipe.rollout_plan(8, 0, 4) == [(0, 8, 0)]  # no context: the first window is a whole one
+    assert pipe.rollout_plan(12, 0, 4) == [(0, 8, 0), (4, 8, 8)]
+    assert pipe.rollout_plan(10, 0, 4) == [(0, 8, 0), (2, 8, 8)]  # 2 new frames left: 6 known ones fit before them
     assert pipe.rollout_plan(20, 4, 4) == [(0, 8, 4), (4, 8, 8), (8, 8, 12), (12, 8, 16)]
-    # a long context: the first window sees the last window - 1 given frames, later ones `overlap`
-    assert pipe.rollout_plan(14, 10, 2) == [(3, 8, 10), (9, 5, 11)]
-    assert pipe.rollout_plan(13, 1, 6) == [(0, 8, 1), (2, 8, 8), (4, 8, 10), (6, 7, 12)]
+    # with context every window generates `chunk` frames after as many known ones as fit (window - chunk),
+    # so the first windows may be shorter than the training window
+    assert pipe.rollout_plan(16, 4, 2) == [(0, 6, 4), (0, 8, 6), (2, 8, 8), (4, 8, 10), (6, 8, 12), (8, 8, 14)]
+    assert pipe.rollout_plan(14, 10, 2) == [(4, 8, 10), (6, 8, 12)]
+    assert pipe.rollout_plan(13, 1, 6) == [(0, 7, 1), (5, 8, 7)]
+    assert pipe.rollout_plan(12, 11, 7) == [(4, 8, 11)]  # 1 frame left: 7 known ones before it
 
     plan = pipe.rollout_plan(300, 0, 4)
     assert len(plan) == 74 and plan[0] == (0, 8, 0) and plan[-1] == (292, 8, 296)
@@ -176,11 +181,11 @@ def test_rollout_plan_windows(vae):
     for (s0, n0, _), (s1, _, k1) in zip(plan, plan[1:]):
         assert k1 == s0 + n0 and k1 - s1 == 4  # next window: the last 4 frames before it as context
 
-    for total, given, overlap, msg in ((8, 8, 4, "num_frames 8 must exceed the 8 context"),
-                                       (12, 0, 8, r"overlap 8 must be in \[1, 7\]"),
-                                       (12, 0, 0, r"overlap 0 must be in \[1, 7\]")):
+    for total, given, chunk, msg in ((8, 8, 4, "num_frames 8 must exceed the 8 context"),
+                                     (12, 0, 8, r"chunk 8 must be in \[1, 7\]"),
+                                     (12, 0, 0, r"chunk 0 must be in \[1, 7\]")):
         with pytest.raises(ValueError, match=msg):
-            pipe.rollout_plan(total, given, overlap)
+            pipe.rollout_plan(total, given, chunk)
 
 
 def test_300_frame_rollout_conditions_every_window_on_the_previous_one(vae):
@@ -193,7 +198,8 @@ def test_300_frame_rollout_conditions_every_window_on_the_previous_one(vae):
         hook.remove()
     assert out.frames.shape == (1, 300, 16, 16, 3) and out.latents.shape == (1, 300, *LATENT)
     assert torch.isfinite(out.latents).all()
-    plan = pipe.rollout_plan(300, 0, 4)
+    plan = pipe.rollout_plan(300, 0, pipe.default_chunk())
+    assert len(plan) == 1 + (300 - 8) // 2 and all(n == 8 for _, n, _ in plan)
     assert len(calls) == 2 * len(plan)
     for w, (start, n, known) in enumerate(plan):
         ctx = known - start
@@ -207,18 +213,18 @@ def test_300_frame_rollout_conditions_every_window_on_the_previous_one(vae):
     assert sum(len(x) for x in windows) == 300  # each frame generated exactly once
 
 
-def test_rollout_after_context_and_custom_overlap(vae):
+def test_rollout_after_context_and_custom_chunk(vae):
     pipe = make_pipe(vae, window=4)
     ctx = torch.randn(1, 3, *LATENT, generator=gen(2))
     calls = []
     hook = pipe.transformer.register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
     try:
-        out = pipe(context_latents=ctx, num_frames=11, overlap=1, steps=1, generator=gen(0), output_type="latent")
+        out = pipe(context_latents=ctx, num_frames=11, chunk=3, steps=1, generator=gen(0), output_type="latent")
     finally:
         hook.remove()
-    plan = pipe.rollout_plan(11, 3, 1)
-    assert plan == [(0, 4, 3), (3, 4, 4), (6, 4, 7), (9, 2, 10)]
-    assert torch.equal(out.latents[:, :3], ctx) and len(calls) == 4
+    plan = pipe.rollout_plan(11, 3, 3)
+    assert plan == [(2, 4, 3), (5, 4, 6), (7, 4, 9)]
+    assert torch.equal(out.latents[:, :3], ctx) and len(calls) == 3
     for x, (start, _, known) in zip(calls, plan):
         assert torch.equal(x[:, : known - start], out.latents[:, start:known])
 
@@ -227,6 +233,6 @@ def test_progress_bar_ticks_once_per_step_of_every_window(vae):
     pipe = make_pipe(vae, window=4)
     log = io.StringIO()
     pipe.set_progress_bar_config(file=log, disable=False)
-    pipe(num_frames=8, steps=3, generator=gen(0), output_type="latent")  # windows (0,4,0) (2,4,4) (4,4,6)
+    pipe(num_frames=8, steps=3, generator=gen(0), output_type="latent")  # windows (0,4,0) then 1 new frame each
     text = log.getvalue()
-    assert "window 3/3" in text and "9/9" in text
+    assert "window 5/5" in text and "15/15" in text
