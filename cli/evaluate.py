@@ -15,7 +15,7 @@ def evaluate(
     seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
     steps: int = typer.Option(20, min=1, help="Euler steps per window."),
     shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
-    chunk: int = typer.Option(None, min=1, help="New latent frames per rollout window (default: the pipeline's, a quarter of the training window)."),
+    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - chunk frames before them (1: frame by frame)."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the clips' recorded actions (1: plain conditional; models trained with actions)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),

@@ -88,13 +88,6 @@ class DiTPipeline(DiffusionPipeline):
 
         return fn
 
-    def default_chunk(self) -> int:
-        """New latent frames per rollout window: a quarter of the training window (at least 1).
-
-        Fewer new frames per window keep every generated frame close to known ones; on the demo's
-        maze clips 2 of 8 gave +1.0 dB PSNR over 4 of 8 (docs/design-notes.md), at twice the windows."""
-        return max(1, self.config.window_frames // 4)
-
     def rollout_plan(self, total: int, given: int, chunk: int) -> list[tuple[int, int, int]]:
         """Windows (start, length, first new frame) covering latent frames [given, total).
 
@@ -118,7 +111,7 @@ class DiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, num_videos: int = 1, num_frames: int | None = None, context_latents: torch.Tensor | None = None,
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
-                 guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int | None = None,
+                 guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int = 1,
                  generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True) -> VideoOutput:
         """Generate videos of `num_frames` latent frames (context included).
 
@@ -127,7 +120,8 @@ class DiTPipeline(DiffusionPipeline):
         [0, num_actions), one per latent frame (-1: none), or None; guidance > 1 pushes the sample
         towards them (classifier-free guidance against the null action). steps: Euler steps per
         window; shift: the time shift (default: the scheduler's); chunk: new latent frames per rollout
-        window (default: a quarter of the training window, see rollout_plan). output_type: "uint8" ->
+        window (see rollout_plan); 1, frame by frame, continued the demo's maze clips best (+0.2 to +0.4 dB
+        PSNR over 2 in docs/design-notes.md), at one window per generated frame. output_type: "uint8" ->
         (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
         bar ticks once per Euler step of every window.
         """
@@ -139,7 +133,6 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"context latents must be (B, K, {tcfg.in_channels}, h, w), got {tuple(ctx.shape)}")
         batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (num_videos, 0)
         total = num_frames or cfg.window_frames
-        chunk = self.default_chunk() if chunk is None else chunk
         plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
         if actions is not None:
             actions = self._check_actions(actions, batch, total)

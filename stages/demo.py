@@ -15,19 +15,21 @@ from pathlib import Path
 @dataclass
 class DemoConfig:
     out: str = "outputs/demo"
-    clips: int = 48  # training clips of synthetic DMLab (plus clips // 8 test clips)
+    clips: int = 48  # training clips of synthetic DMLab
+    test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
-    frame_stride: int = 2  # keep every 2nd frame: longer motion per training window
+    frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames: -0.7 dB)
     seed: int = 0
     vae_steps: int = 1500
     vae_minutes: float = 3.0
     model: str = "tiny"
     patch_size: int = 4  # 16 tokens per 16x16 latent frame: 4x cheaper steps than patch 2 on 2 CPU cores
     window: int = 8  # latent frames per training window
-    train_steps: int = 2500
+    train_steps: int = 5000
     batch_size: int = 8
     context_frames: int = 4
-    eval_clips: int = 6
+    eval_clips: int = 16
+    precision: str = "bf16"  # autocast on CPU too: ~1.2x faster steps here, same eval PSNR as fp32
     workers: int = 2
 
 
@@ -52,7 +54,7 @@ def main(cfg: DemoConfig) -> dict:
     results: dict = {}
 
     t0 = _step(f"1/8 synthetic DMLab clips -> {data}")
-    stats = write_synthetic_dataset("dmlab", data, clips=cfg.clips, test_clips=max(1, cfg.clips // 8), frames=cfg.frames,
+    stats = write_synthetic_dataset("dmlab", data, clips=cfg.clips, test_clips=cfg.test_clips, frames=cfg.frames,
                                     seed=cfg.seed, workers=cfg.workers)
     _done(t0, f"{stats['clips']} clips ready")
 
@@ -99,7 +101,7 @@ def main(cfg: DemoConfig) -> dict:
     res = train_main(TrainConfig(store=str(store_path), out=str(run), model=cfg.model, patch_size=cfg.patch_size,
                                  frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, warmup=100,
                                  lr=1e-3, ckpt_every=250, keep_last=2, seed=cfg.seed, log_every=25, ema_decay=0.995,
-                                 use_actions=True, flow=flow))
+                                 use_actions=True, flow=flow, precision=cfg.precision))
     _done(t0, f"step {res['step']}, loss {res['loss']:.4f}")
 
     t0 = _step("7/8 sample: a continuation of a held-out clip and an unconditional video")

@@ -35,7 +35,7 @@ class EvalConfig:
     seeds: int = 3
     steps: int = 20
     shift: float | None = None
-    chunk: int | None = None  # new latent frames per rollout window (None: the pipeline's default)
+    chunk: int = 1  # new latent frames per rollout window
     guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
@@ -109,7 +109,7 @@ def main(cfg: EvalConfig) -> dict:
               "psnr_gain_over_repeat_db": model["psnr"]["mean"] - baselines["repeat_last_context_frame"]["psnr"],
               "ssim_gain_over_repeat": model["ssim"]["mean"] - baselines["repeat_last_context_frame"]["ssim"],
               "use_actions": bool(use_actions),
-              "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk or pipe.default_chunk()}}
+              "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk}}
 
     # 4. FVD on full videos with the ground-truth context copied in (TECO)
     if cfg.i3d:

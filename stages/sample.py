@@ -39,7 +39,7 @@ class SampleConfig:
     actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
     guidance: float = 1.0
     formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
-    chunk: int | None = None  # new latent frames per rollout window (None: the pipeline's default)
+    chunk: int = 1  # new latent frames per rollout window
     fps: float | None = None
 
 

@@ -163,7 +163,6 @@ def test_bf16_transformer_keeps_float32_latents_and_exact_context(vae):
 # ------------------------------------------------------------------------------ long rollouts
 def test_rollout_plan_windows(vae):
     pipe = make_pipe(vae, window=8)
-    assert pipe.default_chunk() == 2  # a quarter of the window
     assert pipe.rollout_plan(8, 0, 4) == [(0, 8, 0)]  # no context: the first window is a whole one
     assert pipe.rollout_plan(12, 0, 4) == [(0, 8, 0), (4, 8, 8)]
     assert pipe.rollout_plan(10, 0, 4) == [(0, 8, 0), (2, 8, 8)]  # 2 new frames left: 6 known ones fit before them
@@ -198,8 +197,8 @@ def test_300_frame_rollout_conditions_every_window_on_the_previous_one(vae):
         hook.remove()
     assert out.frames.shape == (1, 300, 16, 16, 3) and out.latents.shape == (1, 300, *LATENT)
     assert torch.isfinite(out.latents).all()
-    plan = pipe.rollout_plan(300, 0, pipe.default_chunk())
-    assert len(plan) == 1 + (300 - 8) // 2 and all(n == 8 for _, n, _ in plan)
+    plan = pipe.rollout_plan(300, 0, 1)  # the default chunk: one new frame per window after the first
+    assert len(plan) == 1 + (300 - 8) and all(n == 8 for _, n, _ in plan)
     assert len(calls) == 2 * len(plan)
     for w, (start, n, known) in enumerate(plan):
         ctx = known - start
