@@ -120,7 +120,7 @@ class DiTPipeline(DiffusionPipeline):
         [0, num_actions), one per latent frame (-1: none), or None; guidance > 1 pushes the sample
         towards them (classifier-free guidance against the null action). steps: Euler steps per
         window; shift: the time shift (default: the scheduler's); chunk: new latent frames per rollout
-        window (see rollout_plan); 1, frame by frame, continued the demo's maze clips best (+0.2 to +0.4 dB
+        window (see rollout_plan); 1, frame by frame, continued the demo's maze clips best (+0.1 to +0.4 dB
         PSNR over 2 in docs/design-notes.md), at one window per generated frame. output_type: "uint8" ->
         (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
         bar ticks once per Euler step of every window.
