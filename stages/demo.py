@@ -18,7 +18,7 @@ class DemoConfig:
     clips: int = 48  # training clips of synthetic DMLab
     test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
-    frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames: -0.7 dB)
+    frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames: 0.7-0.8 dB lower)
     seed: int = 0
     vae_steps: int = 1500
     vae_minutes: float = 3.0

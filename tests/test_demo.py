@@ -27,8 +27,10 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path):
     cfg = json.loads((out / "demo_config.json").read_text())
     assert cfg["frame_stride"] == 1 and cfg["test_clips"] == 1
 
+    last = out / "run" / "checkpoints" / "step-00000003" / "state.json"
+    written = last.stat().st_mtime_ns
     again = CliRunner().invoke(app, ["demo", "--out", str(out), *ARGS])
     assert again.exit_code == 0, again.output
     assert "reusing the trained VAE" in again.output and "reusing the complete store" in again.output
-    ckpts = sorted(p.name for p in (out / "run" / "checkpoints").iterdir())
-    assert ckpts[-1] == "step-00000003"  # the finished run is resumed at its last step, not retrained
+    assert "at step 3" in again.output and last.stat().st_mtime_ns == written  # resumed at its end, not retrained
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir())[-1] == "step-00000003"
