@@ -208,9 +208,13 @@ class VideoVAE:
         """Latent frames that `frames` frames give (1 + (T - 1) // 4 for Wan, T for image VAEs)."""
         return 0 if frames < 1 else 1 + (frames - 1) // self.info.temporal_compression
 
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Pixel frames that `latent_frames` latent frames decode to (1 + 4 (n - 1) for Wan, n for image VAEs)."""
+        return 0 if latent_frames < 1 else 1 + (latent_frames - 1) * self.info.temporal_compression
+
     def usable_frames(self, frames: int) -> int:
         """The largest frame count <= `frames` that encodes without remainder (1 + 4k for Wan)."""
-        return 0 if frames < 1 else 1 + (self.latent_frames(frames) - 1) * self.info.temporal_compression
+        return self.pixel_frames(self.latent_frames(frames))
 
     def _check(self, x: Tensor, what: str, channels: int) -> None:
         if x.ndim != 5 or x.shape[2] != channels:

@@ -56,9 +56,7 @@ def main(cfg: EvalConfig) -> dict:
     store = LatentStore(cfg.store)
     store.require_complete()
     store.layout(cfg.split)  # a missing split is a StoreError naming the ones there are
-    tc = pipe.video_vae.info.temporal_compression
-    pix = (lambda n: 1 + (n - 1) * tc) if tc > 1 else (lambda n: n)  # latent frames -> pixel frames
-    k_pix, n_pix = pix(cfg.context_frames), pix(cfg.frames)
+    k_pix, n_pix = pipe.video_vae.pixel_frames(cfg.context_frames), pipe.video_vae.pixel_frames(cfg.frames)
 
     # 1. clips: the first M of the split long enough for N latent frames, ground truth from the source clips
     lengths = store.array(cfg.split, "length")[:]

@@ -163,7 +163,7 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
     if not path.exists():
         raise SampleError(f"context {source}: no such file, and not a STORE:SPLIT:INDEX reference")
     frames, actions = clip_frames(pipe, path, _kind_of(path))
-    pix = 1 + (k - 1) * tc if tc > 1 else k
+    pix = pipe.video_vae.pixel_frames(k)
     if len(frames) < pix:
         raise SampleError(f"{path}: {len(frames)} frames < {pix} needed for {k} context latent frames")
     latents = pipe.encode_frames(frames[None, :pix])
@@ -257,8 +257,7 @@ def main(cfg: SampleConfig) -> dict:
     out_path = Path(cfg.out)
     stem = out_path.with_suffix("") if out_path.suffix in (".mp4", ".gif", ".npz") else out_path
     written = []
-    tc = pipe.video_vae.info.temporal_compression
-    ctx_pix = 0 if ctx is None else (1 + (cfg.context_frames - 1) * tc if tc > 1 else cfg.context_frames)
+    ctx_pix = 0 if ctx is None else pipe.video_vae.pixel_frames(cfg.context_frames)
     videos_fmt = [f for f in cfg.formats if f != "npz"]
     for i, frames in enumerate(out.frames):
         name = stem.with_name(f"{stem.name}-{i:02d}") if len(out.frames) > 1 else stem

@@ -212,8 +212,7 @@ class Validator:
         from stages.sample import load_context, side_by_side
 
         self.pipe.transformer.load_state_dict(ema)
-        tc = self.pipe.video_vae.info.temporal_compression
-        k_pix = 1 + (self.context - 1) * tc if tc > 1 else self.context
+        k_pix = self.pipe.video_vae.pixel_frames(self.context)
         psnr, psnr_repeat = [], []
         for i in self.clips:
             ctx = load_context(self.pipe, f"{self.store.url}:{self.split}:{i}", self.context)

@@ -64,6 +64,7 @@ def test_frame_counts():
     assert [wan.latent_frames(t) for t in (1, 4, 5, 8, 9, 300)] == [1, 1, 2, 2, 3, 75]
     assert [wan.usable_frames(t) for t in (1, 4, 5, 8, 9, 300)] == [1, 1, 5, 5, 9, 297]
     assert [kl.latent_frames(t) for t in (1, 7, 300)] == [1, 7, 300] and kl.usable_frames(7) == 7
+    assert [wan.pixel_frames(n) for n in (0, 1, 2, 75)] == [0, 1, 5, 297] and kl.pixel_frames(7) == 7
     assert wan.decode(wan.encode(_pixels(1, 5))[0]).shape[1] == 5
     with pytest.raises(VAEError, match=r"1 \+ 4k frames, got 8; use the first usable_frames\(8\) = 5"):
         wan.encode(_pixels(1, 8))
