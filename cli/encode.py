@@ -31,8 +31,7 @@ def encode(
     Run it as one process, or on N GPUs / nodes with `torchrun --nproc_per_node=N --no-python minisora encode ...`
     (each rank takes whole shards). Re-running the same command resumes an interrupted job.
     """
-    from stages.encode import EncodeConfig, EncodeError, main
-    from minisora.store import StoreError
+    from stages.encode import EncodeConfig, main
 
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter("must be fail or skip", param_hint="--on-error")
@@ -43,13 +42,9 @@ def encode(
                        batch_size=batch_size, device=device, dtype=dtype, frame_stride=frame_stride, size=size,
                        on_error=on_error, overwrite=overwrite, clips_per_shard=clips_per_shard,
                        read_workers=read_workers, compression_level=compression_level)
-    try:
-        summary = main(cfg)
-    except (EncodeError, StoreError, ValueError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    summary = main(cfg)  # errors: cli/main.py reports them
     if "latent_stats" in summary:
         typer.echo(f"store {out} complete: {summary['rank_clips']} clips / {summary['rank_frames']} frames encoded by "
                    f"this process in {summary['seconds']:.1f}s; {len(summary['skipped'])} clips skipped")
         for s in summary["skipped"]:
-            typer.secho(f"skipped {s['split']}/{s['path']}: {s['reason']}", fg="yellow", err=True)
+            typer.secho(f"skipped {s['path']}: {s['reason']}", fg="yellow", err=True)  # paths include the split

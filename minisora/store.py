@@ -33,11 +33,13 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
+from minisora.errors import MinisoraError
+
 SCHEMA_VERSION = 1
 ARRAYS_5D = ("mean", "logvar")
 
 
-class StoreError(RuntimeError):
+class StoreError(MinisoraError, RuntimeError):
     """A store that is missing, incomplete, inconsistent or made with other settings."""
 
 

@@ -24,12 +24,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from minisora.errors import MinisoraError
+
 SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLWan")
 VAE_KINDS = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny", "wan": "AutoencoderKLWan"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class VAEError(ValueError):
+class VAEError(MinisoraError, ValueError):
     """A VAE that cannot be loaded or an input it cannot encode; the message says which and why."""
 
 

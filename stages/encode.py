@@ -24,6 +24,7 @@ import minisora
 from minisora.data.clips import ClipError, read_clip
 from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import barrier, dist_info, init_distributed, print0, resolve_device
+from minisora.errors import MinisoraError
 from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for
 from minisora.vae import VideoVAE, frames_to_pixels
 
@@ -52,9 +53,8 @@ class EncodeConfig:
     extra: dict = field(default_factory=dict)
 
 
-class EncodeError(RuntimeError):
-    pass
-
+class EncodeError(MinisoraError, RuntimeError):
+    """A manifest, VAE or --out that encode cannot use; the message names it and says what to do."""
 
 
 def _used_frames(clip_frames: int, stride: int, vae: VideoVAE) -> int:

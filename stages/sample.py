@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from minisora.data.clips import read_clip
 from minisora.dist import resolve_device
+from minisora.errors import MinisoraError
 from minisora.pipeline import DiTPipeline
 from minisora.store import LatentStore
 from minisora.video import write_gif, write_mp4
@@ -43,8 +44,8 @@ class SampleConfig:
     fps: float | None = None
 
 
-class SampleError(RuntimeError):
-    pass
+class SampleError(MinisoraError, RuntimeError):
+    """A checkpoint, context or option that sampling cannot use; the message names it."""
 
 
 # ------------------------------------------------------------------------------ loading

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from minisora.errors import MinisoraError
+
 KINDS = ("dmlab", "minecraft")
 
 
-class ClipError(ValueError):
+class ClipError(MinisoraError, ValueError):
     """Bad input clip. str(e) == f"{path}: {problem}"."""
 
     def __init__(self, path, problem: str):

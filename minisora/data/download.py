@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from minisora.data import CARDS_DIR, load_dataset_card
 from minisora.data.manifest import SPLITS, build_manifest
+from minisora.errors import MinisoraError
 
 PARTS_DIR = "parts"  # DIR/parts/<file>: the downloaded archive parts
 STATE_FILE = "download.json"  # DIR/download.json: written once the parts are unpacked
@@ -57,7 +58,7 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha1": re.compile(r"[0-9a-f]{40}")}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(MinisoraError, RuntimeError):
     """A download, check or unpack that failed; the message names the file or URL and the numbers."""
 
 

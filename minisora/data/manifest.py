@@ -24,13 +24,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minisora.data.clips import KINDS, ClipError, clip_files, clip_suffix, probe_clip
+from minisora.errors import MinisoraError
 
 SPLITS = ("train", "test")
 VERSION = 1
 _PROGRESS_MIN_CLIPS = 8  # show a progress bar when scanning more clips than this
 
 
-class ManifestError(ValueError):
+class ManifestError(MinisoraError, ValueError):
     """A manifest file that cannot be used; the message names the file and the problem."""
 
     def __init__(self, path, problem: str):

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from minisora.errors import MinisoraError
+
 DMLAB_ACTIONS = ("forward", "turn_left", "turn_right", "noop")
 MINECRAFT_ACTIONS = ("forward", "turn_left", "turn_right", "noop", "jump", "look_up", "look_down")
 KINDS = ("dmlab", "minecraft")
@@ -556,15 +558,23 @@ def _write_clip(job: _ClipJob) -> bool:
     return True
 
 
+class SynthError(MinisoraError, ValueError):
+    """An --out that the synthetic writer cannot add clips to; the message names the file."""
+
+
 def _check_params(root: Path, params: dict) -> None:
     """Record the generator's arguments; refuse to add clips made with different ones."""
     path = root / PARAMS_FILE
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SynthError(f"{path}: unreadable record of the settings ({e}); choose a new --out") from e
         diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{path}: this directory holds synthetic clips made with other settings ({detail}); choose a new --out")
+            raise SynthError(f"{path}: this directory holds synthetic clips made with other settings ({detail}); "
+                             "choose a new --out or repeat those settings")
         return
     tmp = root / f".{PARAMS_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(params, indent=2) + "\n")
