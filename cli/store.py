@@ -44,6 +44,8 @@ def info(
     if st:
         typer.echo(f"stats        mean {[round(x, 4) for x in st['mean']]} std {[round(x, 4) for x in st['std']]} (over {st['split']})")
     typer.echo(f"bytes        {_mb(s['bytes'])} on disk; {len(s['skipped'])} skipped clips")
+    for sk in s["manifest_skipped"]:
+        typer.echo(f"  skipped {sk['path']} (left out by `data manifest`): {sk['reason']}")
     for sk in s["skipped"]:
         typer.echo(f"  skipped {sk['path']}: {sk['reason']}")  # paths include the split
 
