@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import typer
 from typer.core import TyperGroup
 
 from cli import data, demo, encode, evaluate, sample, store, train, vae
-from minisora.errors import MinisoraError, debug_enabled, user_message
+from minisora.errors import MinisoraError, MinisoraWarning, debug_enabled, user_message
 
 
 class _ReportingGroup(TyperGroup):
@@ -20,6 +21,15 @@ class _ReportingGroup(TyperGroup):
     """
 
     def invoke(self, ctx):
+        show = warnings.showwarning
+
+        def one_line(message, category, *args, **kwargs):  # minisora's warnings as `warning: ...`, others as usual
+            if issubclass(category, MinisoraWarning):
+                typer.secho(f"warning: {message}", fg="yellow", err=True)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = one_line
         try:
             return super().invoke(ctx)
         except (MinisoraError, OSError) as e:
@@ -27,6 +37,8 @@ class _ReportingGroup(TyperGroup):
                 raise
             typer.secho(f"error: {user_message(e)}", fg="red", err=True)
             raise typer.Exit(1) from None
+        finally:
+            warnings.showwarning = show
 
 
 app = typer.Typer(

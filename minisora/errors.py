@@ -16,6 +16,10 @@ class MinisoraError(Exception):
     """An error with a message meant for the user (one line, naming the file or value)."""
 
 
+class MinisoraWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as one line)."""
+
+
 def debug_enabled() -> bool:
     """True when the user asked for tracebacks (`minisora --debug` sets MINISORA_DEBUG=1)."""
     return os.environ.get("MINISORA_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

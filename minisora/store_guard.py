@@ -17,6 +17,7 @@ import json
 import os
 import warnings
 
+from minisora.errors import MinisoraWarning
 from minisora.store import ARRAYS_5D, StoreError, _fs_and_root
 
 SPLIT_ENTRIES = ("zarr.json", *ARRAYS_5D, "actions", "length", "_commits")
@@ -106,7 +107,8 @@ def check_vae(store_vae: dict | None, digest: str, where: str, vae_name: str) ->
     recorded = (store_vae or {}).get("weights_sha256")
     if recorded is None:
         warnings.warn(f"{where}: the store records no VAE weights digest (encoded by an older minisora), so it cannot "
-                      f"be checked that its latents belong to {vae_name}; re-encode it to make this check", stacklevel=2)
+                      f"be checked that its latents belong to {vae_name}; re-encode it to make this check",
+                      MinisoraWarning, stacklevel=2)
         return
     if recorded != digest:
         raise StoreError(f"{where}: latents were encoded by VAE weights {recorded[:16]} "

@@ -232,7 +232,8 @@ class VideoVAE:
                                f"(weights must be safetensors): {e}") from e
             raise _hub_error(source, subfolder, revision, e) from e
         info = _make_info(model, recorded, subfolder, revision, digest=True)
-        return cls(model.to(device, dtype), info)
+        model = model.to(device) if dtype == torch.float32 else model.to(device, dtype)  # diffusers warns on any dtype
+        return cls(model, info)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, source: str = "<in-memory>") -> "VideoVAE":

@@ -161,6 +161,27 @@ def _prepare_store_with_user_file(w: World, tmp: Path) -> list:
     return _encode(w, tmp / "store", "--overwrite")
 
 
+def _old_store_without_digest(w: World, tmp: Path) -> Path:
+    dst = _store_copy(w, tmp)
+    s = LatentStore(dst, mode="a")
+    s.set_attrs(vae={k: v for k, v in s.attrs["vae"].items() if k not in ("weights_sha256", "config_sha256")})
+    return dst
+
+
+def _manifest_with_skips(w: World, tmp: Path) -> Path:
+    doc = json.loads(Path(w.manifest).read_text())
+    doc["skipped"] = [{"path": "train/0000/gone.npz", "reason": "truncated or corrupt npz archive"}]
+    (tmp / "m.json").write_text(json.dumps(doc))
+    return tmp / "m.json"
+
+
+def _store_records_manifest_skips(w: World, tmp: Path, r) -> None:
+    assert LatentStore(tmp / "s").attrs["manifest_skipped"] == [{"path": "train/0000/gone.npz",
+                                                                 "reason": "truncated or corrupt npz archive"}]
+    r2 = CliRunner().invoke(app, ["store", "info", str(tmp / "s")])
+    assert "skipped train/0000/gone.npz (left out by `data manifest`)" in r2.output
+
+
 def _not_waiting_for_the_hub(w: World, tmp: Path, r) -> None:
     assert r.elapsed < 10, f"took {r.elapsed:.1f}s: the Hub was asked"
 
@@ -211,6 +232,10 @@ CASES = [
                                                      "--size", "16"],
          1, ["{tmp}/root/train/0000/00001.npz", "action id 1000000 at frame 3", "[0, 32767]"],
          keep=lambda w, t: [w.base, t / "root", t / "manifest.json"]),
+    Case("encode-reports-manifest-skips", lambda w, t: ["encode", _manifest_with_skips(w, t), "--vae", w.vae, "--out", t / "s",
+                                                        "--size", "16", "--clips-per-shard", "2"],
+         0, ["skipped train/0000/gone.npz (left out by `data manifest`): truncated or corrupt npz archive"],
+         keep=lambda w, t: [w.base, t / "m.json"], check=_store_records_manifest_skips),
     Case("encode-bad-dtype", lambda w, t: _encode(w, t / "s", "--dtype", "fp64"), 2, ["--dtype"]),
     Case("encode-overwrite-keeps-user-file", _prepare_store_with_user_file, 0, ["complete"],
          keep=lambda w, t: [w.base, t / "store" / "README.mine"], check=_overwrite_kept_user_file),
@@ -236,6 +261,10 @@ CASES = [
          1, ["{tmp}/store: test/mean", "store verify"]),
     Case("sample-context-index-out-of-range", lambda w, t: _sample(w, t, "--context", f"{w.store}:test:7"),
          1, ["store:test:7: index 7 out of range, test has 1 clips"]),
+    Case("sample-context-old-store-warns", lambda w, t: _sample(w, t, "--context", f"{_old_store_without_digest(w, t)}:test:0",
+                                                                 "--context-frames", "2", "--format", "npz"),
+         0, ["warning: {tmp}/store:test:0: the store records no VAE weights digest", "video"],
+         keep=lambda w, t: [w.base, t / "store"]),
     Case("sample-not-a-run", lambda w, t: ["sample", "--checkpoint", t, "--out", t / "v"], 1, ["not a run, checkpoint or pipeline"]),
     # ------------------------------------------------------------------ eval
     Case("eval-store-other-vae", lambda w, t: _eval(w, t, w.store2), 1, ["store2: latents were encoded by VAE weights"]),
