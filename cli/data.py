@@ -54,7 +54,8 @@ def manifest(
     """Scan a clip root and write a per-clip manifest (the input of `minisora encode`)."""
     from minisora.data.manifest import build_manifest
 
-    m, skipped = build_manifest(root, kind.value, checksum=checksum, on_error=on_error.value, min_frames=min_frames, workers=workers)
+    m, skipped = build_manifest(root, kind.value, checksum=checksum, on_error=on_error.value, min_frames=min_frames,
+                                workers=workers)
     m.save(out)
     for path, reason in skipped:
         typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
@@ -82,7 +83,8 @@ def download(
     from minisora.data.download import download_dataset
 
     report = download_dataset(kind.value, directory, base_url=base_url, manifest=manifest, keep_parts=keep_parts,
-                              on_error=on_error.value, workers=workers, timeout=timeout, retries=retries, progress=progress)
+                              on_error=on_error.value, workers=workers, timeout=timeout, retries=retries,
+                              progress=progress)
     for path, reason in report.skipped:
         typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
     fetched = sum(p.fetched for p in report.parts)

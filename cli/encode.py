@@ -21,7 +21,8 @@ def encode(
     frame_stride: int = typer.Option(1, min=1, help="Keep every k-th frame (fps is divided by k)."),
     size: int = typer.Option(None, min=8, help="Resize frames to SIZE x SIZE before the VAE (default: native resolution)."),
     on_error: str = typer.Option("fail", help="fail: stop at the first bad clip, naming it (committed shards are kept); skip: leave bad clips out and record them in the store."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the latent store at OUT (only its own files, and only if OUT is a store) and start over."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the latent store at OUT (only its own files, "
+                                   "and only if OUT is a store) and start over."),
     clips_per_shard: int = typer.Option(None, min=1, help="Clips per shard (the unit of work and of resumption) (default: ~32 MB of latents per shard)."),
     read_workers: int = typer.Option(2, min=1, help="Threads that read and decode clips ahead of the VAE."),
     compression_level: int = typer.Option(3, min=0, max=22, help="zstd level of the stored arrays; 0 stores them uncompressed."),

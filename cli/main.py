@@ -52,7 +52,8 @@ app = typer.Typer(
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (same as MINISORA_DEBUG=1).")):
+def _options(debug: bool = typer.Option(False, "--debug",
+                                        help="Show the full traceback of an error (same as MINISORA_DEBUG=1).")):
     if debug:
         os.environ["MINISORA_DEBUG"] = "1"  # also seen by torchrun workers and subprocesses
 

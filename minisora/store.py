@@ -89,7 +89,8 @@ def narrow(values: np.ndarray, dtype, what: str) -> np.ndarray:
         finite = np.isfinite(values)
         big = np.abs(np.where(finite, values, 0)).max()
         if big > np.finfo(dtype).max:
-            raise StoreError(f"{what}: |value| {float(big):.6g} overflows {dtype} (max {float(np.finfo(dtype).max):.6g}); "
+            top = float(np.finfo(dtype).max)
+            raise StoreError(f"{what}: |value| {float(big):.6g} overflows {dtype} (max {top:.6g}); "
                              "the VAE's latents are out of range (check its dtype and inputs)")
     return values.astype(dtype)
 
@@ -241,7 +242,8 @@ class LatentStore:
         n = hi - lo
         assert mean.shape == (n, lay.frames, lay.channels, lay.height, lay.width), mean.shape
         where = f"{self.url} {split} shard {k}"
-        blocks = {"mean": narrow(mean, np.float16, f"{where} mean"), "actions": narrow(actions, ACTION_DTYPE, f"{where} actions"),
+        blocks = {"mean": narrow(mean, np.float16, f"{where} mean"),
+                  "actions": narrow(actions, ACTION_DTYPE, f"{where} actions"),
                   "length": narrow(lengths, np.int32, f"{where} lengths")}
         if (blocks["actions"] < -1).any():
             raise StoreError(f"{where}: action ids must be >= 0 (-1: none), got {int(blocks['actions'].min())}")

@@ -72,8 +72,10 @@ def check_out(url: str) -> None:
         return
     if not is_store(fs, root):
         shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-        raise StoreError(f"{url}: is a non-empty directory that is not a minisora latent store (holds {shown}); "
-                         "choose a new or empty --out (nothing there was changed)")
+        raise StoreError(
+            f"{url}: is a non-empty directory that is not a minisora latent store (holds {shown}); "
+            "choose a new or empty --out (nothing there was changed)"
+        )
 
 
 def remove_store(url: str, splits) -> None:
@@ -82,7 +84,9 @@ def remove_store(url: str, splits) -> None:
     The directory itself goes only when nothing else is left in it. Refuses a path that is not a store."""
     fs, root, _ = _fs_and_root(url)
     if not is_store(fs, root):
-        raise StoreError(f"{url}: not a minisora latent store, refusing to delete it; remove it yourself or choose another --out")
+        raise StoreError(
+            f"{url}: not a minisora latent store, refusing to delete it; remove it yourself or choose another --out"
+        )
     attrs = store_attrs(fs, root) or {}
     for split in sorted(set(splits) | set(attrs.get("splits") or {})):
         base = f"{root}/{split}"
@@ -106,12 +110,17 @@ def check_vae(store_vae: dict | None, digest: str, where: str, vae_name: str) ->
     `where` names the store, `vae_name` the other VAE; an old store without a digest only warns."""
     recorded = (store_vae or {}).get("weights_sha256")
     if recorded is None:
-        warnings.warn(f"{where}: the store records no VAE weights digest (encoded by an older minisora), so it cannot "
-                      f"be checked that its latents belong to {vae_name}; re-encode it to make this check",
-                      MinisoraWarning, stacklevel=2)
+        warnings.warn(
+            f"{where}: the store records no VAE weights digest (encoded by an older minisora), so it cannot "
+            f"be checked that its latents belong to {vae_name}; re-encode it to make this check",
+            MinisoraWarning,
+            stacklevel=2,
+        )
         return
     if recorded != digest:
-        raise StoreError(f"{where}: latents were encoded by VAE weights {recorded[:16]} "
-                         f"({(store_vae or {}).get('source')}), but {vae_name} has weights {digest[:16]}; "
-                         "decoding them with another VAE gives meaningless frames: use the store encoded with this "
-                         "VAE, or re-encode with it")
+        raise StoreError(
+            f"{where}: latents were encoded by VAE weights {recorded[:16]} "
+            f"({(store_vae or {}).get('source')}), but {vae_name} has weights {digest[:16]}; "
+            "decoding them with another VAE gives meaningless frames: use the store encoded with this "
+            "VAE, or re-encode with it"
+        )

@@ -224,8 +224,8 @@ class VideoVAE:
                            f"supported: {', '.join(SUPPORTED_CLASSES)}")
         model_cls = getattr(diffusers, class_name)
         try:  # float32 first: the digest of the weights must not depend on the compute dtype
-            model = model_cls.from_pretrained(recorded, subfolder=subfolder, revision=revision, torch_dtype=torch.float32,
-                                              use_safetensors=True)
+            model = model_cls.from_pretrained(recorded, subfolder=subfolder, revision=revision,
+                                              torch_dtype=torch.float32, use_safetensors=True)
         except _hub_errors() as e:
             if Path(recorded).is_dir():
                 raise VAEError(f"{_describe(recorded, subfolder, revision)}: cannot load {class_name} from it "

@@ -138,7 +138,8 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
                                   "pass --overwrite to start over or choose another --out")
             recorded = (store.attrs.get("vae") or {}).get("weights_sha256")
             if recorded is not None and recorded != vae.info.weights_sha256:
-                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, but {cfg.vae} now has weights "
+                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, but {cfg.vae} now has "
+                                  "weights "
                                   f"{str(vae.info.weights_sha256)[:16]} (same name and config, other weights); pass "
                                   "--overwrite to re-encode everything with this VAE, or choose another --out")
             if recorded is None:
@@ -320,7 +321,8 @@ def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
 def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:
     shape = (n, lay.frames, lay.channels, lay.height, lay.width)
     return {"mean": np.full(shape, np.nan, np.float16), "logvar": None if deterministic else np.full(shape, np.nan, np.float16),
-            "actions": np.full((n, lay.frames), -1, ACTION_DTYPE), "lengths": np.zeros(n, np.int32), "keys": [], "skipped": []}
+            "actions": np.full((n, lay.frames), -1, ACTION_DTYPE), "lengths": np.zeros(n, np.int32),
+            "keys": [], "skipped": []}
 
 
 def _latent_actions(actions: np.ndarray, n: int, temporal_compression: int) -> np.ndarray:

@@ -62,7 +62,8 @@ def main(cfg: EvalConfig) -> dict:
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
     store.require_complete()
-    check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), cfg.store, f"the pipeline's VAE ({pipe.video_vae.info.source})")
+    check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), cfg.store,
+              f"the pipeline's VAE ({pipe.video_vae.info.source})")
     store.layout(cfg.split)  # a missing split is a StoreError naming the ones there are
     k_pix, n_pix = pipe.video_vae.pixel_frames(cfg.context_frames), pipe.video_vae.pixel_frames(cfg.frames)
 
@@ -70,7 +71,8 @@ def main(cfg: EvalConfig) -> dict:
     lengths = store.array(cfg.split, "length")[:]
     chosen = [int(i) for i in np.flatnonzero(lengths >= cfg.frames)[: cfg.num_clips]]
     if not chosen:
-        raise EvalError(f"{cfg.store}: no clip in {cfg.split} has {cfg.frames} latent frames (longest: {int(lengths.max())})")
+        raise EvalError(f"{cfg.store}: no clip in {cfg.split} has {cfg.frames} latent frames "
+                        f"(longest: {int(lengths.max())})")
     manifest = store.manifest_json()
     split_clips = [c for c in manifest["clips"] if c["split"] == cfg.split]
     truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / split_clips[i]["path"], manifest["kind"])[0][:n_pix]

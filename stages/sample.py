@@ -83,8 +83,9 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: t
         v = meta["vae"]
         vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
         if v.get("weights_sha256") not in (None, vae.info.weights_sha256):
-            raise SampleError(f"{pdir}: the model was trained on latents of VAE weights {v['weights_sha256'][:16]}, but "
-                              f"{v['source']} now holds weights {vae.info.weights_sha256[:16]}; restore that VAE there")
+            raise SampleError(f"{pdir}: the model was trained on latents of VAE weights {v['weights_sha256'][:16]}, "
+                              f"but {v['source']} now holds weights {vae.info.weights_sha256[:16]}; "
+                              "restore that VAE there")
         transformer = VideoDiT.from_pretrained(str(pdir / "transformer"))
         scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
         pipe = DiTPipeline(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
@@ -147,7 +148,8 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
         url, split, idx = parts[0], parts[1], int(parts[2])
         store = LatentStore(url)
         store.require_complete()  # latent statistics exist only once every shard is in
-        check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), source, f"the pipeline's VAE ({pipe.video_vae.info.source})")
+        check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), source,
+                  f"the pipeline's VAE ({pipe.video_vae.info.source})")
         lay = store.layout(split)
         if not 0 <= idx < lay.clips:
             raise SampleError(f"{source}: index {idx} out of range, {split} has {lay.clips} clips")

@@ -35,12 +35,40 @@ def build_world(base: Path) -> World:
         torch.manual_seed(seed)
         build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(base / name)
         store = "store" if name == "vae" else "store2"
-        encode_main(EncodeConfig(manifest=str(base / "manifest.json"), vae=str(base / name), out=str(base / store), size=16,
-                                 clips_per_shard=2, progress=False, device="cpu"))
-    train_main(TrainConfig(store=str(base / "store"), out=str(base / "run"), frames=4, batch_size=2, steps=2, warmup=1,
-                           ckpt_every=2, log_every=1, device="cpu"))
-    return World(base, base / "data", str(base / "manifest.json"), str(base / "vae"), str(base / "vae2"),
-                 str(base / "store"), str(base / "store2"), str(base / "run"))
+        encode_main(
+            EncodeConfig(
+                manifest=str(base / "manifest.json"),
+                vae=str(base / name),
+                out=str(base / store),
+                size=16,
+                clips_per_shard=2,
+                progress=False,
+                device="cpu",
+            )
+        )
+    train_main(
+        TrainConfig(
+            store=str(base / "store"),
+            out=str(base / "run"),
+            frames=4,
+            batch_size=2,
+            steps=2,
+            warmup=1,
+            ckpt_every=2,
+            log_every=1,
+            device="cpu",
+        )
+    )
+    return World(
+        base,
+        base / "data",
+        str(base / "manifest.json"),
+        str(base / "vae"),
+        str(base / "vae2"),
+        str(base / "store"),
+        str(base / "store2"),
+        str(base / "run"),
+    )
 
 
 def flip_byte(path: Path, offset: int) -> None:

@@ -22,7 +22,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -125,9 +124,22 @@ def _marker(w: World, tmp: Path, how: str) -> Path:
 def _swapped_vae_store(w: World, tmp: Path) -> list:
     """A store encoded by tmp/vae, whose weights were then replaced by other ones (same config, same path)."""
     shutil.copytree(w.vae, tmp / "vae")
-    args = ["encode", w.manifest, "--vae", tmp / "vae", "--out", tmp / "store", "--size", "16", "--clips-per-shard", "2"]
+    args = [
+        "encode",
+        w.manifest,
+        "--vae",
+        tmp / "vae",
+        "--out",
+        tmp / "store",
+        "--size",
+        "16",
+        "--clips-per-shard",
+        "2",
+    ]
     assert CliRunner().invoke(app, list(map(str, args))).exit_code == 0
-    shutil.copy(Path(w.vae2) / "diffusion_pytorch_model.safetensors", tmp / "vae" / "diffusion_pytorch_model.safetensors")
+    shutil.copy(
+        Path(w.vae2) / "diffusion_pytorch_model.safetensors", tmp / "vae" / "diffusion_pytorch_model.safetensors"
+    )
     return args
 
 
@@ -140,8 +152,25 @@ def _sample(w: World, tmp: Path, *extra) -> list:
 
 
 def _eval(w: World, tmp: Path, store) -> list:
-    return ["eval", "--checkpoint", w.run, "--store", store, "--out", tmp / "report.json", "--frames", "5",
-            "--context-frames", "2", "--seeds", "1", "--steps", "1", "--num-clips", "1"]
+    return [
+        "eval",
+        "--checkpoint",
+        w.run,
+        "--store",
+        store,
+        "--out",
+        tmp / "report.json",
+        "--frames",
+        "5",
+        "--context-frames",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--num-clips",
+        "1",
+    ]
 
 
 def _manifest_has_skipped(w: World, tmp: Path, r) -> None:
@@ -176,8 +205,9 @@ def _manifest_with_skips(w: World, tmp: Path) -> Path:
 
 
 def _store_records_manifest_skips(w: World, tmp: Path, r) -> None:
-    assert LatentStore(tmp / "s").attrs["manifest_skipped"] == [{"path": "train/0000/gone.npz",
-                                                                 "reason": "truncated or corrupt npz archive"}]
+    assert LatentStore(tmp / "s").attrs["manifest_skipped"] == [
+        {"path": "train/0000/gone.npz", "reason": "truncated or corrupt npz archive"}
+    ]
     r2 = CliRunner().invoke(app, ["store", "info", str(tmp / "s")])
     assert "skipped train/0000/gone.npz (left out by `data manifest`)" in r2.output
 
@@ -188,92 +218,258 @@ def _not_waiting_for_the_hub(w: World, tmp: Path, r) -> None:
 
 CASES = [
     # ------------------------------------------------------------------ data synth
-    Case("synth-other-settings", lambda w, t: (shutil.copytree(w.data, t / "d"),
-                                               ["data", "synth", "--out", t / "d", "--clips", "3", "--frames", "12"])[1],
-         1, ["{tmp}/d/", "made with other settings", "frames: 9 there, 12 now"]),
-    Case("synth-out-is-a-file", lambda w, t: ((t / "f").write_text("x"), ["data", "synth", "--out", t / "f", "--clips", "1"])[1],
-         1, ["{tmp}/f", "File exists"]),
+    Case(
+        "synth-other-settings",
+        lambda w, t: (
+            shutil.copytree(w.data, t / "d"),
+            ["data", "synth", "--out", t / "d", "--clips", "3", "--frames", "12"],
+        )[1],
+        1,
+        ["{tmp}/d/", "made with other settings", "frames: 9 there, 12 now"],
+    ),
+    Case(
+        "synth-out-is-a-file",
+        lambda w, t: ((t / "f").write_text("x"), ["data", "synth", "--out", t / "f", "--clips", "1"])[1],
+        1,
+        ["{tmp}/f", "File exists"],
+    ),
     Case("synth-frames-too-few", lambda w, t: ["data", "synth", "--out", t / "d", "--frames", "1"], 2, ["--frames"]),
     # ------------------------------------------------------------------ data manifest
-    Case("manifest-no-splits", lambda w, t: ((t / "r").mkdir(), ["data", "manifest", t / "r", "--kind", "dmlab", "--out", t / "m.json"])[1],
-         1, ["{tmp}/r", "has no train/ or test/ directory"]),
-    Case("manifest-action-too-large", lambda w, t: ["data", "manifest", _npz_with_actions(w, t, [0, 10**6, 1]), "--kind", "dmlab",
-                                                    "--out", t / "m.json"],
-         1, ["{tmp}/root/train/0000/bad.npz", "action id 1000000 at frame 1", "outside [0, 32767]"]),
-    Case("manifest-action-negative", lambda w, t: ["data", "manifest", _npz_with_actions(w, t, [0, -5, 1]), "--kind", "dmlab",
-                                                   "--out", t / "m.json"],
-         1, ["bad.npz", "action id -5", "[0, 32767]"]),
-    Case("manifest-root-missing", lambda w, t: ["data", "manifest", t / "nope", "--kind", "dmlab", "--out", t / "m.json"], 2, ["nope"]),
-    Case("manifest-out-under-a-file", lambda w, t: ((t / "f").write_text("x"), ["data", "manifest", w.data, "--kind", "dmlab",
-                                                                                 "--out", t / "f" / "m.json"])[1],
-         1, ["{tmp}/f"]),
-    Case("manifest-skip-records-skipped", lambda w, t: (shutil.copytree(w.data, t / "r"),
-                                                        (t / "r" / "train" / "0000" / "bad.npz").write_text("junk"),
-                                                        ["data", "manifest", t / "r", "--kind", "dmlab", "--out", t / "m.json",
-                                                         "--on-error", "skip"])[2],
-         0, ["1 skipped"], keep=lambda w, t: [w.base, t / "r"], check=_manifest_has_skipped),
+    Case(
+        "manifest-no-splits",
+        lambda w, t: ((t / "r").mkdir(), ["data", "manifest", t / "r", "--kind", "dmlab", "--out", t / "m.json"])[1],
+        1,
+        ["{tmp}/r", "has no train/ or test/ directory"],
+    ),
+    Case(
+        "manifest-action-too-large",
+        lambda w, t: [
+            "data",
+            "manifest",
+            _npz_with_actions(w, t, [0, 10**6, 1]),
+            "--kind",
+            "dmlab",
+            "--out",
+            t / "m.json",
+        ],
+        1,
+        ["{tmp}/root/train/0000/bad.npz", "action id 1000000 at frame 1", "outside [0, 32767]"],
+    ),
+    Case(
+        "manifest-action-negative",
+        lambda w, t: [
+            "data",
+            "manifest",
+            _npz_with_actions(w, t, [0, -5, 1]),
+            "--kind",
+            "dmlab",
+            "--out",
+            t / "m.json",
+        ],
+        1,
+        ["bad.npz", "action id -5", "[0, 32767]"],
+    ),
+    Case(
+        "manifest-root-missing",
+        lambda w, t: ["data", "manifest", t / "nope", "--kind", "dmlab", "--out", t / "m.json"],
+        2,
+        ["nope"],
+    ),
+    Case(
+        "manifest-out-under-a-file",
+        lambda w, t: (
+            (t / "f").write_text("x"),
+            ["data", "manifest", w.data, "--kind", "dmlab", "--out", t / "f" / "m.json"],
+        )[1],
+        1,
+        ["{tmp}/f"],
+    ),
+    Case(
+        "manifest-skip-records-skipped",
+        lambda w, t: (
+            shutil.copytree(w.data, t / "r"),
+            (t / "r" / "train" / "0000" / "bad.npz").write_text("junk"),
+            ["data", "manifest", t / "r", "--kind", "dmlab", "--out", t / "m.json", "--on-error", "skip"],
+        )[2],
+        0,
+        ["1 skipped"],
+        keep=lambda w, t: [w.base, t / "r"],
+        check=_manifest_has_skipped,
+    ),
     # ------------------------------------------------------------------ encode
-    Case("encode-out-user-dir", lambda w, t: _encode(w, _user_dir(t)), 1, ["{tmp}/mine", "not a minisora latent store", "thesis.tex"]),
-    Case("encode-overwrite-user-dir", lambda w, t: _encode(w, _user_dir(t), "--overwrite"),
-         1, ["{tmp}/mine", "not a minisora latent store"]),
-    Case("encode-out-is-a-file", lambda w, t: ((t / "f").write_text("x"), _encode(w, t / "f"))[1], 1, ["{tmp}/f", "is an existing file"]),
-    Case("encode-out-under-a-file", lambda w, t: ((t / "f").write_text("x"), _encode(w, t / "f" / "store"))[1],
-         1, ["{tmp}/f/store", "{tmp}/f is a file"]),
+    Case(
+        "encode-out-user-dir",
+        lambda w, t: _encode(w, _user_dir(t)),
+        1,
+        ["{tmp}/mine", "not a minisora latent store", "thesis.tex"],
+    ),
+    Case(
+        "encode-overwrite-user-dir",
+        lambda w, t: _encode(w, _user_dir(t), "--overwrite"),
+        1,
+        ["{tmp}/mine", "not a minisora latent store"],
+    ),
+    Case(
+        "encode-out-is-a-file",
+        lambda w, t: ((t / "f").write_text("x"), _encode(w, t / "f"))[1],
+        1,
+        ["{tmp}/f", "is an existing file"],
+    ),
+    Case(
+        "encode-out-under-a-file",
+        lambda w, t: ((t / "f").write_text("x"), _encode(w, t / "f" / "store"))[1],
+        1,
+        ["{tmp}/f/store", "{tmp}/f is a file"],
+    ),
     Case("encode-out-unwritable", lambda w, t: _encode(w, "/proc/minisora-store"), 1, ["/proc/minisora-store"]),
-    Case("encode-resume-other-vae-weights", lambda w, t: _swapped_vae_store(w, t), 1,
-         ["{tmp}/store was encoded by VAE weights", "now has weights", "--overwrite"]),
-    Case("encode-resume-other-settings", lambda w, t: (_store_copy(w, t), _encode(w, t / "store", "--frame-stride", "2"))[1],
-         1, ["{tmp}/store exists and was encoded with other settings", "source"]),
-    Case("encode-missing-local-vae", lambda w, t: ["encode", w.manifest, "--vae", t / "no" / "vae", "--out", t / "s"],
-         1, ["{tmp}/no/vae: no such directory"], check=_not_waiting_for_the_hub),
-    Case("encode-missing-vae-under-existing-dir", lambda w, t: ["encode", w.manifest, "--vae", os.path.relpath(t / "vae"), "--out", t / "s"],
-         1, ["vae: no such directory", "the Hub is not asked"], check=_not_waiting_for_the_hub),
-    Case("encode-action-out-of-range", lambda w, t: ["encode", _manifest_with_bad_actions(w, t), "--vae", w.vae, "--out", t / "s",
-                                                     "--size", "16"],
-         1, ["{tmp}/root/train/0000/00001.npz", "action id 1000000 at frame 3", "[0, 32767]"],
-         keep=lambda w, t: [w.base, t / "root", t / "manifest.json"]),
-    Case("encode-reports-manifest-skips", lambda w, t: ["encode", _manifest_with_skips(w, t), "--vae", w.vae, "--out", t / "s",
-                                                        "--size", "16", "--clips-per-shard", "2"],
-         0, ["skipped train/0000/gone.npz (left out by `data manifest`): truncated or corrupt npz archive"],
-         keep=lambda w, t: [w.base, t / "m.json"], check=_store_records_manifest_skips),
+    Case(
+        "encode-resume-other-vae-weights",
+        lambda w, t: _swapped_vae_store(w, t),
+        1,
+        ["{tmp}/store was encoded by VAE weights", "now has weights", "--overwrite"],
+    ),
+    Case(
+        "encode-resume-other-settings",
+        lambda w, t: (_store_copy(w, t), _encode(w, t / "store", "--frame-stride", "2"))[1],
+        1,
+        ["{tmp}/store exists and was encoded with other settings", "source"],
+    ),
+    Case(
+        "encode-missing-local-vae",
+        lambda w, t: ["encode", w.manifest, "--vae", t / "no" / "vae", "--out", t / "s"],
+        1,
+        ["{tmp}/no/vae: no such directory"],
+        check=_not_waiting_for_the_hub,
+    ),
+    Case(
+        "encode-missing-vae-under-existing-dir",
+        lambda w, t: ["encode", w.manifest, "--vae", os.path.relpath(t / "vae"), "--out", t / "s"],
+        1,
+        ["vae: no such directory", "the Hub is not asked"],
+        check=_not_waiting_for_the_hub,
+    ),
+    Case(
+        "encode-action-out-of-range",
+        lambda w, t: ["encode", _manifest_with_bad_actions(w, t), "--vae", w.vae, "--out", t / "s", "--size", "16"],
+        1,
+        ["{tmp}/root/train/0000/00001.npz", "action id 1000000 at frame 3", "[0, 32767]"],
+        keep=lambda w, t: [w.base, t / "root", t / "manifest.json"],
+    ),
+    Case(
+        "encode-reports-manifest-skips",
+        lambda w, t: [
+            "encode",
+            _manifest_with_skips(w, t),
+            "--vae",
+            w.vae,
+            "--out",
+            t / "s",
+            "--size",
+            "16",
+            "--clips-per-shard",
+            "2",
+        ],
+        0,
+        ["skipped train/0000/gone.npz (left out by `data manifest`): truncated or corrupt npz archive"],
+        keep=lambda w, t: [w.base, t / "m.json"],
+        check=_store_records_manifest_skips,
+    ),
     Case("encode-bad-dtype", lambda w, t: _encode(w, t / "s", "--dtype", "fp64"), 2, ["--dtype"]),
-    Case("encode-overwrite-keeps-user-file", _prepare_store_with_user_file, 0, ["complete"],
-         keep=lambda w, t: [w.base, t / "store" / "README.mine"], check=_overwrite_kept_user_file),
+    Case(
+        "encode-overwrite-keeps-user-file",
+        _prepare_store_with_user_file,
+        0,
+        ["complete"],
+        keep=lambda w, t: [w.base, t / "store" / "README.mine"],
+        check=_overwrite_kept_user_file,
+    ),
     # ------------------------------------------------------------------ store
-    Case("store-verify-flipped-byte", lambda w, t: ["store", "verify", _corrupt_test_chunk(w, t)],
-         1, ["test shard 0: checksum mismatch in {tmp}/store/test/mean/c/0/0/0/0/0"]),
-    Case("store-verify-marker-invalid-json", lambda w, t: ["store", "verify", _marker(w, t, "json")],
-         1, ["commit marker {tmp}/store/train/_commits/shard-00000.json is unreadable"]),
-    Case("store-verify-marker-deleted", lambda w, t: ["store", "verify", _marker(w, t, "delete")],
-         1, ["shard 0 of train is not committed"]),
+    Case(
+        "store-verify-flipped-byte",
+        lambda w, t: ["store", "verify", _corrupt_test_chunk(w, t)],
+        1,
+        ["test shard 0: checksum mismatch in {tmp}/store/test/mean/c/0/0/0/0/0"],
+    ),
+    Case(
+        "store-verify-marker-invalid-json",
+        lambda w, t: ["store", "verify", _marker(w, t, "json")],
+        1,
+        ["commit marker {tmp}/store/train/_commits/shard-00000.json is unreadable"],
+    ),
+    Case(
+        "store-verify-marker-deleted",
+        lambda w, t: ["store", "verify", _marker(w, t, "delete")],
+        1,
+        ["shard 0 of train is not committed"],
+    ),
     Case("store-info-not-a-store", lambda w, t: ["store", "info", _user_dir(t)], 1, ["{tmp}/mine: not a latent store"]),
     # ------------------------------------------------------------------ vae
-    Case("vae-info-missing-local", lambda w, t: ["vae", "info", t / "nothing"], 1, ["{tmp}/nothing: no such directory"],
-         check=_not_waiting_for_the_hub),
+    Case(
+        "vae-info-missing-local",
+        lambda w, t: ["vae", "info", t / "nothing"],
+        1,
+        ["{tmp}/nothing: no such directory"],
+        check=_not_waiting_for_the_hub,
+    ),
     Case("vae-info-a-file", lambda w, t: ["vae", "info", w.manifest], 1, ["manifest.json: is a file"]),
     # ------------------------------------------------------------------ sample
-    Case("sample-context-other-vae", lambda w, t: _sample(w, t, "--context", f"{w.store2}:test:0", "--context-frames", "2"),
-         1, ["store2:test:0: latents were encoded by VAE weights", "the pipeline's VAE", "has weights"]),
-    Case("sample-context-incomplete-store", lambda w, t: _sample(w, t, "--context", f"{_incomplete_store(w, t)}:test:0"),
-         1, ["{tmp}/store: store is incomplete"]),
-    Case("sample-context-corrupt-chunk", lambda w, t: _sample(w, t, "--context", f"{_corrupt_test_chunk(w, t)}:test:0",
-                                                               "--context-frames", "2"),
-         1, ["{tmp}/store: test/mean", "store verify"]),
-    Case("sample-context-index-out-of-range", lambda w, t: _sample(w, t, "--context", f"{w.store}:test:7"),
-         1, ["store:test:7: index 7 out of range, test has 1 clips"]),
-    Case("sample-context-old-store-warns", lambda w, t: _sample(w, t, "--context", f"{_old_store_without_digest(w, t)}:test:0",
-                                                                 "--context-frames", "2", "--format", "npz"),
-         0, ["warning: {tmp}/store:test:0: the store records no VAE weights digest", "video"],
-         keep=lambda w, t: [w.base, t / "store"]),
-    Case("sample-not-a-run", lambda w, t: ["sample", "--checkpoint", t, "--out", t / "v"], 1, ["not a run, checkpoint or pipeline"]),
+    Case(
+        "sample-context-other-vae",
+        lambda w, t: _sample(w, t, "--context", f"{w.store2}:test:0", "--context-frames", "2"),
+        1,
+        ["store2:test:0: latents were encoded by VAE weights", "the pipeline's VAE", "has weights"],
+    ),
+    Case(
+        "sample-context-incomplete-store",
+        lambda w, t: _sample(w, t, "--context", f"{_incomplete_store(w, t)}:test:0"),
+        1,
+        ["{tmp}/store: store is incomplete"],
+    ),
+    Case(
+        "sample-context-corrupt-chunk",
+        lambda w, t: _sample(w, t, "--context", f"{_corrupt_test_chunk(w, t)}:test:0", "--context-frames", "2"),
+        1,
+        ["{tmp}/store: test/mean", "store verify"],
+    ),
+    Case(
+        "sample-context-index-out-of-range",
+        lambda w, t: _sample(w, t, "--context", f"{w.store}:test:7"),
+        1,
+        ["store:test:7: index 7 out of range, test has 1 clips"],
+    ),
+    Case(
+        "sample-context-old-store-warns",
+        lambda w, t: _sample(
+            w, t, "--context", f"{_old_store_without_digest(w, t)}:test:0", "--context-frames", "2", "--format", "npz"
+        ),
+        0,
+        ["warning: {tmp}/store:test:0: the store records no VAE weights digest", "video"],
+        keep=lambda w, t: [w.base, t / "store"],
+    ),
+    Case(
+        "sample-not-a-run",
+        lambda w, t: ["sample", "--checkpoint", t, "--out", t / "v"],
+        1,
+        ["not a run, checkpoint or pipeline"],
+    ),
     # ------------------------------------------------------------------ eval
-    Case("eval-store-other-vae", lambda w, t: _eval(w, t, w.store2), 1, ["store2: latents were encoded by VAE weights"]),
+    Case(
+        "eval-store-other-vae", lambda w, t: _eval(w, t, w.store2), 1, ["store2: latents were encoded by VAE weights"]
+    ),
     Case("eval-store-missing", lambda w, t: _eval(w, t, t / "nostore"), 1, ["{tmp}/nostore: not a latent store"]),
     # ------------------------------------------------------------------ train
-    Case("train-store-missing", lambda w, t: ["train", "--store", t / "nostore", "--out", t / "run", "--steps", "1"],
-         1, ["{tmp}/nostore: not a latent store"]),
-    Case("train-store-incomplete", lambda w, t: ["train", "--store", _incomplete_store(w, t), "--out", t / "run", "--steps", "1"],
-         1, ["{tmp}/store: store is incomplete"]),
+    Case(
+        "train-store-missing",
+        lambda w, t: ["train", "--store", t / "nostore", "--out", t / "run", "--steps", "1"],
+        1,
+        ["{tmp}/nostore: not a latent store"],
+    ),
+    Case(
+        "train-store-incomplete",
+        lambda w, t: ["train", "--store", _incomplete_store(w, t), "--out", t / "run", "--steps", "1"],
+        1,
+        ["{tmp}/store: store is incomplete"],
+    ),
 ]
 
 
@@ -297,12 +493,16 @@ def test_bad_input(world, tmp_path, case):
 
 
 def test_debug_shows_the_traceback(world, tmp_path, monkeypatch):
-    monkeypatch.delenv("MINISORA_DEBUG", raising=False)
+    monkeypatch.setenv("MINISORA_DEBUG", "0")  # restored at teardown, though --debug sets it to 1
     r = CliRunner().invoke(app, ["--debug", "store", "info", str(tmp_path)])
     assert r.exit_code == 1 and type(r.exception).__name__ == "StoreError" and str(tmp_path) in str(r.exception)
     monkeypatch.setenv("MINISORA_DEBUG", "0")
     r = CliRunner().invoke(app, ["store", "info", str(tmp_path)])
-    assert r.exit_code == 1 and f"error: {tmp_path}: not a latent store" in r.output and r.exception.__class__ is SystemExit
+    assert (
+        r.exit_code == 1
+        and f"error: {tmp_path}: not a latent store" in r.output
+        and r.exception.__class__ is SystemExit
+    )
 
 
 def test_at_least_thirty_cases_over_every_stage():

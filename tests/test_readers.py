@@ -295,7 +295,8 @@ def test_out_of_range_action_ids_name_the_clip_the_value_and_the_range(tmp_path,
     bad = actions.astype(np.int64)
     bad[4] = value
     np.savez(tmp_path / "train" / "c.npz", video=video, actions=bad)
-    for call in (lambda: probe_clip(tmp_path / "train" / "c.npz", "dmlab"), lambda: read_clip(tmp_path / "train" / "c.npz", "dmlab")):
+    clip = tmp_path / "train" / "c.npz"
+    for call in (lambda: probe_clip(clip, "dmlab"), lambda: read_clip(clip, "dmlab")):
         with pytest.raises(ClipError, match=rf"c.npz: action id {value} at frame 4 is outside \[0, 32767\]") as e:
             call()
         assert "1 of 6 actions are out of range" in str(e.value)
@@ -320,7 +321,8 @@ def test_a_card_with_an_action_count_narrows_the_range(tmp_path, monkeypatch):
         assert action_range("dmlab")[:2] == (0, 3)
         video, _ = dmlab_clip(tmp_path / "c.npz", frames=5, with_actions=False)
         np.savez(tmp_path / "c.npz", video=video, actions=np.array([0, 1, 2, 3, 4]))
-        with pytest.raises(ClipError, match=r"action id 4 at frame 4 is outside \[0, 3\] \(the dmlab dataset card's 4 actions\)"):
+        card_range = r"action id 4 at frame 4 is outside \[0, 3\] \(the dmlab dataset card's 4 actions\)"
+        with pytest.raises(ClipError, match=card_range):
             read_clip(tmp_path / "c.npz", "dmlab")
     finally:
         monkeypatch.undo()

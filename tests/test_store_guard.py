@@ -24,7 +24,9 @@ def _flip(path, offset):
 # ---------------------------------------------------------------------------- narrowing writes
 def test_narrow_refuses_what_the_cast_would_change():
     assert narrow(np.array([-1, 0, 32767]), np.int16, "a").tolist() == [-1, 0, 32767]
-    with pytest.raises(StoreError, match=r"clip 7 actions: values in \[0, 1000000\] do not fit int16 \[-32768, 32767\]"):
+    with pytest.raises(
+        StoreError, match=r"clip 7 actions: values in \[0, 1000000\] do not fit int16 \[-32768, 32767\]"
+    ):
         narrow(np.array([0, 10**6]), np.int16, "clip 7 actions")  # would wrap to 16960
     with pytest.raises(StoreError, match=r"lat: \|value\| 70000 overflows float16 \(max 65504\)"):
         narrow(np.array([1.0, -7e4], np.float32), np.float16, "lat")  # would become -inf
@@ -67,7 +69,9 @@ def test_old_stores_without_chunk_checksums_still_read_and_verify(tmp_path):
     del st.group.attrs["chunk_checksum"]  # stores of earlier versions have no such attribute
     st = LatentStore(tmp_path / "old")
     assert "chunk_checksum" not in st.attrs
-    codecs = json.loads((tmp_path / "old" / "train" / "mean" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+    codecs = json.loads((tmp_path / "old" / "train" / "mean" / "zarr.json").read_text())["codecs"][0]["configuration"][
+        "codecs"
+    ]
     assert [c["name"] for c in codecs] == ["bytes", "zstd"]
     np.testing.assert_array_equal(st.read("train", "mean", slice(None)), data["train"][0])
     assert st.verify() == []
@@ -82,15 +86,18 @@ def test_check_out(tmp_path):
     check_out(str(tmp_path / "s"))  # a store: resumable
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "paper.tex").write_text("x")
-    with pytest.raises(StoreError, match=r"mine: is a non-empty directory that is not a minisora latent store \(holds paper.tex\)"):
+    with pytest.raises(
+        StoreError, match=r"mine: is a non-empty directory that is not a minisora latent store \(holds paper.tex\)"
+    ):
         check_out(str(tmp_path / "mine"))
     with pytest.raises(StoreError, match="paper.tex: is an existing file"):
         check_out(str(tmp_path / "mine" / "paper.tex"))
     with pytest.raises(StoreError, match=r"paper.tex/sub/store: cannot be created, .*paper.tex is a file"):
         check_out(str(tmp_path / "mine" / "paper.tex" / "sub" / "store"))
     (tmp_path / "z").mkdir()
-    (tmp_path / "z" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                                         "attributes": {"schema": "someone.else"}}))
+    (tmp_path / "z" / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"schema": "someone.else"}})
+    )
     assert not is_store(fsspec.filesystem("file"), str(tmp_path / "z"))
     with pytest.raises(StoreError, match="not a minisora latent store"):
         check_out(str(tmp_path / "z"))
@@ -116,8 +123,11 @@ def test_remove_store_deletes_only_its_own_files(tmp_path):
 # ---------------------------------------------------------------------------- VAE identity
 def test_check_vae_names_both_digests_and_warns_on_old_stores():
     check_vae({"weights_sha256": "ab" * 32}, "ab" * 32, "S", "the pipeline's VAE")
-    with pytest.raises(StoreError, match=r"S: latents were encoded by VAE weights cdcdcdcdcdcdcdcd \(/v\), but the pipeline's "
-                                         r"VAE \(/w\) has weights abababababababab"):
+    with pytest.raises(
+        StoreError,
+        match=r"S: latents were encoded by VAE weights cdcdcdcdcdcdcdcd \(/v\), but the pipeline's "
+        r"VAE \(/w\) has weights abababababababab",
+    ):
         check_vae({"weights_sha256": "cd" * 32, "source": "/v"}, "ab" * 32, "S", "the pipeline's VAE (/w)")
     with pytest.warns(UserWarning, match="S: the store records no VAE weights digest"):
         check_vae({"source": "/v"}, "ab" * 32, "S", "the pipeline's VAE")

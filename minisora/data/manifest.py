@@ -262,4 +262,5 @@ def build_manifest(root, kind, checksum=False, on_error="fail", min_frames=1, wo
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # on failure, do not wait for the rest of the scan
-    return Manifest(kind=kind, root=str(root), clips=clips, skipped=[{"path": p, "reason": r} for p, r in skipped]), skipped
+    recorded = [{"path": p, "reason": r} for p, r in skipped]
+    return Manifest(kind=kind, root=str(root), clips=clips, skipped=recorded), skipped
