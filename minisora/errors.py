@@ -32,3 +32,24 @@ def user_message(e: BaseException) -> str:
         return f"{e.filename}{target}: {e.strerror or e}"
     text = str(e) or type(e).__name__
     return " ".join(text.split("\n")) if "\n" in text.strip() else text.strip()
+
+
+class OutputPathError(MinisoraError, ValueError):
+    """An output path that cannot be written (under a file, a directory where a file goes, read-only)."""
+
+
+def check_writable(path, option: str = "--out", file: bool = True) -> None:
+    """Refuse, before any work is done, an output path that cannot be written.
+
+    `file=True`: PATH itself must not be a directory. The nearest existing ancestor must be a
+    directory this process can write into."""
+    full = os.path.abspath(os.path.expanduser(str(path)))
+    if file and os.path.isdir(full):
+        raise OutputPathError(f"{option} {path}: is a directory; give a file path")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputPathError(f"{option} {path}: cannot be created, {parent} is a file; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: cannot write there ({parent} is not writable); choose another path")

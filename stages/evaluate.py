@@ -19,7 +19,7 @@ import torch
 
 from minisora.metrics import I3DFeatures, frames_to_unit, fvd, lpips_available, summarize_seeds, video_metrics
 from minisora.dist import resolve_device
-from minisora.errors import MinisoraError
+from minisora.errors import MinisoraError, check_writable
 from minisora.store import LatentStore
 from minisora.store_guard import check_vae
 from stages.sample import clip_frames, load_pipeline
@@ -57,6 +57,7 @@ def main(cfg: EvalConfig) -> dict:
     torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     if not 1 <= cfg.context_frames < cfg.frames:
         raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
+    check_writable(cfg.out)  # before minutes of sampling, not after
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device)
     pipe.set_progress_bar_config(disable=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from minisora.data.clips import read_clip
 from minisora.dist import resolve_device
-from minisora.errors import MinisoraError
+from minisora.errors import MinisoraError, check_writable
 from minisora.pipeline import DiTPipeline
 from minisora.store import LatentStore
 from minisora.store_guard import check_vae
@@ -256,6 +256,7 @@ def main(cfg: SampleConfig) -> dict:
     if cfg.context and total <= cfg.context_frames:
         raise SampleError(f"--frames {total}{'' if cfg.frames else ' (the training window)'} must exceed "
                           f"--context-frames {cfg.context_frames}")
+    check_writable(cfg.out, file=False)  # OUT is a stem: OUT.mp4, OUT-vs-truth.gif, ...
     ctx = load_context(pipe, cfg.context, cfg.context_frames) if cfg.context else None
     actions = load_actions(cfg.actions, ctx, total, cfg.num_videos)
     gen = torch.Generator().manual_seed(cfg.seed)

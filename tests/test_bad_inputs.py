@@ -151,25 +151,27 @@ def _sample(w: World, tmp: Path, *extra) -> list:
     return ["sample", "--checkpoint", w.run, "--out", tmp / "out" / "video", "--steps", "1", "--frames", "5", *extra]
 
 
-def _eval(w: World, tmp: Path, store) -> list:
+def _eval(w: World, tmp: Path, store, out=None) -> list:
+    out = out or tmp / "report.json"
+    return ["eval", "--checkpoint", w.run, "--store", store, "--out", out, "--frames", "5", "--context-frames", "2",
+            "--seeds", "1", "--steps", "1", "--num-clips", "1"]  # fmt: skip
+
+
+def _train(store, out) -> list:
     return [
-        "eval",
-        "--checkpoint",
-        w.run,
+        "train",
         "--store",
         store,
         "--out",
-        tmp / "report.json",
-        "--frames",
-        "5",
-        "--context-frames",
-        "2",
-        "--seeds",
-        "1",
+        out,
         "--steps",
         "1",
-        "--num-clips",
-        "1",
+        "--frames",
+        "4",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
     ]
 
 
@@ -452,11 +454,26 @@ CASES = [
         1,
         ["not a run, checkpoint or pipeline"],
     ),
+    Case(
+        "sample-out-under-a-file",
+        lambda w, t: (
+            (t / "f").write_text("x"),
+            ["sample", "--checkpoint", w.run, "--out", t / "f" / "v", "--steps", "1"],
+        )[1],
+        1,
+        ["{tmp}/f"],
+    ),
     # ------------------------------------------------------------------ eval
     Case(
         "eval-store-other-vae", lambda w, t: _eval(w, t, w.store2), 1, ["store2: latents were encoded by VAE weights"]
     ),
     Case("eval-store-missing", lambda w, t: _eval(w, t, t / "nostore"), 1, ["{tmp}/nostore: not a latent store"]),
+    Case(
+        "eval-out-under-a-file",
+        lambda w, t: ((t / "f").write_text("x"), _eval(w, t, w.store, out=t / "f" / "r.json"))[1],
+        1,
+        ["{tmp}/f/r.json"],
+    ),
     # ------------------------------------------------------------------ train
     Case(
         "train-store-missing",
@@ -469,6 +486,12 @@ CASES = [
         lambda w, t: ["train", "--store", _incomplete_store(w, t), "--out", t / "run", "--steps", "1"],
         1,
         ["{tmp}/store: store is incomplete"],
+    ),
+    Case(
+        "train-out-under-a-file",
+        lambda w, t: ((t / "f").write_text("x"), _train(w.store, t / "f" / "run"))[1],
+        1,
+        ["{tmp}/f/run"],
     ),
 ]
 
