@@ -214,6 +214,18 @@ def _store_records_manifest_skips(w: World, tmp: Path, r) -> None:
     assert "skipped train/0000/gone.npz (left out by `data manifest`)" in r2.output
 
 
+def _run_whose_vae_changed(w: World, tmp: Path) -> Path:
+    """A copy of the run whose VAE directory (a copy too) got other weights after training."""
+    shutil.copytree(w.vae, tmp / "vae")
+    shutil.copytree(w.run, tmp / "run")
+    for meta_path in (tmp / "run").rglob("minisora_pipeline.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["vae"]["source"] = str(tmp / "vae")
+        meta_path.write_text(json.dumps(meta))
+    shutil.copy(Path(w.vae2) / "diffusion_pytorch_model.safetensors", tmp / "vae" / "diffusion_pytorch_model.safetensors")
+    return tmp / "run"
+
+
 def _not_waiting_for_the_hub(w: World, tmp: Path, r) -> None:
     assert r.elapsed < 10, f"took {r.elapsed:.1f}s: the Hub was asked"
 
@@ -447,6 +459,12 @@ CASES = [
         0,
         ["warning: {tmp}/store:test:0: the store records no VAE weights digest", "video"],
         keep=lambda w, t: [w.base, t / "store"],
+    ),
+    Case(
+        "sample-pipeline-vae-changed",
+        lambda w, t: ["sample", "--checkpoint", _run_whose_vae_changed(w, t), "--out", t / "v", "--steps", "1"],
+        1,
+        ["the model was trained on latents of VAE weights", "{tmp}/vae now holds weights", "restore that VAE"],
     ),
     Case(
         "sample-not-a-run",
