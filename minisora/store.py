@@ -15,9 +15,9 @@ N is the number of manifest clips of the split and T the longest clip in latent 
 array is chunked one clip per chunk and sharded `clips_per_shard` clips per shard, with the shard
 boundaries of all arrays aligned, so shard K of every array is one file per array written by one
 process. A shard counts only once its marker exists; the marker records the sha256 of each shard
-file, so `verify` catches any flipped byte, and re-running encode skips committed shards. Stores
-made since `chunk_checksum` (root attribute "crc32c") also end every chunk with a crc32c of its
-stored bytes, checked by zarr on every read; older stores (no such attribute) read as before.
+file, so `verify` catches any flipped byte, and re-running encode skips committed shards. New
+stores (root attribute chunk_checksum = "crc32c") also end every chunk with a crc32c of its stored
+bytes, which zarr checks on every read; older stores (no such attribute) read as before.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class LatentStore:
                 return arr.get_orthogonal_selection(selection)
             return arr[selection]
         except ValueError as e:  # zarr: crc32c or zstd checksum mismatch, undecodable chunk
-            raise StoreError(f"{self.url}: {split}/{name} {selection!r} cannot be read ({e}); "
+            raise StoreError(f"{self.url}: {split}/{name} at {selection!r} cannot be read ({e}); "
                              f"the store is damaged: run `minisora store verify {self.url}`") from e
 
     def array_names(self) -> tuple[str, ...]:

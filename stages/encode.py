@@ -138,10 +138,10 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
                                   "pass --overwrite to start over or choose another --out")
             recorded = (store.attrs.get("vae") or {}).get("weights_sha256")
             if recorded is not None and recorded != vae.info.weights_sha256:
-                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, but {cfg.vae} now has "
-                                  "weights "
-                                  f"{str(vae.info.weights_sha256)[:16]} (same name and config, other weights); pass "
-                                  "--overwrite to re-encode everything with this VAE, or choose another --out")
+                now = str(vae.info.weights_sha256)[:16]
+                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, but {cfg.vae} now has weights "
+                                  f"{now} (same name and config, other weights); pass --overwrite to re-encode "
+                                  "everything with this VAE, or choose another --out")
             if recorded is None:
                 print0(f"warning: {cfg.out} records no VAE weights digest (encoded by an older minisora); resuming "
                        f"without checking that {cfg.vae} is the VAE its committed shards were encoded with")

@@ -58,7 +58,7 @@ def test_new_stores_catch_a_corrupted_chunk_read_alone(tmp_path):
     _flip(tmp_path / "s" / "train" / "mean" / "c" / "0" / "0" / "0" / "0" / "0", 30)  # inside clip 0's chunk
     with pytest.raises(ValueError, match="checksum"):  # zarr itself refuses the chunk: no marker needed
         zarr.open_array(tmp_path / "s" / "train" / "mean", mode="r")[0]
-    with pytest.raises(StoreError, match=r"s: train/mean 0 cannot be read .*run `minisora store verify .*s`"):
+    with pytest.raises(StoreError, match=r"s: train/mean at 0 cannot be read .*run `minisora store verify .*s`"):
         st.read("train", "mean", 0)
     np.testing.assert_array_equal(st.read("train", "mean", 1), clean)  # the other chunk of the shard still reads
 
