@@ -245,7 +245,7 @@ CASES = [
         "synth-out-is-a-file",
         lambda w, t: ((t / "f").write_text("x"), ["data", "synth", "--out", t / "f", "--clips", "1"])[1],
         1,
-        ["{tmp}/f", "File exists"],
+        ["{tmp}/f: is an existing file; --out must be a new or existing directory"],
     ),
     Case("synth-frames-too-few", lambda w, t: ["data", "synth", "--out", t / "d", "--frames", "1"], 2, ["--frames"]),
     # ------------------------------------------------------------------ data manifest
@@ -297,6 +297,12 @@ CASES = [
         )[1],
         1,
         ["{tmp}/f"],
+    ),
+    Case(
+        "manifest-out-is-a-directory",
+        lambda w, t: ["data", "manifest", w.data, "--kind", "dmlab", "--out", t],
+        1,
+        ["{tmp}: is a directory; the manifest is a file"],
     ),
     Case(
         "manifest-skip-records-skipped",

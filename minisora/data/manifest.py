@@ -67,6 +67,8 @@ class Manifest:
     def save(self, path) -> None:
         """Write JSON atomically (a temporary file, then os.replace), creating parent directories."""
         path = Path(path)
+        if path.is_dir():
+            raise ManifestError(path, "is a directory; the manifest is a file, e.g. DIR/manifest.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"version": self.version, "kind": self.kind, "root": self.root})  # '{...}'
         records = ",\n".join(json.dumps(_record(c)) for c in self.clips)  # one clip per line: diffable

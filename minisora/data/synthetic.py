@@ -595,6 +595,8 @@ def write_synthetic_dataset(
     if clips < 0 or test_clips < 0 or frames < 2 or workers < 1:
         raise ValueError(f"need clips >= 0, test_clips >= 0, frames >= 2, workers >= 1; got {clips}, {test_clips}, {frames}, {workers}")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
     root.mkdir(parents=True, exist_ok=True)
     _check_params(root, {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames, "seed": seed})
     jobs = [_ClipJob(kind, root, split, i, frames, seed) for split, n in (("train", clips), ("test", test_clips)) for i in range(n)]
