@@ -14,10 +14,11 @@ Layout (schema v1), one Zarr v3 group per store, one subgroup per split::
 N is the number of manifest clips of the split and T the longest clip in latent frames. Every
 array is chunked one clip per chunk and sharded `clips_per_shard` clips per shard, with the shard
 boundaries of all arrays aligned, so shard K of every array is one file per array written by one
-process. A shard counts only once its marker exists; the marker records the sha256 of each shard
-file, so `verify` catches any flipped byte, and re-running encode skips committed shards. New
-stores (root attribute chunk_checksum = "crc32c") also end every chunk with a crc32c of its stored
-bytes, which zarr checks on every read; older stores (no such attribute) read as before.
+process. A shard counts only once a readable marker exists; the marker records the sha256 of each
+shard file, so `verify` catches any flipped byte, and re-running encode skips committed shards
+(and redoes those whose marker is missing or broken). New stores (root attribute chunk_checksum =
+"crc32c") also end every chunk with a crc32c of its stored bytes, which zarr checks on every read;
+older stores (no such attribute) read as before.
 """
 
 from __future__ import annotations
@@ -223,7 +224,12 @@ class LatentStore:
         return f"{self.root}/{split}/_commits/shard-{k:05d}.json"
 
     def is_committed(self, split: str, k: int) -> bool:
-        return self.fs.exists(self._marker_path(split, k))
+        """Shard k has a readable commit marker; a missing or broken one means encode must (re)write it."""
+        try:
+            self.read_commit(split, k)
+        except StoreError:
+            return False
+        return True
 
     def read_commit(self, split: str, k: int) -> ShardCommit:
         path = self._marker_path(split, k)

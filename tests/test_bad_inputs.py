@@ -91,6 +91,21 @@ def _overwrite_kept_user_file(w: World, tmp: Path, r) -> None:
     assert LatentStore(tmp / "store").attrs["complete"] and LatentStore(tmp / "store").verify() == []
 
 
+def _store_with_broken_markers(w: World, tmp: Path) -> list:
+    store = store_copy(w, tmp)
+    (store / "train" / "_commits" / "shard-00000.json").write_text("{not json")
+    (store / "train" / "_commits" / "shard-00001.json").unlink()
+    return encode_args(w, store)
+
+
+def _markers_rewritten(w: World, tmp: Path, r) -> None:
+    assert "3 shards in train: 2, test: 1; 1 already committed" in r.output  # the two broken shards were redone
+    assert LatentStore(tmp / "store").verify() == []
+    for k in (0, 1):
+        name = f"train/_commits/shard-{k:05d}.json"
+        assert (tmp / "store" / name).read_text() == (Path(w.store) / name).read_text()  # the same bytes again
+
+
 def _manifest(root, out, *extra) -> list:
     return ["data", "manifest", root, "--kind", "dmlab", "--out", out, *extra]
 
@@ -144,6 +159,8 @@ CASES = [
          lambda w, t: ["encode", _manifest_with_skips(w, t), "--vae", w.vae, "--out", t / "s", "--size", "16"],
          0, ["skipped train/0000/gone.npz (left out by `data manifest`): truncated or corrupt npz archive"],
          keep=lambda w, t: [w.base, t / "m.json"], check=_store_records_manifest_skips),
+    Case("encode-rerun-redoes-broken-markers", _store_with_broken_markers, 0, ["complete"],
+         keep=lambda w, t: [w.base], check=_markers_rewritten),
     Case("encode-bad-dtype", lambda w, t: encode_args(w, t / "s", "--dtype", "fp64"), 2, ["--dtype"]),
     Case("encode-overwrite-keeps-user-file", _store_with_user_file, 0, ["complete"],
          keep=lambda w, t: [w.base, t / "store" / "README.mine"], check=_overwrite_kept_user_file),
