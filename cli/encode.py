@@ -46,8 +46,10 @@ def encode(
                        read_workers=read_workers, compression_level=compression_level)
     try:
         summary = main(cfg)  # errors: cli/main.py reports them
+    except MinisoraError:
+        raise
     except ValueError as e:  # a bad option value (e.g. --device cuda without a GPU) met in a library call
-        raise e if isinstance(e, MinisoraError) else EncodeError(str(e)) from e
+        raise EncodeError(str(e)) from e
     if "latent_stats" in summary:
         typer.echo(f"store {out} complete: {summary['rank_clips']} clips / {summary['rank_frames']} frames encoded by "
                    f"this process in {summary['seconds']:.1f}s; {len(summary['skipped'])} clips skipped")

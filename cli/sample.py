@@ -26,6 +26,7 @@ def sample(
 
     With --context, also writes OUT-vs-truth.mp4/gif: ground truth | generation, context frames framed in red.
     """
+    from minisora.errors import MinisoraError
     from stages.sample import SampleConfig, SampleError, main
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
@@ -37,7 +38,9 @@ def sample(
                        guidance=guidance, formats=formats, chunk=chunk, fps=fps)
     try:
         result = main(cfg)
-    except ValueError as e:  # a bad option value met inside the pipeline; cli/main.py reports it
+    except MinisoraError:
+        raise  # cli/main.py reports it
+    except ValueError as e:  # a bad option value met inside the pipeline
         raise SampleError(str(e)) from e
     typer.echo(f"{result['videos']} video(s) of {result['frames']} frames:")
     for path in result["written"]:
