@@ -52,14 +52,10 @@ def manifest(
     workers: int = typer.Option(1, min=1, help="Worker processes for probing clips."),
 ):
     """Scan a clip root and write a per-clip manifest (the input of `minisora encode`)."""
-    from minisora.data.clips import ClipError
     from minisora.data.manifest import build_manifest
 
-    try:
-        m, skipped = build_manifest(root, kind.value, checksum=checksum, on_error=on_error.value, min_frames=min_frames, workers=workers)
-    except ClipError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    m, skipped = build_manifest(root, kind.value, checksum=checksum, on_error=on_error.value, min_frames=min_frames,
+                                workers=workers)
     m.save(out)
     for path, reason in skipped:
         typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
@@ -84,15 +80,11 @@ def download(
 
     Resumes interrupted downloads; checks sizes and md5/sha1 against the archive's <item>_files.xml.
     """
-    from minisora.data.clips import ClipError
-    from minisora.data.download import DownloadError, download_dataset
+    from minisora.data.download import download_dataset
 
-    try:
-        report = download_dataset(kind.value, directory, base_url=base_url, manifest=manifest, keep_parts=keep_parts,
-                                  on_error=on_error.value, workers=workers, timeout=timeout, retries=retries, progress=progress)
-    except (DownloadError, ClipError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    report = download_dataset(kind.value, directory, base_url=base_url, manifest=manifest, keep_parts=keep_parts,
+                              on_error=on_error.value, workers=workers, timeout=timeout, retries=retries,
+                              progress=progress)
     for path, reason in report.skipped:
         typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
     fetched = sum(p.fetched for p in report.parts)

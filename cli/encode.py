@@ -21,7 +21,8 @@ def encode(
     frame_stride: int = typer.Option(1, min=1, help="Keep every k-th frame (fps is divided by k)."),
     size: int = typer.Option(None, min=8, help="Resize frames to SIZE x SIZE before the VAE (default: native resolution)."),
     on_error: str = typer.Option("fail", help="fail: stop at the first bad clip, naming it (committed shards are kept); skip: leave bad clips out and record them in the store."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store at OUT and start over."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the latent store at OUT (only its own files, "
+                                   "and only if OUT is a store) and start over."),
     clips_per_shard: int = typer.Option(None, min=1, help="Clips per shard (the unit of work and of resumption) (default: ~32 MB of latents per shard)."),
     read_workers: int = typer.Option(2, min=1, help="Threads that read and decode clips ahead of the VAE."),
     compression_level: int = typer.Option(3, min=0, max=22, help="zstd level of the stored arrays; 0 stores them uncompressed."),
@@ -31,8 +32,8 @@ def encode(
     Run it as one process, or on N GPUs / nodes with `torchrun --nproc_per_node=N --no-python minisora encode ...`
     (each rank takes whole shards). Re-running the same command resumes an interrupted job.
     """
+    from minisora.errors import MinisoraError
     from stages.encode import EncodeConfig, EncodeError, main
-    from minisora.store import StoreError
 
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter("must be fail or skip", param_hint="--on-error")
@@ -44,12 +45,15 @@ def encode(
                        on_error=on_error, overwrite=overwrite, clips_per_shard=clips_per_shard,
                        read_workers=read_workers, compression_level=compression_level)
     try:
-        summary = main(cfg)
-    except (EncodeError, StoreError, ValueError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+        summary = main(cfg)  # errors: cli/main.py reports them
+    except MinisoraError:
+        raise
+    except ValueError as e:  # a bad option value (e.g. --device cuda without a GPU) met in a library call
+        raise EncodeError(str(e)) from e
     if "latent_stats" in summary:
         typer.echo(f"store {out} complete: {summary['rank_clips']} clips / {summary['rank_frames']} frames encoded by "
                    f"this process in {summary['seconds']:.1f}s; {len(summary['skipped'])} clips skipped")
+        for s in summary["manifest_skipped"]:
+            typer.secho(f"skipped {s['path']} (left out by `data manifest`): {s['reason']}", fg="yellow", err=True)
         for s in summary["skipped"]:
-            typer.secho(f"skipped {s['split']}/{s['path']}: {s['reason']}", fg="yellow", err=True)
+            typer.secho(f"skipped {s['path']}: {s['reason']}", fg="yellow", err=True)  # paths include the split

@@ -23,7 +23,7 @@ def evaluate(
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame and VAE reconstruction."""
-    from minisora.store import StoreError
+    from minisora.errors import MinisoraError
     from stages.evaluate import EvalConfig, format_table, main
     from stages.sample import SampleError
 
@@ -32,8 +32,9 @@ def evaluate(
                      device=device, out=out)
     try:
         report = main(cfg)
-    except (SampleError, StoreError, ValueError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    except MinisoraError:
+        raise  # cli/main.py reports it
+    except ValueError as e:  # a bad option value met inside the pipeline
+        raise SampleError(str(e)) from e
     typer.echo(format_table(report))
     typer.echo(f"report: {out}")

@@ -2,17 +2,62 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import typer
+from typer.core import TyperGroup
 
 from cli import data, demo, encode, evaluate, sample, store, train, vae
+from minisora.errors import MinisoraError, MinisoraWarning, debug_enabled, user_message
+
+
+class _ReportingGroup(TyperGroup):
+    """The one place that turns errors into the user's one line: `error: <path>: <problem>`, exit 1.
+
+    Every minisora error type (a MinisoraError) and OS errors (unwritable or missing paths, a full
+    disk) are reported this way; anything else is a bug and keeps its traceback. `--debug` or
+    MINISORA_DEBUG=1 shows the traceback of the reported errors too.
+    """
+
+    def invoke(self, ctx):
+        show = warnings.showwarning
+
+        def one_line(message, category, *args, **kwargs):  # minisora's warnings as `warning: ...`, others as usual
+            if issubclass(category, MinisoraWarning):
+                typer.secho(f"warning: {message}", fg="yellow", err=True)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = one_line
+        try:
+            return super().invoke(ctx)
+        except (MinisoraError, OSError) as e:
+            if debug_enabled():
+                raise
+            typer.secho(f"error: {user_message(e)}", fg="red", err=True)
+            raise typer.Exit(1) from None
+        finally:
+            warnings.showwarning = show
+
 
 app = typer.Typer(
+    cls=_ReportingGroup,
     name="minisora",
     help="Train Sora-style video DiTs on cached VAE latents: data -> encode -> train -> sample.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug",
+                                        help="Show the full traceback of an error (same as MINISORA_DEBUG=1).")):
+    if debug:
+        os.environ["MINISORA_DEBUG"] = "1"  # also seen by torchrun workers and subprocesses
+
+
 app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests, TECO downloads.")
 app.add_typer(vae.app, name="vae", help="VAEs: train a small offline AutoencoderKL, inspect any diffusers VAE.")
 app.command(name="encode")(encode.encode)

@@ -26,8 +26,8 @@ def sample(
 
     With --context, also writes OUT-vs-truth.mp4/gif: ground truth | generation, context frames framed in red.
     """
+    from minisora.errors import MinisoraError
     from stages.sample import SampleConfig, SampleError, main
-    from minisora.store import StoreError
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     bad = [f for f in formats if f not in ("mp4", "gif", "npz")]
@@ -38,9 +38,10 @@ def sample(
                        guidance=guidance, formats=formats, chunk=chunk, fps=fps)
     try:
         result = main(cfg)
-    except (SampleError, StoreError, ValueError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    except MinisoraError:
+        raise  # cli/main.py reports it
+    except ValueError as e:  # a bad option value met inside the pipeline
+        raise SampleError(str(e)) from e
     typer.echo(f"{result['videos']} video(s) of {result['frames']} frames:")
     for path in result["written"]:
         typer.echo(f"  {path}")

@@ -10,13 +10,9 @@ app = typer.Typer(no_args_is_help=True)
 
 
 def _open(url: str):
-    from minisora.store import LatentStore, StoreError
+    from minisora.store import LatentStore
 
-    try:
-        return LatentStore(url)
-    except StoreError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    return LatentStore(url)  # a StoreError is reported by cli/main.py
 
 
 def _mb(n: float) -> str:
@@ -48,8 +44,10 @@ def info(
     if st:
         typer.echo(f"stats        mean {[round(x, 4) for x in st['mean']]} std {[round(x, 4) for x in st['std']]} (over {st['split']})")
     typer.echo(f"bytes        {_mb(s['bytes'])} on disk; {len(s['skipped'])} skipped clips")
+    for sk in s["manifest_skipped"]:
+        typer.echo(f"  skipped {sk['path']} (left out by `data manifest`): {sk['reason']}")
     for sk in s["skipped"]:
-        typer.echo(f"  skipped {sk['split']}/{sk['path']}: {sk['reason']}")
+        typer.echo(f"  skipped {sk['path']}: {sk['reason']}")  # paths include the split
 
 
 @app.command()

@@ -14,8 +14,11 @@ Layout (schema v1), one Zarr v3 group per store, one subgroup per split::
 N is the number of manifest clips of the split and T the longest clip in latent frames. Every
 array is chunked one clip per chunk and sharded `clips_per_shard` clips per shard, with the shard
 boundaries of all arrays aligned, so shard K of every array is one file per array written by one
-process. A shard counts only once its marker exists; the marker records the sha256 of each shard
-file, so `verify` catches any flipped byte, and re-running encode skips committed shards.
+process. A shard counts only once a readable marker exists; the marker records the sha256 of each
+shard file, so `verify` catches any flipped byte, and re-running encode skips committed shards
+(and redoes those whose marker is missing or broken). New stores (root attribute chunk_checksum =
+"crc32c") also end every chunk with a crc32c of its stored bytes, which zarr checks on every read;
+older stores (no such attribute) read as before.
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
+
+from minisora.data.clips import ACTION_DTYPE
+from minisora.errors import MinisoraError
 
 SCHEMA_VERSION = 1
 ARRAYS_5D = ("mean", "logvar")
 
 
-class StoreError(RuntimeError):
+class StoreError(MinisoraError, RuntimeError):
     """A store that is missing, incomplete, inconsistent or made with other settings."""
 
 
@@ -65,6 +71,29 @@ def clips_per_shard_for(frames: int, channels: int, height: int, width: int, tar
     """Clips per shard so that one mean shard file is about `target_mb` MB (fp16)."""
     clip_bytes = frames * channels * height * width * 2
     return max(1, int(target_mb * 1e6 // max(clip_bytes, 1)))
+
+
+def narrow(values: np.ndarray, dtype, what: str) -> np.ndarray:
+    """`values` cast to the narrower `dtype`, refusing any value the cast would not keep.
+
+    Integers must fit (no wrap-around: 10**6 would become 16960 in int16); finite floats must stay
+    finite (float16 overflows to inf past 65504). NaN stays NaN (the store's padding).
+    """
+    values = np.asarray(values)
+    dtype = np.dtype(dtype)
+    if values.size and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = values.min(), values.max()
+        if lo < info.min or hi > info.max:
+            raise StoreError(f"{what}: values in [{lo}, {hi}] do not fit {dtype} [{info.min}, {info.max}]")
+    elif values.size and np.issubdtype(dtype, np.floating) and np.issubdtype(values.dtype, np.floating):
+        finite = np.isfinite(values)
+        big = np.abs(np.where(finite, values, 0)).max()
+        if big > np.finfo(dtype).max:
+            top = float(np.finfo(dtype).max)
+            raise StoreError(f"{what}: |value| {float(big):.6g} overflows {dtype} (max {top:.6g}); "
+                             "the VAE's latents are out of range (check its dtype and inputs)")
+    return values.astype(dtype)
 
 
 def _fs_and_root(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
@@ -116,16 +145,22 @@ class LatentStore:
     # ---------------------------------------------------------------- creation
     @classmethod
     def create(cls, url: str | Path, attrs: dict, layouts: dict[str, SplitLayout], deterministic: bool,
-               manifest_json: str, compression_level: int = 3) -> "LatentStore":
-        """Create an empty store (arrays full of padding) with the given attributes."""
+               manifest_json: str, compression_level: int = 3, chunk_checksum: bool = True) -> "LatentStore":
+        """Create an empty store (arrays full of padding) with the given attributes.
+
+        With `chunk_checksum` (the default; False only makes stores like those of earlier versions) every
+        chunk ends in a crc32c of its stored bytes, so zarr refuses a corrupted chunk even when it is read
+        alone, without the shard's sha256 in its commit marker.
+        """
         fs, root, local = _fs_and_root(str(url))
         if local:
             Path(root).mkdir(parents=True, exist_ok=True)
         store = cls(url, mode="w")
         full = {"schema": "minisora.latents", "schema_version": SCHEMA_VERSION, **attrs,
                 "splits": {s: asdict(l) for s, l in layouts.items()}, "deterministic": deterministic,
-                "complete": False}
-        compressors = ZstdCodec(level=compression_level) if compression_level > 0 else None
+                "complete": False, "chunk_checksum": "crc32c" if chunk_checksum else None}
+        compressors = [ZstdCodec(level=compression_level)] if compression_level > 0 else []
+        compressors += [Crc32cCodec()] if chunk_checksum else []
         cfg = {"write_empty_chunks": True}
         for split, lay in layouts.items():
             g = store.group.require_group(split)
@@ -134,12 +169,12 @@ class LatentStore:
                 g.create_array(name, shape=(lay.clips, lay.frames, lay.channels, lay.height, lay.width),
                                chunks=(1, lay.frames, lay.channels, lay.height, lay.width),
                                shards=(lay.clips_per_shard, lay.frames, lay.channels, lay.height, lay.width),
-                               dtype="float16", fill_value=np.nan, compressors=compressors, config=cfg)
+                               dtype="float16", fill_value=np.nan, compressors=compressors or None, config=cfg)
             g.create_array("actions", shape=(lay.clips, lay.frames), chunks=(1, lay.frames),
-                           shards=(lay.clips_per_shard, lay.frames), dtype="int16", fill_value=-1,
-                           compressors=compressors, config=cfg)
+                           shards=(lay.clips_per_shard, lay.frames), dtype=ACTION_DTYPE.name, fill_value=-1,
+                           compressors=compressors or None, config=cfg)
             g.create_array("length", shape=(lay.clips,), chunks=(lay.clips_per_shard,), dtype="int32",
-                           fill_value=0, compressors=None, config=cfg)
+                           fill_value=0, compressors=[Crc32cCodec()] if chunk_checksum else None, config=cfg)
         store.fs.pipe_file(f"{store.root}/manifest.json", manifest_json.encode())
         store.group.attrs.update(full)
         store.attrs = full
@@ -163,6 +198,17 @@ class LatentStore:
         # write_empty_chunks: a shard of skipped clips is all fill value, and must still be a file
         return self.group[f"{split}/{name}"].with_config({"write_empty_chunks": True})
 
+    def read(self, split: str, name: str, selection) -> np.ndarray:
+        """array(split, name)[selection] (a tuple of lists selects orthogonally), a corrupt chunk a StoreError."""
+        arr = self.array(split, name)
+        try:
+            if isinstance(selection, tuple) and any(isinstance(x, list) for x in selection):
+                return arr.get_orthogonal_selection(selection)
+            return arr[selection]
+        except ValueError as e:  # zarr: crc32c or zstd checksum mismatch, undecodable chunk
+            raise StoreError(f"{self.url}: {split}/{name} at {selection!r} cannot be read ({e}); "
+                             f"the store is damaged: run `minisora store verify {self.url}`") from e
+
     def array_names(self) -> tuple[str, ...]:
         return (("mean",) if self.attrs["deterministic"] else ARRAYS_5D) + ("actions", "length")
 
@@ -178,7 +224,12 @@ class LatentStore:
         return f"{self.root}/{split}/_commits/shard-{k:05d}.json"
 
     def is_committed(self, split: str, k: int) -> bool:
-        return self.fs.exists(self._marker_path(split, k))
+        """Shard k has a readable commit marker; a missing or broken one means encode must (re)write it."""
+        try:
+            self.read_commit(split, k)
+        except StoreError:
+            return False
+        return True
 
     def read_commit(self, split: str, k: int) -> ShardCommit:
         path = self._marker_path(split, k)
@@ -196,9 +247,14 @@ class LatentStore:
         lo, hi = lay.shard_range(k)
         n = hi - lo
         assert mean.shape == (n, lay.frames, lay.channels, lay.height, lay.width), mean.shape
-        blocks = {"mean": mean.astype(np.float16), "actions": actions.astype(np.int16), "length": lengths.astype(np.int32)}
+        where = f"{self.url} {split} shard {k}"
+        blocks = {"mean": narrow(mean, np.float16, f"{where} mean"),
+                  "actions": narrow(actions, ACTION_DTYPE, f"{where} actions"),
+                  "length": narrow(lengths, np.int32, f"{where} lengths")}
+        if (blocks["actions"] < -1).any():
+            raise StoreError(f"{where}: action ids must be >= 0 (-1: none), got {int(blocks['actions'].min())}")
         if not self.attrs["deterministic"]:
-            blocks["logvar"] = logvar.astype(np.float16)
+            blocks["logvar"] = narrow(logvar, np.float16, f"{where} logvar")
         for name in blocks:  # an interrupted attempt may have left torn files, which zarr would read back
             path = f"{self.root}/{self._shard_key(split, name, k)}"
             if self.fs.exists(path):
@@ -319,7 +375,8 @@ class LatentStore:
         """Summary for `minisora store info` (sizes computed from the files on disk)."""
         out = {"url": self.url, "schema_version": self.attrs.get("schema_version"), "complete": bool(self.attrs.get("complete")),
                "vae": self.attrs.get("vae"), "source": self.attrs.get("source"), "latent_stats": self.attrs.get("latent_stats"),
-               "skipped": self.attrs.get("skipped", []), "splits": {}}
+               "skipped": self.attrs.get("skipped", []), "manifest_skipped": self.attrs.get("manifest_skipped", []),
+               "chunk_checksum": self.attrs.get("chunk_checksum"), "splits": {}}
         total_bytes = 0
         for split in self.splits:
             lay = self.layout(split)

@@ -13,8 +13,10 @@ no `trust_remote_code`, weights from safetensors only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from minisora.errors import MinisoraError
+
 SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLWan")
 VAE_KINDS = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny", "wan": "AutoencoderKLWan"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class VAEError(ValueError):
+class VAEError(MinisoraError, ValueError):
     """A VAE that cannot be loaded or an input it cannot encode; the message says which and why."""
 
 
@@ -67,6 +71,29 @@ class VAEInfo:
     temporal_compression: int  # 1 for image VAEs, 4 for Wan
     latent_channels: int
     deterministic: bool  # True: no posterior variance (AutoencoderTiny), logvar is None
+    weights_sha256: str | None = None  # weights_sha256(model): the VAE's identity (None: not computed yet)
+    config_sha256: str | None = None  # of the model's config without diffusers' "_..." bookkeeping keys
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the VAE's state dict (names, shapes, values as float32), sorted by name.
+
+    The same weights give the same digest whatever dtype or device they were loaded in (fp16/bf16
+    values are exact in float32), and wherever the model came from: a Hub id, a local copy, or the
+    VAE saved inside a pipeline. A store's latents can be decoded only by the VAE with its digest.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_sha256(config) -> str:
+    """sha256 of a diffusers config as canonical JSON, without the "_name_or_path"-style bookkeeping."""
+    doc = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def _compression(class_name: str, config) -> tuple[int, int, int]:
@@ -81,7 +108,7 @@ def _compression(class_name: str, config) -> tuple[int, int, int]:
     return spatial, 2 ** sum(bool(t) for t in config["temperal_downsample"]), config["z_dim"]
 
 
-def _make_info(model, source: str, subfolder: str | None, revision: str | None) -> VAEInfo:
+def _make_info(model, source: str, subfolder: str | None, revision: str | None, digest: bool = False) -> VAEInfo:
     class_name = type(model).__name__
     if class_name not in SUPPORTED_CLASSES:
         raise VAEError(f"{source}: VAE class {class_name} is not supported (supported: {', '.join(SUPPORTED_CLASSES)})")
@@ -98,6 +125,8 @@ def _make_info(model, source: str, subfolder: str | None, revision: str | None) 
         temporal_compression=temporal,
         latent_channels=int(channels),
         deterministic=class_name == "AutoencoderTiny",
+        weights_sha256=weights_sha256(model) if digest else None,
+        config_sha256=config_sha256(config),
     )
 
 
@@ -133,6 +162,16 @@ def _hub_error(source: str, subfolder: str | None, revision: str | None, e: Base
     return VAEError(f"{what}: cannot fetch from the Hugging Face Hub: {type(e).__name__}: {e}".rstrip())
 
 
+def looks_local(source: str) -> bool:
+    """A VAE source meant as a local path, never a Hub id: it starts with '.', '/' or '~', holds an OS
+    separator other than the one '/' of `org/name`, has more than one '/', or its parent directory exists."""
+    seps = {os.sep, os.altsep} - {None, "/"}
+    if source.startswith((".", "/", "~")) or any(sep in source for sep in seps) or source.count("/") > 1:
+        return True
+    parent = os.path.dirname(source)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
 def read_vae_config(source: str, subfolder: str | None = None, revision: str | None = None) -> tuple[dict, str]:
     """The model's config.json as a dict, and the source to record (local dirs made absolute)."""
     local = Path(source).expanduser()
@@ -148,7 +187,10 @@ def read_vae_config(source: str, subfolder: str | None = None, revision: str | N
             raise VAEError(f"{path}: cannot read it as JSON ({e})") from e
     if local.exists():
         raise VAEError(f"{source}: is a file; expected a diffusers model directory or a Hub id like stabilityai/sd-vae-ft-ema")
-    if source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source):
+    if looks_local(source):
+        raise VAEError(f"{source}: no such directory, and not a Hub id (it is a local path, so the Hub is not asked); "
+                       "pass an existing diffusers model directory, e.g. one written by `minisora vae train --out DIR`")
+    if not _HUB_ID.fullmatch(source):
         raise VAEError(f"{source}: no such directory, and not a Hub id (expected owner/name, e.g. stabilityai/sd-vae-ft-ema)")
     from huggingface_hub import hf_hub_download
 
@@ -181,20 +223,28 @@ class VideoVAE:
             raise VAEError(f"{_describe(source, subfolder, revision)}: config.json names _class_name={class_name!r}; "
                            f"supported: {', '.join(SUPPORTED_CLASSES)}")
         model_cls = getattr(diffusers, class_name)
-        try:
-            model = model_cls.from_pretrained(recorded, subfolder=subfolder, revision=revision, torch_dtype=dtype,
-                                              use_safetensors=True)
+        try:  # float32 first: the digest of the weights must not depend on the compute dtype
+            model = model_cls.from_pretrained(recorded, subfolder=subfolder, revision=revision,
+                                              torch_dtype=torch.float32, use_safetensors=True)
         except _hub_errors() as e:
             if Path(recorded).is_dir():
                 raise VAEError(f"{_describe(recorded, subfolder, revision)}: cannot load {class_name} from it "
                                f"(weights must be safetensors): {e}") from e
             raise _hub_error(source, subfolder, revision, e) from e
-        return cls(model.to(device), _make_info(model, recorded, subfolder, revision))
+        info = _make_info(model, recorded, subfolder, revision, digest=True)
+        model = model.to(device) if dtype == torch.float32 else model.to(device, dtype)  # diffusers warns on any dtype
+        return cls(model, info)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, source: str = "<in-memory>") -> "VideoVAE":
         """Wrap a diffusers VAE already in memory (tests, a VAE trained in this process)."""
         return cls(model, _make_info(model, source, None, None))
+
+    def identity(self) -> str:
+        """weights_sha256 of this VAE (computed once, then kept in `info`)."""
+        if self.info.weights_sha256 is None:
+            self.info.weights_sha256 = weights_sha256(self.model)
+        return self.info.weights_sha256
 
     @property
     def device(self) -> torch.device:

@@ -21,10 +21,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import minisora
-from minisora.data.clips import ClipError, read_clip
+from minisora.data.clips import ACTION_DTYPE, ClipError, read_clip
 from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import barrier, dist_info, init_distributed, print0, resolve_device
-from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for
+from minisora.errors import MinisoraError
+from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for, narrow
+from minisora.store_guard import check_out, remove_store
 from minisora.vae import VideoVAE, frames_to_pixels
 
 
@@ -52,9 +54,8 @@ class EncodeConfig:
     extra: dict = field(default_factory=dict)
 
 
-class EncodeError(RuntimeError):
-    pass
-
+class EncodeError(MinisoraError, RuntimeError):
+    """A manifest, VAE or --out that encode cannot use; the message names it and says what to do."""
 
 
 def _used_frames(clip_frames: int, stride: int, vae: VideoVAE) -> int:
@@ -95,15 +96,22 @@ def plan_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE) -> tuple[di
                    "resolution": [h, w], "native_resolution": native,
                    "frame_stride": cfg.frame_stride, "fps": fps / cfg.frame_stride if fps else None},
         "encode": {"dtype": cfg.dtype, "batch_size": cfg.batch_size},
+        "manifest_skipped": manifest.skipped,  # clips `data manifest --on-error skip` left out, with reasons
         "minisora_version": minisora.__version__,
     }
     return attrs, layouts
 
 
+_IDENTITY = ("weights_sha256", "config_sha256")  # checked on their own, with both digests in the message
+
+
 def _same_plan(store: LatentStore, attrs: dict, layouts: dict[str, SplitLayout]) -> list[str]:
     diffs = []
     for key in ("vae", "source"):
-        if store.attrs.get(key) != json.loads(json.dumps(attrs[key])):
+        have, want = store.attrs.get(key) or {}, json.loads(json.dumps(attrs[key]))
+        if key == "vae":
+            have, want = ({k: v for k, v in d.items() if k not in _IDENTITY} for d in (have, want))
+        if have != want:
             diffs.append(key)
     if store.attrs.get("splits") != {s: asdict(l) for s, l in layouts.items()}:
         diffs.append("splits/geometry")
@@ -118,15 +126,25 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
     from minisora.store import _fs_and_root
 
     fs, root, _ = _fs_and_root(cfg.out)
+    check_out(cfg.out)  # a file, or a directory of the user's that is not a store: refused, nothing touched
     if fs.exists(f"{root}/zarr.json"):
         if cfg.overwrite or _interrupted_create(fs, root, layouts):
-            fs.rm(root, recursive=True)
+            remove_store(cfg.out, layouts)  # only the store's own files
         else:
             store = LatentStore(cfg.out, mode="a")
             diffs = _same_plan(store, attrs, layouts)
             if diffs:
                 raise EncodeError(f"{cfg.out} exists and was encoded with other settings ({', '.join(diffs)} differ); "
                                   "pass --overwrite to start over or choose another --out")
+            recorded = (store.attrs.get("vae") or {}).get("weights_sha256")
+            if recorded is not None and recorded != vae.info.weights_sha256:
+                now = str(vae.info.weights_sha256)[:16]
+                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, but {cfg.vae} now has weights "
+                                  f"{now} (same name and config, other weights); pass --overwrite to re-encode "
+                                  "everything with this VAE, or choose another --out")
+            if recorded is None:
+                print0(f"warning: {cfg.out} records no VAE weights digest (encoded by an older minisora); resuming "
+                       f"without checking that {cfg.vae} is the VAE its committed shards were encoded with")
             return store
     manifest_json = json.dumps({"kind": manifest.kind, "root": manifest.root,
                                 "clips": [asdict(c) for c in manifest.clips if c.split in layouts]})
@@ -196,6 +214,7 @@ def main(cfg: EncodeConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     manifest = Manifest.load(cfg.manifest, root=cfg.root)
+    check_out(cfg.out)  # before the VAE loads: a bad --out fails at once
     if os.path.isdir(cfg.vae):  # record where the VAE is, wherever sampling runs from
         cfg.vae = os.path.abspath(cfg.vae)
     vae = VideoVAE.load(cfg.vae, subfolder=cfg.vae_subfolder, revision=cfg.vae_revision, device=device, dtype=dtype)
@@ -231,6 +250,7 @@ def main(cfg: EncodeConfig) -> dict:
             raise EncodeError(f"{cfg.out}: some shards are still uncommitted after all ranks finished")
         summary["latent_stats"] = store.finalize()
         summary["skipped"] = store.attrs["skipped"]
+        summary["manifest_skipped"] = store.attrs.get("manifest_skipped", [])
     return summary
 
 
@@ -242,8 +262,15 @@ def _encode_shards(cfg, manifest, vae, store, layouts, shards, device, dtype, sh
         lo, hi = layouts[split].shard_range(k)
         split_clips = manifest.by_split(split)
         clip_jobs += [(split, k, i, split_clips[i]) for i in range(lo, hi)]
-    t0, frames_done = time.time(), 0
     bar = tqdm(total=len(clip_jobs), unit="clip", disable=not show, desc="encode")
+    try:  # the bar ends its line before any error is printed
+        return _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
+    finally:
+        bar.close()
+
+
+def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar) -> dict:
+    t0, frames_done = time.time(), 0
     with ThreadPoolExecutor(cfg.read_workers) as readers, ThreadPoolExecutor(1) as writer:
         used = {id(c): _used_frames(c.frames, cfg.frame_stride, vae) for *_, c in clip_jobs}
         ahead = max(2 * cfg.read_workers, 4)
@@ -269,11 +296,13 @@ def _encode_shards(cfg, manifest, vae, store, layouts, shards, device, dtype, sh
                 frames, actions = result
                 mean, logvar = encode_clip(vae, frames, cfg, device, dtype)
                 n = mean.shape[0]
-                block["mean"][i, :n] = mean
+                where = manifest.abspath(clip)
+                block["mean"][i, :n] = narrow(mean, block["mean"].dtype, f"{where}: latents")
                 if logvar is not None:
-                    block["logvar"][i, :n] = logvar
+                    block["logvar"][i, :n] = narrow(logvar, block["logvar"].dtype, f"{where}: latent logvar")
                 if actions is not None:
-                    block["actions"][i, :n] = _latent_actions(actions, n, vae.info.temporal_compression)
+                    lat = _latent_actions(actions, n, vae.info.temporal_compression)
+                    block["actions"][i, :n] = narrow(lat, block["actions"].dtype, f"{where}: actions")
                 block["lengths"][i] = n
                 frames_done += len(frames)
             bar.update(1)
@@ -286,14 +315,14 @@ def _encode_shards(cfg, manifest, vae, store, layouts, shards, device, dtype, sh
                 block = None
         if pending_write is not None:
             pending_write.result()
-    bar.close()
     return {"clips": len(clip_jobs), "frames": frames_done, "seconds": time.time() - t0}
 
 
 def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:
     shape = (n, lay.frames, lay.channels, lay.height, lay.width)
     return {"mean": np.full(shape, np.nan, np.float16), "logvar": None if deterministic else np.full(shape, np.nan, np.float16),
-            "actions": np.full((n, lay.frames), -1, np.int16), "lengths": np.zeros(n, np.int32), "keys": [], "skipped": []}
+            "actions": np.full((n, lay.frames), -1, ACTION_DTYPE), "lengths": np.zeros(n, np.int32),
+            "keys": [], "skipped": []}
 
 
 def _latent_actions(actions: np.ndarray, n: int, temporal_compression: int) -> np.ndarray:

@@ -18,9 +18,16 @@ import numpy as np
 import torch
 
 from minisora.metrics import I3DFeatures, frames_to_unit, fvd, lpips_available, summarize_seeds, video_metrics
-from minisora.store import LatentStore
 from minisora.dist import resolve_device
+from minisora.errors import MinisoraError, check_writable
+from minisora.store import LatentStore
+from minisora.store_guard import check_vae
 from stages.sample import clip_frames, load_pipeline
+
+
+class EvalError(MinisoraError, ValueError):
+    """Evaluation options that do not fit the store or the model; the message names the values."""
+
 
 
 @dataclass
@@ -49,12 +56,15 @@ def _clip_mean(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 def main(cfg: EvalConfig) -> dict:
     torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     if not 1 <= cfg.context_frames < cfg.frames:
-        raise ValueError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
+        raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
+    check_writable(cfg.out)  # before minutes of sampling, not after
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device)
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
     store.require_complete()
+    check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), cfg.store,
+              f"the pipeline's VAE ({pipe.video_vae.info.source})")
     store.layout(cfg.split)  # a missing split is a StoreError naming the ones there are
     k_pix, n_pix = pipe.video_vae.pixel_frames(cfg.context_frames), pipe.video_vae.pixel_frames(cfg.frames)
 
@@ -62,16 +72,17 @@ def main(cfg: EvalConfig) -> dict:
     lengths = store.array(cfg.split, "length")[:]
     chosen = [int(i) for i in np.flatnonzero(lengths >= cfg.frames)[: cfg.num_clips]]
     if not chosen:
-        raise ValueError(f"no clip in {cfg.split} has {cfg.frames} latent frames (longest: {int(lengths.max())})")
+        raise EvalError(f"{cfg.store}: no clip in {cfg.split} has {cfg.frames} latent frames "
+                        f"(longest: {int(lengths.max())})")
     manifest = store.manifest_json()
     split_clips = [c for c in manifest["clips"] if c["split"] == cfg.split]
     truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / split_clips[i]["path"], manifest["kind"])[0][:n_pix]
                       for i in chosen])  # (M, N_pix, H, W, 3) uint8
     st = store.attrs["latent_stats"]
     mu, sd = (torch.tensor(st[x]).view(1, 1, -1, 1, 1) for x in ("mean", "std"))
-    means = torch.from_numpy(store.array(cfg.split, "mean").get_orthogonal_selection((chosen, slice(0, cfg.frames))).astype(np.float32))
+    means = torch.from_numpy(store.read(cfg.split, "mean", (chosen, slice(0, cfg.frames))).astype(np.float32))
     latents_gt = (means - mu) / sd  # (M, N, C, h, w) normalised posterior means
-    acts = store.array(cfg.split, "actions").get_orthogonal_selection((chosen, slice(0, cfg.frames))).astype(np.int64)
+    acts = store.read(cfg.split, "actions", (chosen, slice(0, cfg.frames))).astype(np.int64)
     use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
 
     gt_unit = frames_to_unit(truth)

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 from minisora.data.clips import read_clip
 from minisora.dist import resolve_device
+from minisora.errors import MinisoraError, check_writable
 from minisora.pipeline import DiTPipeline
 from minisora.store import LatentStore
+from minisora.store_guard import check_vae
 from minisora.video import write_gif, write_mp4
 
 
@@ -43,8 +45,8 @@ class SampleConfig:
     fps: float | None = None
 
 
-class SampleError(RuntimeError):
-    pass
+class SampleError(MinisoraError, RuntimeError):
+    """A checkpoint, context or option that sampling cannot use; the message names it."""
 
 
 # ------------------------------------------------------------------------------ loading
@@ -80,6 +82,10 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: t
         meta = json.loads((pdir / "minisora_pipeline.json").read_text())
         v = meta["vae"]
         vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
+        if v.get("weights_sha256") not in (None, vae.info.weights_sha256):
+            raise SampleError(f"{pdir}: the model was trained on latents of VAE weights {v['weights_sha256'][:16]}, "
+                              f"but {v['source']} now holds weights {vae.info.weights_sha256[:16]}; "
+                              "restore that VAE there")
         transformer = VideoDiT.from_pretrained(str(pdir / "transformer"))
         scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
         pipe = DiTPipeline(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
@@ -141,19 +147,22 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
     if len(parts) == 3 and parts[2].isdigit() and not Path(source).exists():
         url, split, idx = parts[0], parts[1], int(parts[2])
         store = LatentStore(url)
+        store.require_complete()  # latent statistics exist only once every shard is in
+        check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), source,
+                  f"the pipeline's VAE ({pipe.video_vae.info.source})")
         lay = store.layout(split)
         if not 0 <= idx < lay.clips:
             raise SampleError(f"{source}: index {idx} out of range, {split} has {lay.clips} clips")
-        n = int(store.array(split, "length")[idx])
+        n = int(store.read(split, "length", idx))
         if n < k:
             raise SampleError(f"{source}: clip has {n} latent frames < {k} context frames")
         channels = pipe.transformer.config.in_channels
         if lay.channels != channels:
             raise SampleError(f"{source}: the store has {lay.channels} latent channels, the model {channels}")
-        mean = torch.from_numpy(store.array(split, "mean")[idx, :k].astype(np.float32))[None]
+        mean = torch.from_numpy(store.read(split, "mean", (idx, slice(0, k))).astype(np.float32))[None]
         st = store.attrs["latent_stats"]
         mu, sd = (torch.tensor(st[x]).view(1, 1, -1, 1, 1) for x in ("mean", "std"))
-        actions = store.array(split, "actions")[idx, :n].astype(np.int64)
+        actions = store.read(split, "actions", (idx, slice(0, n))).astype(np.int64)
         manifest = store.manifest_json()
         clip = [c for c in manifest["clips"] if c["split"] == split][idx]
         path = Path(manifest["root"]) / clip["path"]
@@ -247,6 +256,7 @@ def main(cfg: SampleConfig) -> dict:
     if cfg.context and total <= cfg.context_frames:
         raise SampleError(f"--frames {total}{'' if cfg.frames else ' (the training window)'} must exceed "
                           f"--context-frames {cfg.context_frames}")
+    check_writable(cfg.out, file=False)  # OUT is a stem: OUT.mp4, OUT-vs-truth.gif, ...
     ctx = load_context(pipe, cfg.context, cfg.context_frames) if cfg.context else None
     actions = load_actions(cfg.actions, ctx, total, cfg.num_videos)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -10,7 +10,7 @@ from minisora.store import LatentStore, SplitLayout
 
 
 def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_per_shard=2, seed=0,
-               deterministic=False, num_actions=3):
+               deterministic=False, num_actions=3, chunk_checksum=True):
     """A complete store whose latents are random; returns (store, {split: (mean, logvar, actions)})."""
     rng = np.random.default_rng(seed)
     layouts, data, clips = {}, {}, []
@@ -27,7 +27,8 @@ def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_
         data[split] = (mean, None if deterministic else logvar, actions)
         clips += [{"split": split, "path": f"{split}/{i:05d}.npz"} for i in range(len(lens))]
     attrs = {"vae": {"class_name": "test", "temporal_compression": 1}, "source": {"kind": "dmlab", "resolution": [16, 16]}}
-    store = LatentStore.create(str(url), attrs, layouts, deterministic, json.dumps({"kind": "dmlab", "clips": clips}))
+    store = LatentStore.create(str(url), attrs, layouts, deterministic, json.dumps({"kind": "dmlab", "clips": clips}),
+                               chunk_checksum=chunk_checksum)
     for split, lay in layouts.items():
         mean, logvar, actions = data[split]
         lens = np.array(lengths[split])

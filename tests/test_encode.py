@@ -133,11 +133,19 @@ def test_root_attributes(clips, ref):
     from minisora import __version__
     from minisora.data.manifest import Manifest
 
+    from diffusers import AutoencoderKL
+
+    from minisora.vae import config_sha256, weights_sha256
+
     a = LatentStore(ref).attrs
     assert a["schema"] == "minisora.latents" and a["schema_version"] == 1 and a["minisora_version"] == __version__
+    on_disk = AutoencoderKL.from_pretrained(clips["kl"])  # issue 12: the store names its VAE by weights digest too
     assert a["vae"] == {"source": str(Path(clips["kl"]).resolve()), "subfolder": None, "revision": None,
                         "class_name": "AutoencoderKL", "scaling_factor": 1.0, "shift_factor": 0.0,
-                        "spatial_compression": 4, "temporal_compression": 1, "latent_channels": 4, "deterministic": False}
+                        "spatial_compression": 4, "temporal_compression": 1, "latent_channels": 4,
+                        "deterministic": False, "weights_sha256": weights_sha256(on_disk),
+                        "config_sha256": config_sha256(on_disk.config)}
+    assert a["chunk_checksum"] == "crc32c"
     assert a["source"] == {"kind": "dmlab", "manifest_digest": Manifest.load(clips["manifest"]).digest(),
                            "root": str(clips["root"]), "resolution": [64, 64], "native_resolution": [64, 64],
                            "frame_stride": 1, "fps": None}  # the DMLab npz records no frame rate

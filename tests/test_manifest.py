@@ -235,3 +235,22 @@ def test_cli_skip_lists_bad_files_and_fail_names_the_file(dmlab_root, tmp_path):
     assert result.exit_code == 1
     assert f"error: {dmlab_root / 'train/0/bad.npz'}: not an npz (zip) archive" in result.stderr
     assert not out.exists()
+
+
+def test_skipped_clips_are_recorded_in_the_manifest_file(dmlab_root, tmp_path):
+    (dmlab_root / "train/0/bad.npz").write_bytes(b"garbage bytes")
+    m, skipped = build_manifest(dmlab_root, "dmlab", on_error="skip")
+    assert m.skipped == [{"path": "train/0/bad.npz", "reason": "not an npz (zip) archive"}] and len(skipped) == 1
+    m.save(tmp_path / "m.json")
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["skipped"] == m.skipped
+    back = Manifest.load(tmp_path / "m.json")
+    assert back.skipped == m.skipped and back.digest() == m.digest()  # the data's identity ignores what was left out
+    clean, _ = build_manifest(dmlab_root, "dmlab", on_error="skip", min_frames=1)
+    clean.skipped = []
+    clean.save(tmp_path / "clean.json")
+    assert "skipped" not in json.loads((tmp_path / "clean.json").read_text())  # files without skips read as before
+    doc["skipped"] = [{"path": 3}]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match=r"bad.json: `skipped` must be a list of"):
+        Manifest.load(tmp_path / "bad.json")

@@ -286,3 +286,45 @@ def test_dataset_card_matches_what_the_readers_read(tmp_path, kind):
     assert load_dataset_card("dmlab").keys() == load_dataset_card("minecraft").keys()
     with pytest.raises(ValueError, match="no dataset card for 'ucf'"):
         load_dataset_card("ucf")
+
+
+# ---------------------------------------------------------------- action ids (issue 12)
+@pytest.mark.parametrize("value", [10**6, -5, 32768, np.iinfo(np.int64).max])
+def test_out_of_range_action_ids_name_the_clip_the_value_and_the_range(tmp_path, value):
+    video, actions = dmlab_clip(tmp_path / "train" / "c.npz", frames=6)
+    bad = actions.astype(np.int64)
+    bad[4] = value
+    np.savez(tmp_path / "train" / "c.npz", video=video, actions=bad)
+    clip = tmp_path / "train" / "c.npz"
+    for call in (lambda: probe_clip(clip, "dmlab"), lambda: read_clip(clip, "dmlab")):
+        with pytest.raises(ClipError, match=rf"c.npz: action id {value} at frame 4 is outside \[0, 32767\]") as e:
+            call()
+        assert "1 of 6 actions are out of range" in str(e.value)
+
+
+def test_minecraft_out_of_range_actions_name_the_actions_file(tmp_path):
+    mp4 = tmp_path / "m.mp4"
+    minecraft_clip(mp4, frames=10, size=16)
+    np.savez(actions_path(mp4), actions=np.full(10, 40000, np.int64))
+    with pytest.raises(ClipError, match=r"m.npz: action id 40000 at frame 0 is outside \[0, 32767\]"):
+        probe_clip(mp4, "minecraft")
+
+
+def test_a_card_with_an_action_count_narrows_the_range(tmp_path, monkeypatch):
+    import minisora.data
+    from minisora.data.clips import action_range
+
+    card = load_dataset_card("dmlab")
+    monkeypatch.setattr(minisora.data, "load_dataset_card", lambda kind: {**card, "actions": {"count": 4}})
+    action_range.cache_clear()
+    try:
+        assert action_range("dmlab")[:2] == (0, 3)
+        video, _ = dmlab_clip(tmp_path / "c.npz", frames=5, with_actions=False)
+        np.savez(tmp_path / "c.npz", video=video, actions=np.array([0, 1, 2, 3, 4]))
+        card_range = r"action id 4 at frame 4 is outside \[0, 3\] \(the dmlab dataset card's 4 actions\)"
+        with pytest.raises(ClipError, match=card_range):
+            read_clip(tmp_path / "c.npz", "dmlab")
+    finally:
+        monkeypatch.undo()
+        action_range.cache_clear()
+    assert action_range("dmlab")[:2] == (0, 32767)  # the real card documents no count

@@ -187,3 +187,39 @@ def test_vae_train_cli_beats_the_mean_frame_and_writes_a_loadable_model(tmp_path
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "already holds a model (config.json); pass --overwrite" in again.output
+
+
+# ---------------------------------------------------------------------------- identity (issue 12)
+def test_weights_digest_names_the_weights_not_the_dtype_or_the_path(tmp_path):
+    from minisora.vae import weights_sha256
+
+    a, b = _vae("kl", seed=0), _vae("kl", seed=1)
+    a.model.save_pretrained(tmp_path / "a")
+    (tmp_path / "copy").mkdir()
+    for f in (tmp_path / "a").iterdir():
+        (tmp_path / "copy" / f.name).write_bytes(f.read_bytes())
+    fp32 = VideoVAE.load(str(tmp_path / "a"))
+    bf16 = VideoVAE.load(str(tmp_path / "copy"), dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16  # computes in bf16, named by its stored weights
+    assert fp32.info.weights_sha256 == bf16.info.weights_sha256 == weights_sha256(a.model) == a.identity()
+    assert len(fp32.info.weights_sha256) == 64 and fp32.info.config_sha256 == bf16.info.config_sha256
+    assert b.identity() != a.identity() and b.info.config_sha256 == a.info.config_sha256  # same config, other weights
+    with torch.no_grad():
+        next(a.model.parameters()).view(-1)[0] += 1e-3
+    assert weights_sha256(a.model) != fp32.info.weights_sha256
+
+
+@pytest.mark.parametrize("source,local", [("stabilityai/sd-vae-ft-ema", False), ("./vae", True), ("/abs/vae", True),
+                                          ("~/vae", True), ("a/b/c", True), ("{tmp}/vae", True), ("{rel}/vae", True)])
+def test_local_looking_sources_never_reach_the_hub(tmp_path, source, local):
+    import time
+
+    from minisora.vae import looks_local, read_vae_config
+
+    source = source.format(tmp=tmp_path, rel=os.path.relpath(tmp_path))
+    assert looks_local(source) is local
+    if local:
+        t0 = time.perf_counter()
+        with pytest.raises(VAEError, match="no such directory, and not a Hub id .*the Hub is not asked"):
+            read_vae_config(source)
+        assert time.perf_counter() - t0 < 1.0

@@ -13,15 +13,19 @@ with the numbers ("/data/train/0/7.npz: has 12 frames < 20 required").
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from minisora.errors import MinisoraError
+
 KINDS = ("dmlab", "minecraft")
+ACTION_DTYPE = np.dtype(np.int16)  # how the latent store keeps action ids (-1: none); the readers' bound
 
 
-class ClipError(ValueError):
+class ClipError(MinisoraError, ValueError):
     """Bad input clip. str(e) == f"{path}: {problem}"."""
 
     def __init__(self, path, problem: str):
@@ -45,6 +49,34 @@ def _check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown clip kind {kind!r}; expected one of {', '.join(KINDS)}")
     return kind
+
+
+@functools.lru_cache(maxsize=None)
+def action_range(kind: str) -> tuple[int, int, str]:
+    """(lo, hi, why): the valid action ids [lo, hi] of a kind and where that range comes from.
+
+    The dataset card's action count when it names one (data_manifests/<kind>.json, actions.count),
+    otherwise every id the store can hold: [0, int16 max].
+    """
+    from minisora.data import load_dataset_card
+
+    try:
+        count = load_dataset_card(_check_kind(kind)).get("actions", {}).get("count")
+    except (OSError, ValueError, AttributeError):  # no card: the store's bound still holds
+        count = None
+    if isinstance(count, int) and count > 0:
+        return 0, count - 1, f"the {kind} dataset card's {count} actions"
+    return 0, int(np.iinfo(ACTION_DTYPE).max), f"the ids a latent store holds ({ACTION_DTYPE})"
+
+
+def check_action_values(path, actions: np.ndarray, kind: str) -> None:
+    """Every action id inside action_range(kind), or a ClipError naming the clip, the value and the range."""
+    lo, hi, why = action_range(kind)
+    bad = (actions < lo) | (actions > hi)  # compared in the file's own dtype: nothing wraps first
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ClipError(path, f"action id {actions[i]} at frame {i} is outside [{lo}, {hi}] ({why}); "
+                        f"{int(bad.sum())} of {len(actions)} actions are out of range")
 
 
 def clip_suffix(kind: str) -> str:

@@ -2,7 +2,11 @@
 
     {"version": 1, "kind": "dmlab", "root": "/data/dmlab",
      "clips": [{"split": "test", "path": "test/0/000001.npz", "frames": 300, "height": 64,
-                "width": 64, "has_actions": true, "bytes": 3688746, "sha256": null}, ...]}
+                "width": 64, "has_actions": true, "bytes": 3688746, "sha256": null}, ...],
+     "skipped": [{"path": "train/0/bad.npz", "reason": "not an npz (zip) archive"}]}
+
+`skipped` (present only when the scan left clips out, with --on-error skip) lists the bad clips,
+so encode can report them and record them in the store; it is not part of `digest()`.
 
 Records are sorted by (split, path), so scanning the same files twice gives the same manifest,
 and `digest()` (kind + records, not the root) identifies the data wherever it lives. Paths are
@@ -18,19 +22,20 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from minisora.data.clips import KINDS, ClipError, clip_files, clip_suffix, probe_clip
+from minisora.errors import MinisoraError
 
 SPLITS = ("train", "test")
 VERSION = 1
 _PROGRESS_MIN_CLIPS = 8  # show a progress bar when scanning more clips than this
 
 
-class ManifestError(ValueError):
+class ManifestError(MinisoraError, ValueError):
     """A manifest file that cannot be used; the message names the file and the problem."""
 
     def __init__(self, path, problem: str):
@@ -57,16 +62,21 @@ class Manifest:
     root: str  # absolute path of the scanned root
     clips: list[ManifestClip]
     version: int = VERSION
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: bad clips left out (on_error="skip")
 
     def save(self, path) -> None:
         """Write JSON atomically (a temporary file, then os.replace), creating parent directories."""
         path = Path(path)
+        if path.is_dir():
+            raise ManifestError(path, "is a directory; the manifest is a file, e.g. DIR/manifest.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"version": self.version, "kind": self.kind, "root": self.root})  # '{...}'
         records = ",\n".join(json.dumps(_record(c)) for c in self.clips)  # one clip per line: diffable
+        skipped = ",\n".join(json.dumps(x) for x in self.skipped)
+        skipped = f',\n"skipped": [\n{skipped}\n]' if self.skipped else ""  # only when clips were left out
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            tmp.write_text(f'{header[:-1]}, "clips": [\n{records}\n]}}\n')
+            tmp.write_text(f'{header[:-1]}, "clips": [\n{records}\n]{skipped}}}\n')
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -91,7 +101,12 @@ class Manifest:
             raise ManifestError(path, "`clips` must be a list")
         root = Path(root if root is not None else doc["root"]).absolute()
         clips = [_clip_record(path, i, rec, doc["kind"]) for i, rec in enumerate(doc["clips"])]
-        manifest = cls(kind=doc["kind"], root=str(root), clips=clips, version=doc["version"])
+        skipped = doc.get("skipped", [])
+        if not isinstance(skipped, list) or not all(isinstance(x, dict) and isinstance(x.get("path"), str)
+                                                    and isinstance(x.get("reason"), str) for x in skipped):
+            raise ManifestError(path, "`skipped` must be a list of {\"path\": ..., \"reason\": ...} records")
+        manifest = cls(kind=doc["kind"], root=str(root), clips=clips, version=doc["version"],
+                       skipped=[{"path": x["path"], "reason": x["reason"]} for x in skipped])
         seen: set[str] = set()
         resolved_dirs: dict[str, str] = {}  # each directory is resolved once, not once per clip
         for i, clip in enumerate(clips):
@@ -249,4 +264,5 @@ def build_manifest(root, kind, checksum=False, on_error="fail", min_frames=1, wo
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # on failure, do not wait for the rest of the scan
-    return Manifest(kind=kind, root=str(root), clips=clips), skipped
+    recorded = [{"path": p, "reason": r} for p, r in skipped]
+    return Manifest(kind=kind, root=str(root), clips=clips, skipped=recorded), skipped

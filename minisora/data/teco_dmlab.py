@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minisora.data.clips import ClipError, ClipInfo, check_window
+from minisora.data.clips import ClipError, ClipInfo, check_action_values, check_window
 
 _READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
@@ -112,10 +112,13 @@ def _dmlab_headers(zf: zipfile.ZipFile, path: Path) -> ClipInfo:
 
 
 def probe_dmlab_clip(path) -> ClipInfo:
-    """ClipInfo of a DMLab npz from its .npy headers (no frame data is read)."""
+    """ClipInfo of a DMLab npz from its .npy headers (no frame data is read; the actions are, and checked)."""
     path = Path(path)
     with open_npz(path) as zf:
-        return _dmlab_headers(zf, path)
+        info = _dmlab_headers(zf, path)
+        if info.has_actions:
+            check_action_values(path, npz_rows(zf, path, "actions", 0, info.frames), "dmlab")
+        return info
 
 
 def read_dmlab_clip(path, start: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -125,5 +128,9 @@ def read_dmlab_clip(path, start: int = 0, length: int | None = None) -> tuple[np
         info = _dmlab_headers(zf, path)
         stop = check_window(path, info.frames, start, length)
         frames = npz_rows(zf, path, "video", start, stop)
-        actions = npz_rows(zf, path, "actions", start, stop).astype(np.int64) if info.has_actions else None
+        actions = None
+        if info.has_actions:
+            actions = npz_rows(zf, path, "actions", start, stop)
+            check_action_values(path, actions, "dmlab")
+            actions = actions.astype(np.int64)  # in range: exact
     return frames, actions

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minisora.data.clips import ClipError, ClipInfo, check_window
+from minisora.data.clips import ClipError, ClipInfo, check_action_values, check_window
 from minisora.data.teco_dmlab import check_actions, npz_header, npz_rows, open_npz
 from minisora.video import VideoError, probe_mp4, read_mp4
 
@@ -44,7 +44,8 @@ def probe_minecraft_clip(path) -> ClipInfo:
         if header is None:
             members = ", ".join(sorted(n.removesuffix(".npy") for n in zf.namelist())) or "none"
             raise ClipError(npz, f"no `actions` array (members: {members})")
-    check_actions(npz, header, frames, video=path.name)
+        check_actions(npz, header, frames, video=path.name)
+        check_action_values(npz, npz_rows(zf, npz, "actions", 0, frames), "minecraft")
     return ClipInfo(frames=frames, height=height, width=width, has_actions=True)
 
 
@@ -65,5 +66,6 @@ def read_minecraft_clip(path, start: int = 0, length: int | None = None) -> tupl
         raise ClipError(path, f"decoded frames are {frames.shape[1:3]}, the container says {(info.height, info.width)}")
     npz = actions_path(path)
     with open_npz(npz) as zf:
-        actions = npz_rows(zf, npz, "actions", start, stop).astype(np.int64)
-    return frames, actions
+        actions = npz_rows(zf, npz, "actions", start, stop)
+    check_action_values(npz, actions, "minecraft")
+    return frames, actions.astype(np.int64)  # in range: exact

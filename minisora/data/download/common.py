@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from minisora.errors import MinisoraError
+
 PARTS_DIR = "parts"  # DIR/parts/<file>: the downloaded archive parts
 STATE_FILE = "download.json"  # DIR/download.json: written once the parts are unpacked
 CHUNK = 1 << 20  # bytes per read from the network and from the parts
 
-class DownloadError(RuntimeError):
+class DownloadError(MinisoraError, RuntimeError):
     """A download, check or unpack that failed; the message names the file or URL and the numbers."""
 
 

@@ -39,6 +39,7 @@ from minisora.data.synthetic.maze import (MAZE_RADIUS, MAZE_SPEED, MAZE_TURN, Ma
                                           maze_clearance, move_in_maze, render_dmlab_clip, render_maze)
 from minisora.data.synthetic.world import (WORLD_EYE, Player, World, make_world, minecraft_walk, move_in_world,
                                            render_minecraft_clip, render_world, world_clearance)
+from minisora.errors import MinisoraError
 
 __all__ = ["DMLAB_ACTIONS", "MINECRAFT_ACTIONS", "KINDS", "SPLITS", "MAZE_RADIUS", "MAZE_SPEED", "MAZE_TURN",
            "Maze", "MazePose", "dmlab_walk", "make_maze", "maze_clearance", "move_in_maze", "render_dmlab_clip",
@@ -112,15 +113,23 @@ def _write_clip(job: _ClipJob) -> bool:
     return True
 
 
+class SynthError(MinisoraError, ValueError):
+    """An --out that the synthetic writer cannot add clips to; the message names the file."""
+
+
 def _check_params(root: Path, params: dict) -> None:
     """Record the generator's arguments; refuse to add clips made with different ones."""
     path = root / PARAMS_FILE
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SynthError(f"{path}: unreadable record of the settings ({e}); choose a new --out") from e
         diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{path}: this directory holds synthetic clips made with other settings ({detail}); choose a new --out")
+            raise SynthError(f"{path}: this directory holds synthetic clips made with other settings ({detail}); "
+                             "choose a new --out or repeat those settings")
         return
     tmp = root / f".{PARAMS_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(params, indent=2) + "\n")
@@ -141,6 +150,8 @@ def write_synthetic_dataset(
     if clips < 0 or test_clips < 0 or frames < 2 or workers < 1:
         raise ValueError(f"need clips >= 0, test_clips >= 0, frames >= 2, workers >= 1; got {clips}, {test_clips}, {frames}, {workers}")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
     root.mkdir(parents=True, exist_ok=True)
     _check_params(root, {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames, "seed": seed})
     jobs = [_ClipJob(kind, root, split, i, frames, seed) for split, n in (("train", clips), ("test", test_clips)) for i in range(n)]
