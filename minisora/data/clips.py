@@ -1,130 +1,50 @@
 """One entry point for raw clips of every kind: probe a clip cheaply, read a window of it.
 
-A clip is one trajectory on disk in TECO's published layout. The format specifics live in
-`teco_dmlab.py` (.npz with `video` and `actions`) and `teco_minecraft.py` (.mp4 plus a sibling
-actions .npz); this file dispatches on `kind` and holds what all kinds share:
-
-    frames   uint8 (T, H, W, 3), RGB pixels as stored (no scaling)
-    actions  int64 (T,), one per frame, or None when the clip has none
-
-Every problem with an input file is a `ClipError` whose message names the file and the problem,
-with the numbers ("/data/train/0/7.npz: has 12 frames < 20 required").
+A clip is one trajectory on disk in TECO's published layout. The format specifics live in one reader
+per kind (`teco_dmlab.py`: .npz with `video` and `actions`; `teco_minecraft.py`: .mp4 plus a sibling
+actions .npz); `READERS` maps each kind to its probe and read functions, and this module dispatches
+through it. The types and checks every reader shares live in `base.py`, the npz helpers in `npz.py`.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from minisora.errors import MinisoraError
+from minisora.data.base import (ACTION_DTYPE, KINDS, ClipError, ClipInfo, action_range, check_action_values,
+                                check_kind, check_window, clip_suffix)
+from minisora.data.teco_dmlab import probe_dmlab_clip, read_dmlab_clip
+from minisora.data.teco_minecraft import actions_path, probe_minecraft_clip, read_minecraft_clip
 
-KINDS = ("dmlab", "minecraft")
-ACTION_DTYPE = np.dtype(np.int16)  # how the latent store keeps action ids (-1: none); the readers' bound
-
-
-class ClipError(MinisoraError, ValueError):
-    """Bad input clip. str(e) == f"{path}: {problem}"."""
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):  # survive the trip back from a worker process
-        return (type(self), (self.path, self.problem))
+__all__ = ["ACTION_DTYPE", "KINDS", "READERS", "ClipError", "ClipInfo", "action_range", "check_action_values",
+           "check_window", "clip_files", "clip_suffix", "probe_clip", "read_clip"]
 
 
-@dataclass(frozen=True)
-class ClipInfo:
-    frames: int
-    height: int
-    width: int
-    has_actions: bool
+class Reader(NamedTuple):
+    probe: Callable[..., ClipInfo]  # probe(path) -> ClipInfo
+    read: Callable[..., tuple[np.ndarray, np.ndarray | None]]  # read(path, start, length) -> (frames, actions)
+    files: Callable[[Path], list[Path]]  # every file one clip consists of
 
 
-def _check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"unknown clip kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return kind
-
-
-@functools.lru_cache(maxsize=None)
-def action_range(kind: str) -> tuple[int, int, str]:
-    """(lo, hi, why): the valid action ids [lo, hi] of a kind and where that range comes from.
-
-    The dataset card's action count when it names one (data_manifests/<kind>.json, actions.count),
-    otherwise every id the store can hold: [0, int16 max].
-    """
-    from minisora.data import load_dataset_card
-
-    try:
-        count = load_dataset_card(_check_kind(kind)).get("actions", {}).get("count")
-    except (OSError, ValueError, AttributeError):  # no card: the store's bound still holds
-        count = None
-    if isinstance(count, int) and count > 0:
-        return 0, count - 1, f"the {kind} dataset card's {count} actions"
-    return 0, int(np.iinfo(ACTION_DTYPE).max), f"the ids a latent store holds ({ACTION_DTYPE})"
-
-
-def check_action_values(path, actions: np.ndarray, kind: str) -> None:
-    """Every action id inside action_range(kind), or a ClipError naming the clip, the value and the range."""
-    lo, hi, why = action_range(kind)
-    bad = (actions < lo) | (actions > hi)  # compared in the file's own dtype: nothing wraps first
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ClipError(path, f"action id {actions[i]} at frame {i} is outside [{lo}, {hi}] ({why}); "
-                        f"{int(bad.sum())} of {len(actions)} actions are out of range")
-
-
-def clip_suffix(kind: str) -> str:
-    """File suffix of a clip of this kind: ".npz" (dmlab) or ".mp4" (minecraft)."""
-    return {"dmlab": ".npz", "minecraft": ".mp4"}[_check_kind(kind)]
-
-
-def check_window(path, frames: int, start: int, length: int | None) -> int:
-    """Validate the window [start, start + length) against a clip of `frames` frames; return its stop.
-
-    `length=None` means "to the end of the clip". Bad arguments are the caller's bug (ValueError);
-    a clip too short for the window is bad input (ClipError naming both numbers).
-    """
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    if length is not None and length < 1:
-        raise ValueError(f"length must be >= 1 or None, got {length}")
-    required = start + (length if length is not None else 1)
-    if frames < required:
-        raise ClipError(path, f"has {frames} frames < {required} required")
-    return start + length if length is not None else frames
+READERS: dict[str, Reader] = {
+    "dmlab": Reader(probe_dmlab_clip, read_dmlab_clip, lambda path: [path]),
+    "minecraft": Reader(probe_minecraft_clip, read_minecraft_clip, lambda path: [path, actions_path(path)]),
+}
+assert tuple(READERS) == KINDS
 
 
 def probe_clip(path, kind: str) -> ClipInfo:
     """Frame count, size and whether actions exist, without decoding the frames."""
-    if _check_kind(kind) == "dmlab":
-        from minisora.data.teco_dmlab import probe_dmlab_clip
-
-        return probe_dmlab_clip(path)
-    from minisora.data.teco_minecraft import probe_minecraft_clip
-
-    return probe_minecraft_clip(path)
+    return READERS[check_kind(kind)].probe(path)
 
 
 def read_clip(path, kind: str, start: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Frames [start, start + length) as uint8 (T, H, W, 3) and their actions as int64 (T,) or None."""
-    if _check_kind(kind) == "dmlab":
-        from minisora.data.teco_dmlab import read_dmlab_clip
-
-        return read_dmlab_clip(path, start, length)
-    from minisora.data.teco_minecraft import read_minecraft_clip
-
-    return read_minecraft_clip(path, start, length)
+    return READERS[check_kind(kind)].read(path, start, length)
 
 
 def clip_files(path, kind: str) -> list[Path]:
     """Every file a clip consists of (minecraft: the mp4 and its actions npz)."""
-    path = Path(path)
-    if _check_kind(kind) == "minecraft":
-        return [path, path.with_suffix(".npz")]
-    return [path]
+    return READERS[check_kind(kind)].files(Path(path))

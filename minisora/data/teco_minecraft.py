@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minisora.data.clips import ClipError, ClipInfo, check_action_values, check_window
-from minisora.data.teco_dmlab import check_actions, npz_header, npz_rows, open_npz
+from minisora.data.base import ClipError, ClipInfo, check_action_values, check_window
+from minisora.data.npz import check_actions, npz_header, npz_rows, open_npz
 from minisora.video import VideoError, probe_mp4, read_mp4
 
 
