@@ -122,7 +122,9 @@ def clip_and_step(optimizer, c: Contract, max_norm: float):
     """Clip (through the plugin's own path) and step; returns the gradient norm before clipping, or None."""
     if c.clips_in_step:  # ZeRO / Gemini: max_norm was given to the plugin; the norm is known after step()
         optimizer.step()
-        return optimizer.get_grad_norm()
+        norm, scaler = optimizer.get_grad_norm(), find_loss_scaler(optimizer)
+        # their norm is of the loss-scaled gradients (fp16); a tensor division keeps it free of host syncs
+        return norm / scaler.scale if scaler is not None and norm is not None else norm
     norm = optimizer.clip_grad_by_norm(max_norm) if max_norm > 0 else None
     optimizer.step()
     return norm

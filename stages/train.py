@@ -170,7 +170,7 @@ def save(run: Run, step: int, loader_state: dict) -> None:
 
     def rank0_files(tmp: Path) -> None:
         if run.ema is not None:
-            save_file(run.ema.state_dict(), str(tmp / "ema.safetensors"))
+            save_file({k: v.cpu() for k, v in run.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         save_pipeline(tmp / "pipeline", run.module, weights, run.store, cfg)
 
     ckpt.save(run.booster, run.model, run.optimizer, ckpt.step_dir(cfg.out, step), state, rank0_files, rank,
