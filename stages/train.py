@@ -316,4 +316,5 @@ def main(cfg: TrainConfig) -> dict:
         bar.close()
         logger.close()
     return {"step": step, "loss": last_loss, "params": run.params, "precision": choice.precision,
+            "ema_device": str(run.ema.device) if run.ema is not None else None,
             "checkpoints": [str(p) for p in ckpt.list_checkpoints(cfg.out)]}
