@@ -24,9 +24,9 @@ def check_combination(plugin: str, precision: str, device: torch.device, ema_dec
         raise ValueError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGINS)}")
     c = CONTRACTS[plugin]
     if device.type not in c.devices:
-        cls = "GeminiPlugin" if plugin == "gemini" else "LowLevelZeroPlugin"
-        raise RuntimeError(f"--plugin {plugin} needs CUDA GPUs (ColossalAI's {cls} and HybridAdam have no CPU "
-                           "implementation); on CPU use --plugin ddp")
+        cls = "GeminiPlugin and HybridAdam have" if plugin == "gemini" else "LowLevelZeroPlugin has"
+        raise RuntimeError(f"--plugin {plugin} needs CUDA GPUs (ColossalAI's {cls} no CPU implementation); "
+                           "on CPU use --plugin ddp")
     if precision == "fp16" and device.type != "cuda":
         raise RuntimeError("--precision fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
     if precision not in c.precisions:
@@ -93,7 +93,9 @@ def build_booster(c: Contract, precision: str, grad_clip: float, grad_accum: int
 
 
 def build_optimizer(c: Contract, model: torch.nn.Module, lr: float, weight_decay: float):
-    if c.name != "ddp":
+    """AdamW. ZeRO wraps any torch optimizer, so ddp/zero1/zero2 take torch's (no kernels to JIT-build, which
+    takes minutes and needs nvcc); Gemini accepts only ColossalAI's HybridAdam/FusedAdam/CPUAdam."""
+    if c.name == "gemini":
         from colossalai.nn.optimizer import HybridAdam
 
         return HybridAdam(model.parameters(), lr=lr, weight_decay=weight_decay, adamw_mode=True)
