@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a bare GPU machine (Python 3.12 + torch, no network):
 #
-#   benchmarks/gpu_check.sh LOGDIR [WHEELDIR]      (WHEELDIR default: gpu-wheels/, built by build_gpu_wheels.sh)
+#   benchmarks/gpu_check.sh [--install-only] LOGDIR [WHEELDIR]   (WHEELDIR: gpu-wheels/, from build_gpu_wheels.sh)
 #
-# 1. installs from WHEELDIR what the machine lacks (benchmarks/gpu_wheels*.txt, colossalai --no-deps);
+# 1. installs, offline and --no-deps, every wheel found under WHEELDIR (any part-*/ carried so far; the
+#    folder holds the whole dependency closure but torch); --install-only stops here;
 # 2. runs `pytest -m gpu` (tests/gpu/: every plugin, t, SDPA kernels, encode / vae train / sample / eval);
 # 3. benchmarks/train.py --presets small,base --precision bf16 (MFU against 989 TFLOP/s, H100/H200 dense bf16);
 # 4. the peak memory of base at batch 32;
@@ -11,7 +12,9 @@
 # Each phase has its own time limit (355 s in all, install included) and log in LOGDIR; summary.txt lists them.
 # Without CUDA it says why and exits 0. The exit status is the number of phases that failed.
 set -uo pipefail
-LOG=${1:?usage: benchmarks/gpu_check.sh LOGDIR [WHEELDIR]}
+INSTALL_ONLY=0
+if [ "${1:-}" = "--install-only" ]; then INSTALL_ONLY=1; shift; fi
+LOG=${1:?usage: benchmarks/gpu_check.sh [--install-only] LOGDIR [WHEELDIR]}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS=${2:-$REPO/gpu-wheels}
 PY=${PYTHON:-python3}
@@ -51,13 +54,12 @@ phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, log to LOG/NA
 $PY -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA',
 torch.version.cuda)" | tee -a "$SUMMARY"
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-if [ -d "$WHEELS" ]; then
-    phase install 45 bash -c "$PY -m pip install --no-index --find-links '$WHEELS' -r benchmarks/gpu_wheels.txt &&
-        $PY -m pip install --no-index --find-links '$WHEELS' --no-deps -r benchmarks/gpu_wheels_nodeps.txt &&
-        $PY -m pip install --no-index --find-links '$WHEELS' --no-deps colossalai==0.5.0 contexttimer==0.3.3"
+if [ -n "$(find "$WHEELS" -name '*.whl' 2>/dev/null | head -1)" ]; then
+    phase install 45 bash -c "find '$WHEELS' -name '*.whl' -print0 | xargs -0 $PY -m pip install --no-index --no-deps"
 else
-    echo "install: no wheel folder $WHEELS; using what is installed" | tee -a "$SUMMARY"
+    echo "install: no wheels under $WHEELS; using what is installed" | tee -a "$SUMMARY"
 fi
+[ $INSTALL_ONLY -eq 1 ] && exit $failed
 phase imports 20 $PY -c "import torch, diffusers, zarr, colossalai, minisora.plugins; print('imports ok:',
 torch.__version__, diffusers.__version__, zarr.__version__, colossalai.__version__)"
 phase pytest 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --timeout 100 tests/gpu -k "not gemini"
