@@ -3,11 +3,12 @@
 #
 #   benchmarks/build_gpu_wheels.sh [DIR] [PART_MIB]     (default: gpu-wheels/, ignored by git; 56)
 #
-# Downloads, for CPython 3.12 on manylinux x86_64 (glibc 2.31 or newer: Ubuntu 20.04+), the packages in benchmarks/gpu_wheels.txt with
-# their dependencies, the torch-dependent ones in gpu_wheels_nodeps.txt without theirs, and builds
-# colossalai 0.5.0 and contexttimer 0.3.3 (sdists) into pure-Python wheels with --no-deps. It never downloads torch, nvidia-*
-# or triton (the GPU machine's torch 2.11 stays) and fails if one slipped in. Needs network (PyPI) here.
-# The wheels (about 110 MiB) are then dealt into DIR/part-1, part-2, ... of at most PART_MIB each, since
+# Downloads, for CPython 3.12 on manylinux x86_64 (glibc 2.31 or newer: Ubuntu 20.04+), the packages
+# in benchmarks/gpu_wheels.txt with their dependencies and the torch-dependent ones in
+# gpu_wheels_nodeps.txt without theirs, and builds colossalai 0.5.0 and contexttimer 0.3.3 (sdists)
+# into pure-Python wheels with --no-deps. It never downloads torch, nvidia-* or triton (the GPU
+# machine's torch 2.11 stays) and fails if one slipped in. Needs network (PyPI) here.
+# The wheels (148 MiB on 2026-12-01) are then dealt into DIR/part-1, part-2, ... of at most PART_MIB each, since
 # the device tool carries at most 64 MiB per call: install them part by part with
 # `benchmarks/gpu_check.sh --install-only LOGDIR DIR` while the machine stays warm (docs/benchmarks.md).
 set -euo pipefail
@@ -20,6 +21,7 @@ PLATFORM=(--only-binary=:all: --implementation cp --python-version 3.12 --abi cp
           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
           --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any)
 mkdir -p "$DIR"
+rm -rf "$DIR"/part-*   # a previous build's parts: the wheels are downloaded again and dealt anew
 $PIP download --dest "$DIR" "${PLATFORM[@]}" -r benchmarks/gpu_wheels.txt
 $PIP download --dest "$DIR" "${PLATFORM[@]}" --no-deps -r benchmarks/gpu_wheels_nodeps.txt
 # sdists only on PyPI, pure Python: built into wheels here (no ColossalAI kernels are built)
@@ -46,6 +48,7 @@ for i, part in enumerate(parts, 1):
     (root / f"part-{i}").mkdir(exist_ok=True)
     for w in part:
         w.rename(root / f"part-{i}" / w.name)
-    print(f"part-{i}: {len(part)} wheels, {sum(x.stat().st_size for x in (root / f'part-{i}').iterdir()) / 2**20:.1f} MiB")
+    size = sum(x.stat().st_size for x in (root / f"part-{i}").iterdir()) / 2**20
+    print(f"part-{i}: {len(part)} wheels, {size:.1f} MiB")
 PY
 echo "$(find "$DIR" -name '*.whl' | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR"

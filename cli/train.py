@@ -40,8 +40,12 @@ def train(
     ckpt_every: int = typer.Option(500, min=0, help="Save a checkpoint every N steps and at the last step (0: never)."),
     keep_last: int = typer.Option(3, min=0, help="Keep only the newest N checkpoints (0: keep all)."),
     sample_every: int = typer.Option(0, min=0, help="Every N steps, rank 0 continues a few test clips, decodes them with the store's VAE and saves a gif + PSNR (0: off)."),
-    resume: str = typer.Option("auto", help="auto: continue from the newest checkpoint in OUT if any; a checkpoint path; or 'none' to start fresh. A path older than OUT's newest checkpoint (or 'none' over existing ones) is refused unless --branch."),
-    branch: bool = typer.Option(False, "--branch", help="Accept that --resume starts a branch: OUT's newer checkpoints (and their metrics lines) move to OUT/checkpoints/abandoned-<time>/, never resumed or sampled."),
+    resume: str = typer.Option("auto", help="auto: continue from the newest checkpoint in OUT if any; a checkpoint "
+                               "path; or 'none' to start fresh. A path older than OUT's newest checkpoint (or 'none' "
+                               "over existing ones) is refused unless --branch."),
+    branch: bool = typer.Option(False, "--branch", help="Accept that --resume starts a branch: OUT's newer checkpoints "
+                                "(and their metrics lines) move to OUT/checkpoints/abandoned-<time>/, never resumed "
+                                "or sampled; metrics.jsonl records where the branch started."),
     use_actions: bool = typer.Option(False, "--use-actions", help="Condition on per-frame actions (with dropout, for classifier-free guidance)."),
     seed: int = typer.Option(0, help="Seed of weights, data order, noise (a resumed run repeats the same randomness)."),
     log_every: int = typer.Option(10, min=1, help="Log loss / throughput every N steps (one host sync per interval)."),
@@ -50,7 +54,8 @@ def train(
     p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion forcing)."),
     cache_shards: int = typer.Option(8, min=1, help="Store shards kept in RAM by the window reader."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (if installed)."),
-    device: str = typer.Option("auto", help="auto (CUDA if available), cpu (also on a CUDA machine: gloo, no GPU touched) or cuda."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu (also on a CUDA machine: gloo, no GPU "
+                               "touched) or cuda."),
 ):
     """Train a video DiT with rectified flow on cached latents (no pixels, no VAE in the loop).
 

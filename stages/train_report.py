@@ -18,7 +18,8 @@ def pipeline_meta(store: LatentStore, cfg, num_actions: int) -> dict:
     lay = store.layout(cfg.split)
     return {"vae": store.attrs["vae"], "latent_stats": store.attrs["latent_stats"], "source": store.attrs["source"],
             "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width],
-            "use_actions": cfg.use_actions, "num_actions": num_actions, "scheduler": {"type": "flow_euler", "shift": 1.0}}
+            "use_actions": cfg.use_actions, "num_actions": num_actions,
+            "scheduler": {"type": "flow_euler", "shift": 1.0}}
 
 
 def save_pipeline(path: Path, model: VideoDiT, weights: dict[str, torch.Tensor], store: LatentStore, cfg) -> None:
@@ -45,7 +46,8 @@ class Validator:
         v = store.attrs["vae"]
         vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
         meta = pipeline_meta(store, cfg, model.config.num_actions)
-        self.pipe = DiTPipeline(VideoDiT.from_config(model.config), vae.model, FlowMatchEulerDiscreteScheduler(shift=1.0),
+        self.pipe = DiTPipeline(VideoDiT.from_config(model.config), vae.model,
+                                FlowMatchEulerDiscreteScheduler(shift=1.0),
                                 **pipeline_kwargs(meta)).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.store, self.cfg = store, cfg

@@ -52,6 +52,14 @@ def test_conditioning_of_a_bf16_model_keeps_t_in_fp32():
     assert not torch.equal(a, b)
 
 
+def test_compile_in_place_keeps_parameter_names():
+    model = VideoDiT(**SMALL)
+    names = [n for n, _ in model.named_parameters()]
+    model.compile()  # what --compile does (lazy: nothing is compiled before the first forward)
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == names
+    assert not any(n.startswith("_orig_mod") for n in model.state_dict())
+
+
 def test_rope_runs_in_the_input_dtype():
     a = rope_angles(2, 2, 2, 12)
     q = torch.randn(1, 2, 8, 12)

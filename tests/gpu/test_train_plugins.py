@@ -93,3 +93,16 @@ def test_resume_repeats_the_uninterrupted_run(gpu_store, tmp_path, plugin, preci
         assert b[3] == a[3] and b[4] == a[4]
     else:
         assert b[3] == pytest.approx(a[3], rel=1e-3)
+
+
+def test_device_cpu_is_honoured_on_a_cuda_machine(gpu_store, tmp_path):
+    """A fresh process (ColossalAI's accelerator is chosen once per process): no GPU memory, gloo, CPU batches."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cli.main", "train", "--store", gpu_store, "--out", str(tmp_path / "run"),
+           "--frames", "4", "--batch-size", "2", "--steps", "2", "--ckpt-every", "2", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "on cpu, plugin ddp" in r.stdout and "precision" in r.stdout and "CPU capability" in r.stdout
