@@ -257,6 +257,40 @@ def train_step(run: Run, loader: WindowLoader, step: int, stats: tuple[torch.Ten
     return loss_sum, norm
 
 
+class Meter:
+    """Loss and throughput over a log interval, kept on the device until `flush` (one host sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.last_loss = device, math.nan
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0, self.n, self.loss, self.norm = time.time(), 0, torch.zeros((), device=self.device), None
+
+    def add(self, loss: torch.Tensor, norm) -> None:
+        self.n, self.loss, self.norm = self.n + 1, self.loss + loss, norm
+
+    def flush(self, run: Run, epoch: int) -> dict:
+        cfg, dt, world = run.cfg, time.time() - self.t0, dist_info()[1]
+        self.last_loss = float((self.loss / self.n).item())
+        metrics = {"loss": self.last_loss, "lr": run.scheduler.get_last_lr()[0], "steps_per_s": self.n / dt,
+                   "windows_per_s": self.n * cfg.grad_accum * cfg.batch_size * world / dt, "epoch": epoch}
+        if self.norm is not None:
+            metrics["grad_norm"] = float(self.norm)  # of the interval's last step, before clipping
+        self._reset()
+        return metrics
+
+
+def validate(run: Run, validator: Validator | None, step: int, logger: Logger, bar) -> None:
+    """Continue a few held-out clips with the sampling weights (gathered on every rank first, for Gemini)."""
+    weights = pipeline_weights(run)
+    report = validator(step, weights) if validator is not None else {}
+    if report:
+        logger.log(step, report)
+        bar.write(f"step {step}: validation PSNR {report['val_psnr']:.2f} dB "
+                  f"(repeat last frame {report['val_psnr_repeat_last']:.2f} dB)")
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(cfg: TrainConfig) -> dict:
     torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
@@ -287,34 +321,25 @@ def main(cfg: TrainConfig) -> dict:
 
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", unit="step")
     run.model.train()
-    t_last, n, loss_acc, last_loss, norm = time.time(), 0, torch.zeros((), device=device), math.nan, None
+    meter = Meter(device)
     try:
         while step < cfg.steps:
             loss, norm = train_step(run, loader, step, stats)
-            step, n, loss_acc = step + 1, n + 1, loss_acc + loss
+            step = step + 1
+            meter.add(loss, norm)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last_loss, dt = float((loss_acc / n).item()), time.time() - t_last  # one host sync per interval
-                metrics = {"loss": last_loss, "lr": run.scheduler.get_last_lr()[0], "steps_per_s": n / dt,
-                           "windows_per_s": n * cfg.grad_accum * cfg.batch_size * world / dt, "epoch": loader.epoch}
-                if norm is not None:
-                    metrics["grad_norm"] = float(norm)  # of the last step, before clipping
+                metrics = meter.flush(run, loader.epoch)  # one host sync per log interval
                 logger.log(step, metrics)
-                bar.set_postfix(loss=f"{last_loss:.4f}", windows_s=f"{metrics['windows_per_s']:.0f}")
-                t_last, n, loss_acc = time.time(), 0, torch.zeros((), device=device)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", windows_s=f"{metrics['windows_per_s']:.0f}")
             bar.update(1)
             if cfg.ckpt_every > 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
                 save(run, step, loader.state_dict())
             if cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                weights = pipeline_weights(run)  # on every rank: Gemini gathers
-                report = validator(step, weights) if validator is not None else {}
-                if report:
-                    logger.log(step, report)
-                    bar.write(f"step {step}: validation PSNR {report['val_psnr']:.2f} dB "
-                              f"(repeat last frame {report['val_psnr_repeat_last']:.2f} dB)")
+                validate(run, validator, step, logger, bar)
     finally:
         loader.close()
         bar.close()
         logger.close()
-    return {"step": step, "loss": last_loss, "params": run.params, "precision": choice.precision,
+    return {"step": step, "loss": meter.last_loss, "params": run.params, "precision": choice.precision,
             "ema_device": str(run.ema.device) if run.ema is not None else None,
             "checkpoints": [str(p) for p in ckpt.list_checkpoints(cfg.out)]}
