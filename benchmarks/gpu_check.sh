@@ -7,9 +7,9 @@
 #    folder holds the whole dependency closure but torch); --install-only stops here;
 # 2. runs `pytest -m gpu` (tests/gpu/: every plugin, t, SDPA kernels, encode / vae train / sample / eval);
 # 3. benchmarks/train.py --presets small,base --precision bf16 (MFU against 989 TFLOP/s, H100/H200 dense bf16);
-# 4. the peak memory of base at batch 32;
+# 4. the peak memory of base at batch 32, and the small step compiled (as training does on CUDA);
 # 5. the Gemini tests, last, since ColossalAI JIT-builds HybridAdam's CUDA kernels (nvcc) on first use.
-# Each phase has its own time limit (355 s in all, install included) and log in LOGDIR; summary.txt lists them.
+# Each phase has its own time limit (360 s in all, install included) and log in LOGDIR; summary.txt lists them.
 # Without CUDA it says why and exits 0. The exit status is the number of phases that failed.
 set -uo pipefail
 INSTALL_ONLY=0
@@ -55,17 +55,20 @@ $PY -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', tor
 torch.version.cuda)" | tee -a "$SUMMARY"
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "$(find "$WHEELS" -name '*.whl' 2>/dev/null | head -1)" ]; then
-    phase install 45 bash -c "find '$WHEELS' -name '*.whl' -print0 | xargs -0 $PY -m pip install --no-index --no-deps"
+    phase install 40 bash -c "find '$WHEELS' -name '*.whl' -print0 | xargs -0 $PY -m pip install --no-index --no-deps"
 else
     echo "install: no wheels under $WHEELS; using what is installed" | tee -a "$SUMMARY"
 fi
 [ $INSTALL_ONLY -eq 1 ] && exit $failed
-phase imports 20 $PY -c "import torch, diffusers, zarr, colossalai, minisora.plugins; print('imports ok:',
+phase imports 15 $PY -c "import torch, diffusers, zarr, colossalai, minisora.plugins; print('imports ok:',
 torch.__version__, diffusers.__version__, zarr.__version__, colossalai.__version__)"
-phase pytest 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --timeout 100 tests/gpu -k "not gemini"
-phase bench 60 $PY benchmarks/train.py --presets small,base --precision bf16 --batch 8 --iters 5 --peak-tflops 989
+phase pytest 130 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --timeout 100 tests/gpu -k "not gemini"
+phase bench 50 $PY benchmarks/train.py --presets small,base --precision bf16 --batch 8 --iters 5 --peak-tflops 989
 phase memory 30 $PY benchmarks/train.py --presets base --datasets dmlab --batch 32 --iters 2 --precision bf16 \
     --peak-memory --skip-pixels-over 1
+# training compiles the DiT by default on CUDA: the same small step, compiled (compile time excluded)
+phase compile 45 $PY benchmarks/train.py --presets small --datasets dmlab --batch 8 --iters 5 --precision bf16 \
+    --compile --skip-pixels-over 1
 # last: Gemini needs ColossalAI's HybridAdam kernels, JIT-built (nvcc) on first use, which may not fit
 phase gemini 50 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --timeout 45 tests/gpu -k gemini
 echo "gpu_check: $failed phase(s) failed; logs in $LOG" | tee -a "$SUMMARY"

