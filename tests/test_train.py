@@ -219,3 +219,17 @@ def test_broken_checkpoints_are_one_line_errors(store, tmp_path):
     (ckpt / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "world_size"}))
     r = _train(store, run, "--steps", "2", "--resume", str(ckpt))
     assert r.exit_code == 1 and "state.json lacks world_size" in r.output.replace("\n", "")
+
+
+def test_help_states_each_plugins_contract_and_the_new_options():
+    import re
+
+    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0
+    text = re.sub(r"[\s│]+", " ", r.output)
+    assert "none of it has run on a GPU yet" in text
+    for plugin in ("ddp (cpu/cuda; fp32/bf16/fp16)", "zero1 (cuda;", "zero2 (cuda;", "gemini (cuda; bf16/fp16)"):
+        assert plugin in text
+    for part in ("clip:", "accumulate:", "EMA:", "checkpoint:", "--branch", "--compile", "--no-compile",
+                 "[default: auto]"):
+        assert part in text
