@@ -67,7 +67,7 @@ def launch(device: str) -> torch.device:
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         colossalai.launch_from_torch(backend="nccl" if use_cuda else "gloo", seed=0, verbose=False)
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
