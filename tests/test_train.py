@@ -66,8 +66,10 @@ def test_torchrun_ddp_kill_and_resume_is_exact(store, tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "step-0000000" in out
-    got = _losses(run)  # steps logged before the kill and again after resuming: later lines win
+    got = _losses(run)
     assert got == ref_losses
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged == sorted(set(logged))  # steps logged after the checkpoint, before the kill, are not repeated
     # pruning: --keep-last 2 leaves the two newest of steps 3, 6, 8
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
     ckpt = run / "checkpoints" / "step-00000008"
@@ -175,6 +177,7 @@ def test_resume_with_a_changed_lr_is_honoured(store, tmp_path):
     assert r.exit_code == 0, r.output
     assert "--lr 0.0005 replaces the checkpoint's 0.001: from step 2 on" in r.output
     lrs = {x["step"]: x["lr"] for x in _records(run) if "lr" in x}
+    assert all(x["grad_norm"] > 0 for x in _records(run) if "loss" in x)  # ddp's norm before clipping, logged
     assert lrs[2] == pytest.approx(1e-3) and lrs[3] == pytest.approx(5e-4)
     assert json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["lr"] == 5e-4
 
