@@ -1,13 +1,18 @@
 """Training step time of the video DiT on cached latents vs the original minisora's pixel-space setup.
 
-    python benchmarks/train.py [--presets tiny,small] [--batch 2] [--iters 5] [--precision fp32|bf16]
+    python benchmarks/train.py [--presets tiny,small] [--batch 2] [--iters 5] [--precision fp32,bf16]
+                               [--peak-memory] [--compile] [--datasets dmlab]
 
 For each preset, one row per input geometry, all with the same model class (minisora.model.VideoDiT):
   - latents  (minisora): 20 latent frames of 4 x h x w, patch 1x2x2, h x w = 64x64 / compression
   - pixels   (original minisora): 20 raw RGB frames, patch 2x4x4 (its DMLab/Minecraft config)
 It times forward + backward + AdamW step on random inputs of those shapes (the data path is measured
-by benchmarks/dataloader.py). Prints step time, clips/s, tokens/s and, on CUDA, model FLOP
-utilisation (6 * params * tokens + attention, over --peak-tflops).
+by benchmarks/dataloader.py). `--precision` takes a comma-separated list, so fp32 and bf16 are
+compared side by side in one run. Prints step time, clips/s, tokens/s and, on CUDA, model FLOP
+utilisation: MFU = step_flops / step time / --peak-tflops, with step_flops = batch * (6 * params *
+tokens + 3 * 4 * depth * hidden * tokens^2) (matmuls forward + backward, plus attention scores and
+values), against 989 TFLOP/s (H100/H200 SXM dense bf16) by default. `--peak-memory` adds the CUDA
+peak allocated memory of each row (torch.cuda.max_memory_allocated after reset).
 """
 
 from __future__ import annotations
@@ -37,9 +42,15 @@ def step_flops(model: VideoDiT, tokens: int, batch: int) -> float:
     return batch * (6 * params * tokens + 3 * attention)
 
 
-def bench(preset: str, geom, batch: int, iters: int, device: torch.device, precision: str) -> dict:
+def bench(preset: str, geom, batch: int, iters: int, device: torch.device, precision: str,
+          compile_model: bool = False) -> dict:
     name, t, c, h, w, pt, p = geom
     model = VideoDiT.from_preset(preset, in_channels=c, patch_size=p, patch_size_t=pt).to(device)
+    if compile_model:
+        model.compile()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randn(batch, t, c, h, w, device=device)
     tokens = (t // pt) * (h // p) * (w // p)
@@ -67,7 +78,9 @@ def bench(preset: str, geom, batch: int, iters: int, device: torch.device, preci
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     sec = sorted(times)[len(times) // 2]
-    return {"preset": preset, "input": name, "tokens": tokens, "step_s": sec, "clips_s": batch / sec,
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"preset": preset, "input": name, "tokens": tokens, "step_s": sec, "clips_s": batch / sec, "peak_gib": peak,
+            "precision": precision,
             "tokens_s": batch * tokens / sec, "tflops": step_flops(model, tokens, batch) / sec / 1e12,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -78,11 +91,20 @@ def main() -> None:
     ap.add_argument("--datasets", default="dmlab,minecraft")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="fp32", help="comma-separated list of fp32, bf16 (one row each)")
+    ap.add_argument("--peak-memory", action="store_true", help="add the CUDA peak allocated memory of each row (GiB)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (as `minisora train` on CUDA)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     ap.add_argument("--skip-pixels-over", type=int, default=0, help="skip pixel rows with more tokens than this (0: none)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = args.precision.split(",")
+    if any(x not in ("fp32", "bf16") for x in precisions):
+        ap.error(f"--precision {args.precision}: each entry must be fp32 or bf16")
+    if device.type == "cuda":
+        from minisora.hardware import enable_tf32
+
+        enable_tf32()  # as training does: fp32 rows use TF32 matmuls
     rows = []
     for ds in args.datasets.split(","):
         for preset in args.presets.split(","):
@@ -90,23 +112,29 @@ def main() -> None:
                 tokens = (geom[1] // geom[5]) * (geom[3] // geom[6]) * (geom[4] // geom[6])
                 if args.skip_pixels_over and geom[2] == 3 and tokens > args.skip_pixels_over:
                     continue
-                r = bench(preset, geom, args.batch, args.iters, device, args.precision)
-                r["dataset"] = ds
-                rows.append(r)
-                print(f"  done {ds} {preset} {geom[0]}: {r['step_s'] * 1e3:.1f} ms/step", flush=True)
+                for precision in precisions:
+                    r = bench(preset, geom, args.batch, args.iters, device, precision, args.compile)
+                    r["dataset"] = ds
+                    rows.append(r)
+                    print(f"  done {ds} {preset} {geom[0]} {precision}: {r['step_s'] * 1e3:.1f} ms/step", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{name}, batch {args.batch}, {args.precision}, median of {args.iters} steps (fwd + bwd + AdamW)")
-    hdr = f"{'dataset':<10}{'preset':<7}{'input':<40}{'tokens':>7}{'ms/step':>10}{'clips/s':>10}{'tokens/s':>12}"
-    hdr += f"{'MFU':>7}" if device.type == "cuda" else ""
+    print(f"\n{name}, batch {args.batch}, median of {args.iters} steps (fwd + bwd + AdamW)"
+          + (f", MFU against {args.peak_tflops:g} TFLOP/s" if device.type == "cuda" else ""))
+    hdr = f"{'dataset':<10}{'preset':<7}{'input':<40}{'prec':<6}{'tokens':>7}{'ms/step':>10}{'clips/s':>10}"
+    hdr += f"{'tokens/s':>12}" + (f"{'MFU':>7}" if device.type == "cuda" else "")
+    hdr += f"{'peak GiB':>10}" if args.peak_memory else ""
     hdr += f"{'vs pixels':>11}"
     print(hdr)
     for r in rows:
-        pixel = next(x for x in rows if x["dataset"] == r["dataset"] and x["preset"] == r["preset"] and "pixels" in x["input"]) \
-            if any("pixels" in x["input"] and x["dataset"] == r["dataset"] and x["preset"] == r["preset"] for x in rows) else None
-        line = (f"{r['dataset']:<10}{r['preset']:<7}{r['input']:<40}{r['tokens']:>7}{r['step_s'] * 1e3:>10.1f}"
-                f"{r['clips_s']:>10.2f}{r['tokens_s']:>12,.0f}")
+        same = [x for x in rows if (x["dataset"], x["preset"], x["precision"]) == (r["dataset"], r["preset"],
+                                                                                    r["precision"])]
+        pixel = next((x for x in same if "pixels" in x["input"]), None)
+        line = (f"{r['dataset']:<10}{r['preset']:<7}{r['input']:<40}{r['precision']:<6}{r['tokens']:>7}"
+                f"{r['step_s'] * 1e3:>10.1f}{r['clips_s']:>10.2f}{r['tokens_s']:>12,.0f}")
         if device.type == "cuda":
             line += f"{r['tflops'] / args.peak_tflops:>7.1%}"
+        if args.peak_memory:
+            line += f"{r['peak_gib']:>10.2f}"
         line += f"{pixel['step_s'] / r['step_s']:>10.1f}x" if pixel else f"{'-':>11}"
         print(line)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
+
+from minisora.contracts import contracts_help
 
 # kept literal so that `minisora --help` does not import diffusers; the parameter count of the chosen
 # preset is printed when training starts (minisora.model.count_params / DIT_MODEL_SPECS)
@@ -22,16 +26,26 @@ def train(
     min_lr_ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="Final learning rate of the cosine schedule, as a fraction of --lr."),
     steps: int = typer.Option(1000, min=1, help="Total optimizer steps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: off)."),
-    plugin: str = typer.Option("ddp", help="ColossalAI plugin: ddp (CPU/gloo or GPU), zero1 / zero2 (ZeRO, sharded optimizer state; CUDA), gemini (params sharded + offload; CUDA)."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (CPU or GPU) or fp16 (CUDA only)."),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: off), through the plugin's own path (see --plugin)."),
+    plugin: str = typer.Option("ddp", help="ColossalAI plugin and its contract (none of it has run on a GPU yet). "
+                               + contracts_help()),
+    precision: str = typer.Option("auto", help="auto (bf16 where the device computes it natively: CUDA with bf16, "
+                                  "a CPU with AMX or AVX512-BF16; else fp32; TF32 on CUDA), fp32, bf16, or fp16 "
+                                  "(CUDA only). The choice is printed once at the start."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-steps accumulated per optimizer step."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations in the backward pass (less memory, ~30% slower)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", show_default="on for CUDA (not gemini), off on CPU",
+                                 help="torch.compile the DiT (in place, so checkpoints keep their parameter names)."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0, help="EMA decay of the weights that sampling uses."),
     ckpt_every: int = typer.Option(500, min=0, help="Save a checkpoint every N steps and at the last step (0: never)."),
     keep_last: int = typer.Option(3, min=0, help="Keep only the newest N checkpoints (0: keep all)."),
     sample_every: int = typer.Option(0, min=0, help="Every N steps, rank 0 continues a few test clips, decodes them with the store's VAE and saves a gif + PSNR (0: off)."),
-    resume: str = typer.Option("auto", help="auto: continue from the newest checkpoint in OUT if any; a checkpoint path; or 'none' to start fresh."),
+    resume: str = typer.Option("auto", help="auto: continue from the newest checkpoint in OUT if any; a checkpoint "
+                               "path; or 'none' to start fresh. A path older than OUT's newest checkpoint (or 'none' "
+                               "over existing ones) is refused unless --branch."),
+    branch: bool = typer.Option(False, "--branch", help="Accept that --resume starts a branch: OUT's newer checkpoints "
+                                "(and their metrics lines) move to OUT/checkpoints/abandoned-<time>/, never resumed "
+                                "or sampled; metrics.jsonl records where the branch started."),
     use_actions: bool = typer.Option(False, "--use-actions", help="Condition on per-frame actions (with dropout, for classifier-free guidance)."),
     seed: int = typer.Option(0, help="Seed of weights, data order, noise (a resumed run repeats the same randomness)."),
     log_every: int = typer.Option(10, min=1, help="Log loss / throughput every N steps (one host sync per interval)."),
@@ -40,7 +54,8 @@ def train(
     p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion forcing)."),
     cache_shards: int = typer.Option(8, min=1, help="Store shards kept in RAM by the window reader."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (if installed)."),
-    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu (also on a CUDA machine: gloo, no GPU "
+                               "touched) or cuda."),
 ):
     """Train a video DiT with rectified flow on cached latents (no pixels, no VAE in the loop).
 
@@ -57,9 +72,10 @@ def train(
         cfg = TrainConfig(store=store, out=out, model=model, patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
                           lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin, precision=precision,
-                          grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, ema_decay=ema_decay,
+                          grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, compile=compile, ema_decay=ema_decay,
                           ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every,
-                          resume=None if resume == "none" else resume, use_actions=use_actions, seed=seed,
+                          resume=None if resume == "none" else resume, branch=branch,
+                          use_actions=use_actions, seed=seed,
                           log_every=log_every, cache_shards=cache_shards, flow=flow, wandb=wandb, device=device)
         result = main(cfg)
     except (ValueError, RuntimeError, StoreError, FileNotFoundError) as e:

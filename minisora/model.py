@@ -61,11 +61,14 @@ def rope_angles(frames: int, height: int, width: int, head_dim: int, theta: floa
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x (B, heads, N, head_dim) by angles with cos/sin (N, head_dim/2)."""
-    pairs = rearrange(x.float(), "b n l (d two) -> b n l d two", two=2)
+    """Rotate adjacent channel pairs of x (B, heads, N, head_dim) by angles with cos/sin (N, head_dim/2).
+
+    Computed in x's dtype (cos/sin are cast to it): no fp32 copies of q and k under bf16."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    pairs = rearrange(x, "b n l (d two) -> b n l d two", two=2)
     x1, x2 = pairs[..., 0], pairs[..., 1]  # each (B, heads, N, head_dim/2)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rearrange(out, "b n l d two -> b n l (d two)").to(x.dtype)
+    return rearrange(out, "b n l d two -> b n l (d two)")
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

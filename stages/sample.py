@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minisora.checkpoint import list_checkpoints
 from minisora.data.clips import read_clip
 from minisora.dist import resolve_device
 from minisora.errors import MinisoraError, check_writable
@@ -56,8 +57,7 @@ def resolve_pipeline_dir(path: str | Path) -> Path:
         return path
     if (path / "pipeline").is_dir():
         return path / "pipeline"
-    ckpts = sorted(p for p in (path / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
-        if (path / "checkpoints").is_dir() else []
+    ckpts = list_checkpoints(path)  # complete step-* only: never a .tmp or an abandoned branch
     if ckpts:
         return ckpts[-1] / "pipeline"
     raise SampleError(f"{path}: not a run, checkpoint or pipeline directory (no checkpoints/, pipeline/, "

@@ -41,7 +41,8 @@ def _port():
 
 
 def _losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, Path(run, "metrics.jsonl").read_text().splitlines())}
+    records = map(json.loads, Path(run, "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}  # not the resume / branch event lines
 
 
 @pytest.mark.slow
@@ -65,8 +66,10 @@ def test_torchrun_ddp_kill_and_resume_is_exact(store, tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "step-0000000" in out
-    got = _losses(run)  # steps logged before the kill and again after resuming: later lines win
+    got = _losses(run)
     assert got == ref_losses
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged == sorted(set(logged))  # steps logged after the checkpoint, before the kill, are not repeated
     # pruning: --keep-last 2 leaves the two newest of steps 3, 6, 8
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
     ckpt = run / "checkpoints" / "step-00000008"
@@ -155,3 +158,81 @@ def test_sample_every_writes_validation_gifs_and_psnr(tmp_path):
     assert gifs == ["step-00000002-test-0.gif"]
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_psnr" in line]
     assert len(val) == 1 and 0 < val[0]["val_psnr"] < 100 and 0 < val[0]["val_psnr_repeat_last"] < 100
+
+
+def _train(store, run, *extra):
+    return CliRunner().invoke(app, ["train", "--store", store, "--out", str(run), *TRAIN_ARGS, *extra])
+
+
+def _records(run):
+    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_a_changed_lr_is_honoured(store, tmp_path):
+    run = tmp_path / "run"
+    r = _train(store, run, "--steps", "2", "--ckpt-every", "2", "--lr-schedule", "constant")
+    assert r.exit_code == 0, r.output
+    assert "precision bf16: auto" in r.output or "precision fp32: auto" in r.output  # the choice, printed once
+    r = _train(store, run, "--steps", "3", "--ckpt-every", "3", "--lr-schedule", "constant", "--lr", "5e-4")
+    assert r.exit_code == 0, r.output
+    assert "--lr 0.0005 replaces the checkpoint's 0.001: from step 2 on" in r.output
+    lrs = {x["step"]: x["lr"] for x in _records(run) if "lr" in x}
+    assert all(x["grad_norm"] > 0 for x in _records(run) if "loss" in x)  # ddp's norm before clipping, logged
+    assert lrs[2] == pytest.approx(1e-3) and lrs[3] == pytest.approx(5e-4)
+    assert json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["lr"] == 5e-4
+
+
+def test_resume_to_an_older_checkpoint_is_refused_then_branches(store, tmp_path):
+    run = tmp_path / "run"
+    args = ["--steps", "4", "--ckpt-every", "2", "--keep-last", "0"]
+    assert _train(store, run, *args).exit_code == 0
+    old = _losses(run)
+    step2 = run / "checkpoints" / "step-00000002"
+    r = _train(store, run, *args, "--resume", str(step2))
+    assert r.exit_code == 1
+    assert "would overwrite the newer checkpoints step-00000004" in r.output and "--branch" in r.output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+    r = _train(store, run, *args, "--resume", str(step2), "--branch")
+    assert r.exit_code == 0, r.output
+    assert "newer checkpoints moved to" in r.output
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[1:] == ["step-00000002", "step-00000004"] and names[0].startswith("abandoned-") and len(names) == 3
+    assert (run / "checkpoints" / names[0] / "step-00000004" / "state.json").exists()
+    records = _records(run)
+    steps = [x["step"] for x in records if "loss" in x]
+    assert steps == [1, 2, 3, 4]  # no step twice
+    branch = [x for x in records if x.get("event") == "branch"]
+    assert len(branch) == 1 and branch[0]["at_step"] == 2 and branch[0]["start"] == str(step2)
+    assert _losses(run) == old  # same flags: the branch repeats the abandoned history exactly
+    from stages.sample import resolve_pipeline_dir
+
+    assert resolve_pipeline_dir(run) == run / "checkpoints" / "step-00000004" / "pipeline"
+
+
+def test_broken_checkpoints_are_one_line_errors(store, tmp_path):
+    run = tmp_path / "run"
+    assert _train(store, run, "--steps", "1", "--ckpt-every", "1").exit_code == 0
+    ckpt = run / "checkpoints" / "step-00000001"
+    (ckpt / "optimizer.bin").unlink()
+    r = _train(store, run, "--steps", "2")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{ckpt} has no optimizer/ or optimizer.bin: the checkpoint is incomplete" in r.output.replace("\n", "")
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "world_size"}))
+    r = _train(store, run, "--steps", "2", "--resume", str(ckpt))
+    assert r.exit_code == 1 and "state.json lacks world_size" in r.output.replace("\n", "")
+
+
+def test_help_states_each_plugins_contract_and_the_new_options():
+    import re
+
+    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0
+    text = re.sub(r"[\s│]+", " ", r.output)
+    assert "none of it has run on a GPU yet" in text
+    for plugin in ("ddp (cpu/cuda; fp32/bf16/fp16)", "zero1 (cuda;", "zero2 (cuda;", "gemini (cuda; bf16/fp16)"):
+        assert plugin in text
+    for part in ("clip:", "accumulate:", "EMA:", "checkpoint:", "--branch", "--compile", "--no-compile",
+                 "[default: auto]"):
+        assert part in text

@@ -1,0 +1,181 @@
+"""Training checkpoints: save, list, resolve `--resume`, load, and branches.
+
+Layout (RUN/checkpoints/step-00000100/, renamed from a .tmp directory when complete):
+    model/            booster.save_model (sharded)
+    optimizer/        booster.save_optimizer (sharded on CUDA; `optimizer.bin`, one file, on CPU)
+    ema.safetensors   EMA weights (fp32)
+    state.json        step, sampler position, LR scheduler, lr, loss-scaler state, world size, batch
+                      size, resolved config
+    pipeline/         what `minisora sample` loads (transformer/ + minisora_pipeline.json)
+
+Branches: resuming from step s while RUN/checkpoints holds newer steps would later collide with
+them, and `--resume auto` would jump back to the old history. So that is refused, listing the
+newer steps, unless the run asks for a branch: then the newer step directories move into
+RUN/checkpoints/abandoned-<UTC time>/ (newest first, each move an atomic rename, so what is left is
+always a contiguous prefix of the old history), with the metrics lines past s. Listing only looks
+at `step-*` directly under checkpoints/, so nothing abandoned is ever resumed or sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STEP_RE = re.compile(r"^step-(\d{8})$")
+STATE_FIELDS = ("step", "loader", "scheduler", "world_size", "batch_size", "grad_accum", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, in one line that names the path and what to do."""
+
+
+def step_dir(out: str | Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    m = STEP_RE.match(path.name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a step-NNNNNNNN checkpoint directory")
+    return int(m.group(1))
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (not .tmp, not abandoned-*/)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
+
+
+def read_state(path: str | Path) -> dict:
+    """state.json of a checkpoint, with every field training needs, or one clear error."""
+    file = Path(path) / "state.json"
+    if not file.is_file():
+        raise CheckpointError(f"--resume {path}: not a checkpoint directory (no state.json)")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); resume from another checkpoint") from None
+    missing = [k for k in STATE_FIELDS if k not in state] if isinstance(state, dict) else list(STATE_FIELDS)
+    if missing:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}: written by another program or damaged; "
+                              "resume from another checkpoint or start a new --out")
+    return state
+
+
+@dataclass(frozen=True)
+class Resume:
+    path: Path | None  # the checkpoint to load (None: start at step 0)
+    step: int
+    newer: tuple[Path, ...]  # checkpoints of this run past `step`: abandoned when the run branches
+
+
+def resolve_resume(resume: str | None, out: str | Path, branch: bool) -> Resume:
+    """What `--resume auto|PATH|none` means for run `out`; refuses to overwrite a newer history unless `branch`."""
+    ckpts = list_checkpoints(out)
+    if resume == "auto":
+        if not ckpts:
+            return Resume(None, 0, ())
+        path = ckpts[-1]
+    elif resume:
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"--resume {path}: not a checkpoint directory (no state.json)")
+    else:
+        path = None
+    step = int(read_state(path)["step"]) if path is not None else 0
+    newer = tuple(p for p in ckpts if step_of(p) > step)
+    if newer and not branch:
+        names = ", ".join(p.name for p in newer)
+        start = f"from {path}" if path is not None else "from scratch"
+        raise CheckpointError(f"starting {start} (step {step}) would overwrite the newer checkpoints {names} in "
+                              f"{Path(out) / 'checkpoints'}: resume the newest with --resume auto, or pass --branch "
+                              "to start a branch here (the newer ones move to checkpoints/abandoned-<time>/)")
+    return Resume(path, step, newer)
+
+
+def abandon(out: str | Path, newer: tuple[Path, ...], step: int) -> Path | None:
+    """Move the checkpoints past `step` (and metrics.jsonl lines past it) into checkpoints/abandoned-<time>/."""
+    if not newer:
+        return None
+    dest = Path(out) / "checkpoints" / time.strftime("abandoned-%Y%m%dT%H%M%SZ", time.gmtime())
+    n = 1
+    while dest.exists():  # two branches within a second
+        dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+    dest.mkdir(parents=True)
+    for p in sorted(newer, reverse=True):  # newest first: what stays is always a prefix of the history
+        os.replace(p, dest / p.name)
+    rewind_metrics(Path(out) / "metrics.jsonl", step, dest / "metrics.jsonl")
+    return dest
+
+
+def rewind_metrics(jsonl: Path, step: int, moved_to: Path | None = None) -> None:
+    """Drop metrics lines past `step` (a resumed run logs them again); keep them in `moved_to` if given."""
+    if not jsonl.exists():
+        return
+    keep, past = [], []
+    for line in jsonl.read_text().splitlines():
+        try:
+            (past if json.loads(line).get("step", 0) > step else keep).append(line)
+        except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
+            continue
+    if moved_to is not None and past:
+        moved_to.write_text("".join(x + "\n" for x in past))
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, jsonl)
+
+
+def optimizer_path(path: Path) -> Path:
+    for name in ("optimizer", "optimizer.bin"):
+        if (path / name).exists():
+            return path / name
+    raise CheckpointError(f"{path} has no optimizer/ or optimizer.bin: the checkpoint is incomplete; resume from "
+                          "another step-* directory, or start a new --out")
+
+
+def save(booster, model, optimizer, final: Path, state: dict, write_rank0, rank: int, sharded_optimizer: bool,
+         barrier) -> Path:
+    """Write a checkpoint to `final`.tmp on every rank, then make it visible by one rename on rank 0.
+
+    `write_rank0(tmp)` writes rank 0's own files (EMA, pipeline/); `barrier()` syncs the ranks.
+    """
+    if final.exists():
+        raise CheckpointError(f"{final} exists already: this run's history goes past step {state['step']}; "
+                              "resume with --resume auto, or --branch to start a branch")
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    booster.save_model(model, str(tmp / "model"), shard=True)
+    booster.save_optimizer(optimizer, str(tmp / ("optimizer" if sharded_optimizer else "optimizer.bin")),
+                           shard=sharded_optimizer)
+    if rank == 0:
+        write_rank0(tmp)
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    barrier()
+    if rank == 0:
+        os.replace(tmp, final)  # visible only when complete
+    barrier()
+    return final
+
+
+def prune(out: str | Path, keep_last: int) -> None:
+    for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: Path, booster, model, optimizer) -> None:
+    """Model and optimizer shards through the booster (the plugin's own checkpoint I/O)."""
+    if not (path / "model").exists():
+        raise CheckpointError(f"{path} has no model/: the checkpoint is incomplete; resume from another step-*")
+    opt = optimizer_path(path)
+    booster.load_model(model, str(path / "model"))
+    booster.load_optimizer(optimizer, str(opt))
