@@ -390,7 +390,7 @@ def main(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         step, loader_state = load_checkpoint(ckpt, booster, model, optimizer, scheduler, ema, cfg, world, device)
         print0(f"resumed from {ckpt} at step {step}")
-    loader = WindowLoader(sampler, state=loader_state)
+    loader = WindowLoader(sampler, state=loader_state, pin_memory=device.type == "cuda")  # non_blocking copies overlap
     stats_mean, stats_std = windows.stats_mean.to(device), windows.stats_std.to(device)
     if rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
