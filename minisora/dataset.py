@@ -87,6 +87,7 @@ class LatentWindows:
         self.cache_shards = cache_shards
         self.bytes_read = 0  # bytes of shard files and markers read so far (benchmarks, tests)
         self.shard_reads: Counter[int] = Counter()  # shard -> times read
+        self.shard_nbytes: dict[int, int] = {}  # shard -> bytes its last read fetched
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU of read()
         self._lock = threading.Lock()
 
@@ -101,6 +102,7 @@ class LatentWindows:
         with self._lock:
             self.bytes_read += nbytes
             self.shard_reads[k] += 1
+            self.shard_nbytes[k] = nbytes
         return data
 
     def _cached(self, k: int) -> dict[str, np.ndarray]:
@@ -253,6 +255,7 @@ class WindowLoader:
         self.sampler, self.readahead, self.pin_memory = sampler, max(1, readahead), pin_memory
         self.epoch, self.batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
         self.peak_resident = 0  # most shards held in RAM at once (benchmarks)
+        self.epoch_reads: dict[int, list[int]] = {}  # shards read for each epoch's batches (recent epochs)
         self._items_cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
         self._q: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -288,6 +291,7 @@ class WindowLoader:
                     k = upcoming[1]
                     if k not in resident:
                         resident[k] = [self._pool.submit(self.sampler.w.load_shard, k), 0]
+                        self.epoch_reads.setdefault(upcoming[0], []).append(k)
                     resident[k][1] += 1
                     pending.append(upcoming)
                     upcoming = next(entries)
@@ -333,6 +337,8 @@ class WindowLoader:
         epoch, i, batch = item
         n = self.sampler.batches_per_epoch()
         self.epoch, self.batch = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
+        for e in [e for e in list(self.epoch_reads) if e < self.epoch - 2]:
+            self.epoch_reads.pop(e, None)
         return batch
 
     def state_dict(self) -> dict:
