@@ -347,4 +347,4 @@ class WindowLoader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # reads in flight finish (no half-done zarr tasks)
