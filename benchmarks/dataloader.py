@@ -63,7 +63,8 @@ class UncheckedWindows(LatentWindows):
     def load_shard(self, k: int) -> dict[str, np.ndarray]:
         lo, hi = self.layout.shard_range(k)
         data = {n: self.store.array(self.split, n)[lo:hi] for n in self.names}
-        nbytes = sum(self.store.fs.size(f"{self.store.root}/{self.store._shard_key(self.split, n, k)}") for n in self.names)
+        st = self.store
+        nbytes = sum(st.fs.size(f"{st.root}/{st._shard_key(self.split, n, k)}") for n in self.names)
         with self._lock:
             self.shard_reads[k] += 1
             self.bytes_read += nbytes
@@ -76,7 +77,8 @@ def build(path: Path, clips: int, per_shard: int, shape: tuple[int, int, int], f
     if (path / "zarr.json").exists() and LatentStore(str(path)).attrs.get("complete"):
         return LatentStore(str(path))
     lay = SplitLayout(clips, frames, *shape, per_shard)
-    manifest = json.dumps({"kind": "dmlab", "clips": [{"split": "train", "path": f"train/{i}.npz"} for i in range(clips)]})
+    paths = [{"split": "train", "path": f"train/{i}.npz"} for i in range(clips)]
+    manifest = json.dumps({"kind": "dmlab", "clips": paths})
     store = LatentStore.create(str(path), {"vae": {}, "source": {}}, {"train": lay}, False, manifest)
     for k in range(lay.num_shards):
         lo, hi = lay.shard_range(k)
@@ -157,7 +159,8 @@ def latency_and_check(store: LatentStore, args) -> None:
     print(f"\nshard-sized store: {lay.clips} clips in {lay.num_shards} shards of {lay.clips_per_shard} clips "
           f"({lay.channels}x{lay.height}x{lay.width} x {lay.frames} frames); one rank, batch {args.batch}, "
           f"--cache-shards {args.cache_shards}, read-ahead {args.readahead}, best of {args.repeats}, rows interleaved")
-    print(f"{'reader':<48}{'windows/s':>11}{'vs default':>12}{'start-up s':>12}{'shards in RAM':>15}{'RAM MB':>8}{'MB read/shard':>15}")
+    print(f"{'reader':<48}{'windows/s':>11}{'vs default':>12}{'start-up s':>12}{'shards in RAM':>15}{'RAM MB':>8}"
+          f"{'MB read/shard':>15}")
     runs = {name: [] for name, _, _ in rows}
     for _ in range(args.repeats):  # rows interleaved, so that load from other processes hits them alike
         for name, url, cls in rows:

@@ -137,8 +137,8 @@ class LatentWindows:
         rows = clips - ks * self.layout.clips_per_shard
         first = shards[int(ks[0])]
         dtype = lambda name, arr: torch.int64 if name == "actions" else torch.from_numpy(arr[:0]).dtype  # noqa: E731
-        out = {name: torch.empty((len(clips), self.frames) + arr.shape[2:], dtype=dtype(name, arr), pin_memory=pin_memory)
-               for name, arr in first.items()}
+        out = {name: torch.empty((len(clips), self.frames) + arr.shape[2:], dtype=dtype(name, arr),
+                                 pin_memory=pin_memory) for name, arr in first.items()}
         views = {name: t.numpy() for name, t in out.items()}
         for j, (k, r, t0) in enumerate(zip(ks.tolist(), rows.tolist(), starts.tolist())):
             for name, arr in shards[k].items():  # a contiguous slice copy per window and array

@@ -363,7 +363,8 @@ class LatentStore:
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
             raise StoreError(f"{self.url}: {split} shard {k}: commit marker {marker} is unreadable ({e}){hint}") from e
         lo, hi = self.layout(split).shard_range(k)
-        if (commit.start, commit.stop) != (lo, hi) or (lengths is not None and list(map(int, lengths)) != commit.lengths):
+        wrong_lengths = lengths is not None and [int(x) for x in lengths] != commit.lengths
+        if (commit.start, commit.stop) != (lo, hi) or wrong_lengths:
             raise StoreError(f"{self.url}: {split} shard {k}: commit marker {marker} does not describe clips "
                              f"[{lo}, {hi}) with the stored lengths{hint}")
         out, nbytes = {}, len(raw_marker)

@@ -140,7 +140,8 @@ def test_ranks_read_own_shards_and_cover_every_usable_clip_once(cover_store, wor
             # edge rule: the surplus is the tail of the rank's order, the deficit repeats its last clips
             assert not (set(plan.dropped.tolist()) & set(delivered.tolist()))
             if len(plan.repeated):
-                np.testing.assert_array_equal(plan.repeated, delivered[len(delivered) - 2 * len(plan.repeated):][:len(plan.repeated)])
+                d = len(plan.repeated)
+                np.testing.assert_array_equal(plan.repeated, delivered[len(delivered) - 2 * d:len(delivered) - d])
             # largest shard first to the least-loaded rank: a deficit of at most one shard (3 clips),
             # a surplus below one shard plus the global remainder of under one batch
             assert len(plan.repeated) <= 3 and len(plan.dropped) < 3 + batch
@@ -213,7 +214,8 @@ def _corrupt(store, how):
     return k, lay, path, marker
 
 
-@pytest.mark.parametrize("how,what", [("flip", "checksum mismatch in {path}"), ("truncate", "checksum mismatch in {path}"),
+@pytest.mark.parametrize("how,what", [("flip", "checksum mismatch in {path}"),
+                                      ("truncate", "checksum mismatch in {path}"),
                                       ("no-marker", "has no commit marker ({marker})"),
                                       ("bad-json", "commit marker {marker} is unreadable"),
                                       ("wrong-checksum", "checksum mismatch in {path}")])
