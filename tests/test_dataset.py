@@ -207,6 +207,10 @@ def _corrupt(store, how):
         os.remove(marker)
     elif how == "bad-json":
         open(marker, "w").write("{not json")
+    elif how == "wrong-lengths":
+        c = json.load(open(marker))
+        c["lengths"][0] = 5
+        json.dump(c, open(marker, "w"))
     elif how == "wrong-checksum":
         c = json.load(open(marker))
         c["checksums"]["mean"] = "0" * 64
@@ -218,7 +222,8 @@ def _corrupt(store, how):
                                       ("truncate", "checksum mismatch in {path}"),
                                       ("no-marker", "has no commit marker ({marker})"),
                                       ("bad-json", "commit marker {marker} is unreadable"),
-                                      ("wrong-checksum", "checksum mismatch in {path}")])
+                                      ("wrong-checksum", "checksum mismatch in {path}"),
+                                      ("wrong-lengths", "commit marker {marker} does not describe clips [2, 4)")])
 def test_a_shard_without_valid_marker_or_bytes_is_never_trained_on(tmp_path, how, what):
     from minisora.store import StoreError
 
