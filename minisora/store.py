@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -340,14 +341,13 @@ class LatentStore:
         out["raw_pixel_bytes_per_latent_frame"] = h * w * 3 * tc
         return out
 
-
     # ---------------------------------------------------------------- verified reads (training)
     def read_shard(self, split: str, k: int, names: tuple[str, ...] | list[str],
                    lengths: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
         """Shard k of the arrays `names`, checked against its commit marker before use.
 
-        Each shard file is read once as raw bytes, hashed, compared with the marker's sha256 and
-        decoded by zarr from memory, so the check adds no I/O. A shard without a readable marker,
+        Each shard file is read once as raw bytes (the files in parallel threads), hashed, compared
+        with the marker's sha256 and decoded by zarr from memory, so the check adds no I/O. A shard without a readable marker,
         with a missing or changed file, or whose marker disagrees with `lengths` (the split's
         length array at [start, stop)) raises StoreError. Returns ({name: (n, ...) array}, bytes read).
         """
@@ -367,22 +367,23 @@ class LatentStore:
         if (commit.start, commit.stop) != (lo, hi) or wrong_lengths:
             raise StoreError(f"{self.url}: {split} shard {k}: commit marker {marker} does not describe clips "
                              f"[{lo}, {hi}) with the stored lengths{hint}")
-        out, nbytes = {}, len(raw_marker)
-        for name in names:
-            path = f"{self.root}/{self._shard_key(split, name, k)}"
-            try:
-                raw = self.fs.cat_file(path)
-            except FileNotFoundError:
-                raise StoreError(f"{self.url}: {split} shard {k}: shard file {path} is missing{hint}") from None
-            nbytes += len(raw)
-            if name not in commit.checksums or _sha256(raw) != commit.checksums[name]:
-                raise StoreError(f"{self.url}: {split} shard {k}: checksum mismatch in {path} ({len(raw)} bytes), "
-                                 f"the file was changed or truncated{hint}")
-            try:
-                out[name] = self._decode_shard(split, name, k, raw)
-            except Exception as e:  # the bytes match the marker, so the marker was written from bad bytes
-                raise StoreError(f"{self.url}: {split} shard {k}: cannot decode {path} ({e}){hint}") from e
-        return out, nbytes
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:  # the files in parallel: latency once per shard
+            files = dict(zip(names, pool.map(lambda n: self._read_shard_file(split, k, n, commit, hint), names)))
+        return {n: arr for n, (arr, _) in files.items()}, len(raw_marker) + sum(b for _, b in files.values())
+
+    def _read_shard_file(self, split: str, k: int, name: str, commit: ShardCommit, hint: str) -> tuple[np.ndarray, int]:
+        path = f"{self.root}/{self._shard_key(split, name, k)}"
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: {split} shard {k}: shard file {path} is missing{hint}") from None
+        if name not in commit.checksums or _sha256(raw) != commit.checksums[name]:
+            raise StoreError(f"{self.url}: {split} shard {k}: checksum mismatch in {path} ({len(raw)} bytes), "
+                             f"the file was changed or truncated{hint}")
+        try:
+            return self._decode_shard(split, name, k, raw), len(raw)
+        except Exception as e:  # the bytes match the marker, so the marker was written from bad bytes
+            raise StoreError(f"{self.url}: {split} shard {k}: cannot decode {path} ({e}){hint}") from e
 
     def _decode_shard(self, split: str, name: str, k: int, raw: bytes) -> np.ndarray:
         """Decode one shard file's bytes with the array's own metadata (codecs, chunking) from memory."""
