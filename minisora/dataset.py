@@ -153,7 +153,7 @@ class RankEpoch:
 
     clips: np.ndarray  # (n,) clip indices in delivery order
     starts: np.ndarray  # (n,) first latent frame of each window
-    shards: np.ndarray  # the shards dealt to this rank, in the order they are opened
+    shards: np.ndarray  # the shards dealt to this rank: the first `mix` open at once, the rest in this order
     dropped: np.ndarray  # clips dealt to this rank but skipped (surplus over n)
     repeated: np.ndarray  # clips delivered twice (deficit under n)
 
@@ -164,6 +164,7 @@ class WindowSampler:
     def __init__(self, windows: LatentWindows, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.w, self.batch_size, self.seed, self.rank, self.world = windows, batch_size, seed, rank, world
         self.mix = max(1, windows.cache_shards)
+        self._plans: dict[tuple[int, int], RankEpoch] = {}  # (epoch, rank) -> plan, the last two computed
         shards = windows.shard_of(windows.usable)
         self.usable_per_shard = np.bincount(shards, minlength=windows.layout.num_shards)
         self.live_shards = np.flatnonzero(self.usable_per_shard)  # shards holding at least one usable clip
@@ -190,7 +191,10 @@ class WindowSampler:
         return [perm[owner == r] for r in range(self.world)]
 
     def rank_epoch(self, epoch: int, rank: int | None = None) -> RankEpoch:
+        """A rank's clips and window starts for one epoch: dealt, mixed, cut or extended to n (the edge rule)."""
         rank = self.rank if rank is None else rank
+        if (epoch, rank) in self._plans:
+            return self._plans[(epoch, rank)]
         shards = self.deal(epoch)[rank]
         rng = np.random.default_rng([self.seed, epoch, 1 + rank])
         cps, usable = self.w.layout.clips_per_shard, self.w.usable
@@ -204,7 +208,9 @@ class WindowSampler:
             repeated = order[(len(order) - (n - len(order)) + np.arange(n - len(order))) % len(order)]
             order = np.concatenate([order, repeated])
         starts = rng.integers(0, self.w.lengths[order] - self.w.frames + 1)  # inclusive of the last valid start
-        return RankEpoch(order, starts, shards, dropped, repeated)
+        plan = RankEpoch(order, starts, shards, dropped, repeated)
+        self._plans = {**dict(list(self._plans.items())[-1:]), (epoch, rank): plan}  # the last two plans
+        return plan
 
     def _mix(self, queues: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
         """Interleave the shards' clip queues through a window of `mix` open shards."""
