@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -178,6 +179,22 @@ def test_resume_with_other_cache_shards_is_refused(cover_store):
     s = WindowSampler(LatentWindows(cover_store, "train", 4, cache_shards=4), 2)
     with pytest.raises(ValueError, match="mixed 2 open shards per rank; this run has --cache-shards 4"):
         WindowLoader(s, state={"epoch": 0, "batch": 1, "cache_shards": 2})
+
+
+def test_loader_reads_shards_before_the_batches_that_need_them(cover_store):
+    w = LatentWindows(cover_store, "train", 4, cache_shards=1)  # shard-major: each shard needed late
+    s = WindowSampler(w, 2, seed=3)
+    loader = WindowLoader(s, prefetch=1, readahead=2)
+    next(loader)  # batch 0 delivered: at most batches 1 (queued) and 2 (being put) are assembled
+    ks = s.rank_epoch(0).clips // 3
+    opening = ks[np.sort(np.unique(ks, return_index=True)[1])].tolist()
+    assembled = len(np.unique(ks[:3 * 2]))
+    ahead = set(opening[assembled:assembled + 2])  # needed by no assembled batch
+    deadline = time.time() + 60
+    while not ahead <= set(w.shard_reads) and time.time() < deadline:
+        time.sleep(0.01)
+    loader.close()
+    assert len(ahead) == 2 and ahead <= set(w.shard_reads)
 
 
 def test_loader_holds_a_bounded_number_of_shards(cover_store):
