@@ -83,6 +83,7 @@ def s3(tmp_path_factory):
         assert r.exit_code == 0, r.output
         assert f"store {url} complete" in r.output
         yield {"root": root, "local": str(root / "local"), "url": url, "encode": encode}
+        fsspec.filesystem("s3").clear_instance_cache()  # no later test may reach the stopped server
     server.stop()
 
 
