@@ -268,3 +268,20 @@ def test_batches_are_pinned_for_cuda(cover_store):
     assert b.mean.is_pinned() and b.logvar.is_pinned() and b.actions.is_pinned()
     g = b.to("cuda")
     assert g.mean.device.type == "cuda" and torch.equal(g.mean.cpu(), b.mean)
+
+
+@pytest.mark.parametrize("how,what", [("truncate", "checksum mismatch in {path}"),
+                                      ("no-marker", "has no commit marker ({marker})")])
+def test_train_stops_with_one_line_naming_the_bad_shard(tmp_path, how, what):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    st, _ = make_store(tmp_path / "store", {"train": [6] * 6, "test": [6]}, clips_per_shard=2)
+    k, _, path, marker = _corrupt(st, how)
+    r = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"),
+                                 "--frames", "4", "--batch-size", "2", "--steps", "6", "--ckpt-every", "0",
+                                 "--cache-shards", "1", "--log-every", "1"])
+    assert r.exit_code == 1
+    assert f"error: {tmp_path / 'store'}: train shard {k}" in r.output and what.format(path=path, marker=marker) in r.output
+    assert f"run `minisora store verify {tmp_path / 'store'}`" in r.output and "Traceback" not in r.output
