@@ -283,5 +283,6 @@ def test_train_stops_with_one_line_naming_the_bad_shard(tmp_path, how, what):
                                  "--frames", "4", "--batch-size", "2", "--steps", "6", "--ckpt-every", "0",
                                  "--cache-shards", "1", "--log-every", "1"])
     assert r.exit_code == 1
-    assert f"error: {tmp_path / 'store'}: train shard {k}" in r.output and what.format(path=path, marker=marker) in r.output
+    assert f"error: {tmp_path / 'store'}: train shard {k}" in r.output
+    assert what.format(path=path, marker=marker) in r.output
     assert f"run `minisora store verify {tmp_path / 'store'}`" in r.output and "Traceback" not in r.output
