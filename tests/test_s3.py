@@ -211,3 +211,21 @@ def test_sample_with_context_from_s3(s3, runs, tmp_path):
     assert frames.shape == (6, 16, 16, 3) and latents.shape == (6, 4, 4, 4)
     np.testing.assert_allclose(latents[:2], want, rtol=1e-5, atol=1e-6)  # the context came from the S3 store
     np.testing.assert_array_equal(frames, videos["local"][0])  # and the same video as from the local store
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_from_s3(s3, tmp_path):
+    """Two gloo processes deal the S3 store's 3 train shards between them (the environment reaches both)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
+           "--no-python", MINISORA, "train", "--store", s3["url"], "--out", str(run), "--frames", "4",
+           "--batch-size", "1", "--steps", "3", "--log-every", "1", "--ckpt-every", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout
+    assert "2 process(es) x batch 1" in p.stdout
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
