@@ -1,137 +1,219 @@
-"""Windows per second of training input, four ways, on the same DMLab-shaped data in one run.
+"""The data path at cluster scale: W ranks simulated in one process on a real store (sampler + loader, no model).
 
-    python benchmarks/dataloader.py [--clips 64] [--frames 20] [--batch 64] [--seconds 5]
+    python benchmarks/dataloader.py --world 1,8,64 [--clips 2000] [--store-dir DIR]
 
-1. minisora's reader (minisora.dataset): whole shards cached in RAM, one slice copy per window;
-   also with the posterior sample + normalisation done on the CPU (on a GPU it runs on the device)
-2. a plain numpy memmap of the same latents, one slice per window (the fastest thing possible)
-3. naive zarr: one zarr read call per window on the same store
-4. the pixel path of the original minisora: read the clip's npz, take the window, run the VAE
-   on every frame, per sample (what training pays without a latent cache)
+Two synthetic stores are written straight with `LatentStore.write_shard` (random latents, no VAE):
+- scaling: `--clips` clips of 300 latent frames of 4 x 8 x 8 (an 8x VAE on 64x64 DMLab),
+  `--clips-per-shard` clips per shard. For each W the W ranks run one epoch one after the other,
+  each with its own reader, as W processes would. Per rank and epoch: bytes of shard files and
+  commit markers read, as a fraction of the split's shard files; distinct shards per batch;
+  windows/s over the whole epoch, start-up (store opened to first batch) included.
+- shard-sized: 8 shards of 52 clips of 300 frames of 4 x 16 x 16 (a 4x VAE), about 32 MB per
+  mean shard file, the default geometry of `minisora encode` for DMLab. One rank reads it with 2
+  open shards, so most shard reads happen while batches are delivered and must come ahead of
+  them: with the sha256 check, without it (zarr reads the shard directly), and through a wrapper
+  filesystem that sleeps 50 ms in every read call, to show that read-ahead hides latency.
+  Windows/s and the process's CPU time per shard read count the `--epochs` epochs after the first
+  (steady state); start-up is its own column.
 
-Latents are DMLab-shaped: 300 latent frames of 4 x 16 x 16 fp16 per clip (64x64 pixels, 4x VAE).
+The last line is `each rank reads X of the store at W=64`, X the largest fraction over the ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import resource
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
-import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from minisora.dataset import LatentWindows, WindowLoader, WindowSampler
+from minisora.store import LatentStore, SplitLayout
 
 
-def build(tmp: Path, clips: int, frames: int = 300, shape=(4, 16, 16)):
-    from minisora.store import LatentStore, SplitLayout
+class SlowFileSystem(LocalFileSystem):
+    """The local filesystem with `latency` seconds added to every read call (`slow://` URLs)."""
 
-    rng = np.random.default_rng(0)
-    mean = rng.normal(size=(clips, frames) + shape).astype(np.float16)
-    logvar = (rng.normal(size=(clips, frames) + shape) - 3).astype(np.float16)
-    actions = rng.integers(0, 4, (clips, frames)).astype(np.int16)
-    per_shard = 16
+    protocol = ("slow",)
+    latency = 0.05
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        time.sleep(self.latency)
+        return super().cat_file(path, start=start, end=end, **kw)
+
+    def info(self, path, **kw):
+        time.sleep(self.latency)
+        return super().info(path, **kw)
+
+    def exists(self, path, **kw):
+        time.sleep(self.latency)
+        return super().exists(path, **kw)
+
+
+fsspec.register_implementation("slow", SlowFileSystem, clobber=True)
+
+
+class UncheckedWindows(LatentWindows):
+    """The reader without the commit-marker check: zarr reads each shard itself (for comparison only)."""
+
+    def load_shard(self, k: int) -> dict[str, np.ndarray]:
+        lo, hi = self.layout.shard_range(k)
+        data = {n: self.store.array(self.split, n)[lo:hi] for n in self.names}
+        st = self.store
+        nbytes = sum(st.fs.size(f"{st.root}/{st._shard_key(self.split, n, k)}") for n in self.names)
+        with self._lock:
+            self.shard_reads[k] += 1
+            self.bytes_read += nbytes
+            self.shard_nbytes[k] = nbytes
+        return data
+
+
+def build(path: Path, clips: int, per_shard: int, shape: tuple[int, int, int], frames: int = 300) -> LatentStore:
+    """A complete store of random latents (deterministic), reused when `path` already holds one."""
+    if (path / "zarr.json").exists() and LatentStore(str(path)).attrs.get("complete"):
+        return LatentStore(str(path))
     lay = SplitLayout(clips, frames, *shape, per_shard)
-    manifest = json.dumps({"kind": "dmlab", "clips": [{"split": "train", "path": f"train/{i}.npz"} for i in range(clips)]})
-    store = LatentStore.create(str(tmp / "store"), {"vae": {}, "source": {}}, {"train": lay}, False, manifest)
+    paths = [{"split": "train", "path": f"train/{i}.npz"} for i in range(clips)]
+    manifest = json.dumps({"kind": "dmlab", "clips": paths})
+    store = LatentStore.create(str(path), {"vae": {}, "source": {}}, {"train": lay}, False, manifest)
     for k in range(lay.num_shards):
         lo, hi = lay.shard_range(k)
-        store.write_shard("train", k, mean[lo:hi], logvar[lo:hi], actions[lo:hi], np.full(hi - lo, frames),
+        rng = np.random.default_rng(k)
+        mean = rng.normal(size=(hi - lo, frames) + shape).astype(np.float16)
+        logvar = (rng.normal(size=(hi - lo, frames) + shape) - 3).astype(np.float16)
+        actions = rng.integers(0, 4, (hi - lo, frames)).astype(np.int16)
+        store.write_shard("train", k, mean, logvar, actions, np.full(hi - lo, frames),
                           [f"train/{i}.npz" for i in range(lo, hi)], [])
     store.finalize()
-    mm = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=np.float16, shape=mean.shape)
-    mm[:] = mean
-    mm.flush()
     return store
 
 
-def rate(fn, seconds: float, per_call: int) -> float:
-    fn()  # warm up (first shard reads, caches)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += per_call
-    return n / (time.perf_counter() - t0)
+def shard_file_bytes(store: LatentStore, names=("mean", "logvar", "actions")) -> int:
+    return sum(store.fs.du(f"{store.root}/train/{n}/c", total=True) for n in names)
+
+
+def run_rank(url: str, rank: int, world: int, args, windows_cls=LatentWindows, epochs: int = 1) -> dict:
+    """One rank from its start. Epoch 0 gives the bytes: those of the shard reads made for epoch 0's
+    batches (reads ahead into epoch 1 belong to epoch 1). With epochs > 1, the later epochs give the
+    steady windows/s and the CPU time per shard read, once start-up is over."""
+    t0 = time.perf_counter()
+    w = windows_cls(url, "train", args.frames, cache_shards=args.cache_shards)  # opens the store, reads lengths
+    t_open = time.perf_counter()
+    sampler = WindowSampler(w, args.batch, seed=0, rank=rank, world=world)
+    sampler.rank_epoch(0)  # the plan, timed alone
+    t_plan = time.perf_counter()
+    loader = WindowLoader(sampler, readahead=args.readahead)
+    n = sampler.batches_per_epoch()
+    per_batch = [len(np.unique(w.shard_of(next(loader).clip.numpy())))]
+    t_first = time.perf_counter()
+    per_batch += [len(np.unique(w.shard_of(next(loader).clip.numpy()))) for _ in range(n - 1)]
+    t_end, c_end, reads_end = time.perf_counter(), time.process_time(), sum(w.shard_reads.values())
+    reads = list(loader.epoch_reads[0])
+    for _ in range((epochs - 1) * n):
+        next(loader)
+    t_last, c_last, reads_last = time.perf_counter(), time.process_time(), sum(w.shard_reads.values())
+    loader.close()
+    out = {"bytes": sum(w.shard_nbytes[k] for k in reads), "windows": n * args.batch,
+           "shards_per_batch": float(np.mean(per_batch)), "rate": n * args.batch / (t_end - t0),
+           "startup": t_first - t0, "open": t_open - t0, "plan": t_plan - t_open,
+           "resident": loader.peak_resident, "shard_bytes": w.shard_nbytes[reads[0]],
+           "ram": loader.peak_resident * decoded_shard_bytes(w)}
+    if epochs > 1:
+        out["steady"] = (epochs - 1) * n * args.batch / (t_last - t_end)
+        out["cpu_per_shard"] = (c_last - c_end) / max(reads_last - reads_end, 1)  # all threads of the process
+    return out
+
+
+def decoded_shard_bytes(w: LatentWindows) -> int:
+    """RAM one full shard takes once decoded: fp16 mean (+ logvar) and int16 actions."""
+    lay = w.layout
+    per_clip = lay.frames * (lay.channels * lay.height * lay.width * 2 * (len(w.names) - 1) + 2)
+    return lay.clips_per_shard * per_clip
+
+
+def scaling(store: LatentStore, worlds: list[int], args) -> dict[int, float]:
+    total = shard_file_bytes(store)
+    lay = store.layout("train")
+    print(f"\nscaling store: {lay.clips} clips x {lay.frames} frames of {lay.channels}x{lay.height}x{lay.width}, "
+          f"{lay.num_shards} shards of {lay.clips_per_shard} clips, {total / 1e6:,.0f} MB of shard files; "
+          f"batch {args.batch}, --cache-shards {args.cache_shards}, read-ahead {args.readahead}")
+    print(f"{'W':>4}{'read/rank (mean)':>18}{'x W':>7}{'read/rank (max)':>17}{'x W':>7}{'shards/batch':>14}"
+          f"{'windows/s/rank':>16}{'start-up s':>12}{'open s':>8}{'plan s':>8}{'shards in RAM':>15}{'RAM MB':>8}")
+    worst = {}
+    for world in worlds:
+        ranks = [run_rank(store.url, r, world, args) for r in range(world)]
+        frac = np.array([r["bytes"] / total for r in ranks])
+        worst[world] = float(frac.max())
+        print(f"{world:>4}{frac.mean():>18.5f}{frac.mean() * world:>7.3f}{frac.max():>17.5f}{frac.max() * world:>7.3f}"
+              f"{np.mean([r['shards_per_batch'] for r in ranks]):>14.2f}{np.mean([r['rate'] for r in ranks]):>16,.0f}"
+              f"{np.mean([r['startup'] for r in ranks]):>12.3f}{np.mean([r['open'] for r in ranks]):>8.3f}"
+              f"{np.mean([r['plan'] for r in ranks]):>8.3f}{max(r['resident'] for r in ranks):>15}"
+              f"{max(r['ram'] for r in ranks) / 1e6:>8.0f}")
+    return worst
+
+
+def latency_and_check(store: LatentStore, args) -> None:
+    lay = store.layout("train")
+    args = argparse.Namespace(**{**vars(args), "cache_shards": args.stream_cache_shards})
+    slow = f"slow://{store.root}"
+    rows = [("sha256 check (default), local disk", store.url, LatentWindows),
+            ("no check (zarr reads the shard), local disk", store.url, UncheckedWindows),
+            (f"sha256 check, {SlowFileSystem.latency * 1e3:.0f} ms per read call", slow, LatentWindows)]
+    print(f"\nshard-sized store: {lay.clips} clips in {lay.num_shards} shards of {lay.clips_per_shard} clips "
+          f"({lay.channels}x{lay.height}x{lay.width} x {lay.frames} frames); one rank, batch {args.batch}, "
+          f"--cache-shards {args.cache_shards}, read-ahead {args.readahead}, best of {args.repeats}, rows interleaved")
+    print(f"{'reader':<48}{'windows/s':>11}{'vs default':>12}{'CPU ms/shard':>14}{'start-up s':>12}"
+          f"{'shards in RAM':>15}{'RAM MB':>8}{'MB read/shard':>15}")
+    runs = {name: [] for name, _, _ in rows}
+    for _ in range(args.repeats):  # rows interleaved, so that load from other processes hits them alike
+        for name, url, cls in rows:
+            runs[name].append(run_rank(url, 0, 1, args, cls, epochs=1 + args.epochs))
+    ref = max(r["steady"] for r in runs[rows[0][0]])
+    for name, _, _ in rows:
+        best = max(runs[name], key=lambda r: r["steady"])
+        cpu = np.median([r["cpu_per_shard"] for r in runs[name]]) * 1e3
+        print(f"{name:<48}{best['steady']:>11,.0f}{best['steady'] / ref:>11.3f}x{cpu:>14.0f}{best['startup']:>12.3f}"
+              f"{best['resident']:>15}{best['ram'] / 1e6:>8.0f}{best['shard_bytes'] / 1e6:>15.1f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--world", default="1,8,64", help="comma-separated numbers of simulated ranks")
+    ap.add_argument("--clips", type=int, default=2000, help="clips of the scaling store")
+    ap.add_argument("--clips-per-shard", type=int, default=4, help="clips per shard of the scaling store")
     ap.add_argument("--frames", type=int, default=20, help="latent frames per window")
-    ap.add_argument("--batch", type=int, default=64, help="windows per batch")
-    ap.add_argument("--seconds", type=float, default=5.0, help="time per method")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the pixel path's VAE")
+    ap.add_argument("--batch", type=int, default=8, help="windows per rank per batch")
+    ap.add_argument("--cache-shards", type=int, default=8, help="open shards each rank mixes windows from")
+    ap.add_argument("--readahead", type=int, default=3, help="shards each rank reads ahead, in parallel threads")
+    ap.add_argument("--stream-cache-shards", type=int, default=2,
+                    help="--cache-shards of the shard-sized table: fewer open shards than the 8 shards, so that the "
+                         "epoch streams through shards and each read must come ahead of its batch")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the shard-sized table measured after the first")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per row of the shard-sized table (best kept)")
+    ap.add_argument("--store-dir", default="/tmp/minisora-bench-stores",
+                    help="where the synthetic stores are written, and reused by later runs")
+    ap.add_argument("--tables", default="scaling,shard", help="which tables: scaling, shard (the shard-sized store)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from minisora.dataset import LatentWindows, WindowSampler, sample_latents
-
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        store = build(tmp, args.clips)
-        rng = np.random.default_rng(1)
-        F = args.frames
-
-        def windows():
-            return rng.integers(0, args.clips, args.batch), rng.integers(0, 300 - F + 1, args.batch)
-
-        # 1. minisora reader, as the training loop uses it (sampler order, batch gather, posterior sample)
-        w = LatentWindows(store, "train", F, cache_shards=64)
-        sampler = WindowSampler(w, args.batch, seed=0)
-        it = iter(())
-
-        def ours(posterior: bool = False):
-            nonlocal it
-            try:
-                _, c, s = next(it)
-            except StopIteration:
-                it = sampler.batches(int(rng.integers(1 << 30)))
-                _, c, s = next(it)
-            batch = w.read(c, s)
-            if posterior:  # on a GPU this runs on the device; here it is CPU time
-                sample_latents(batch, w.stats_mean, w.stats_std)
-
-        # 2. numpy memmap, one slice per window
-        mm = np.load(tmp / "mean.npy", mmap_mode="r")
-
-        def memmap():
-            c, s = windows()
-            np.stack([mm[ci, si:si + F] for ci, si in zip(c, s)])
-
-        # 3. naive zarr: one read call per window
-        arr = store.array("train", "mean")
-
-        def naive_zarr():
-            c, s = windows()
-            for ci, si in zip(c[:8], s[:8]):
-                arr[int(ci), int(si):int(si) + F]
-
-        # 4. pixel path: npz clip -> window -> VAE encode, per sample
-        from minisora.data.synthetic import render_dmlab_clip, save_npz
-        from minisora.vae import build_vae, frames_to_pixels, tiny_vae_config
-
-        video, acts = render_dmlab_clip(0, 300)
-        clip = tmp / "clip.npz"
-        save_npz(clip, video=video, actions=acts)
-        vae = build_vae("AutoencoderKL", tiny_vae_config("kl", 4, 4, width=32))
-
-        def pixel_path():
-            from minisora.data.clips import read_clip
-
-            s = int(rng.integers(0, 300 - F + 1))
-            frames, _ = read_clip(clip, "dmlab", s, F)
-            vae.encode(frames_to_pixels(torch.from_numpy(frames))[None])
-
-        results = [("minisora reader (shards in RAM, batched)", rate(ours, args.seconds, args.batch)),
-                   ("  + posterior sample and normalise on CPU", rate(lambda: ours(True), args.seconds, args.batch)),
-                   ("numpy memmap, slice per window", rate(memmap, args.seconds, args.batch)),
-                   ("zarr, one read call per window", rate(naive_zarr, args.seconds, 8)),
-                   ("pixels: npz + VAE per window (original minisora)", rate(pixel_path, args.seconds, 1))]
-    ref = results[0][1]
-    print(f"\nwindows of {F} x 4 x 16 x 16 fp16 latents, {args.clips} clips of 300 frames, batch {args.batch}")
-    print(f"{'method':<52}{'windows/s':>14}{'vs minisora':>14}")
-    for name, r in results:
-        print(f"{name:<52}{r:>14,.0f}{r / ref:>13.3f}x")
+    worlds, tables = [int(x) for x in args.world.split(",")], args.tables.split(",")
+    root = Path(args.store_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    big = build(root / f"scaling-{args.clips}-{args.clips_per_shard}", args.clips, args.clips_per_shard, (4, 8, 8))
+    shardy = build(root / "shard-sized", 8 * 52, 52, (4, 16, 16)) if "shard" in tables else None
+    print(f"stores ready in {time.perf_counter() - t:.1f} s under {root} (written directly, no VAE)")
+    worst = scaling(big, worlds, args) if "scaling" in tables else None
+    if shardy is not None:
+        latency_and_check(shardy, args)
+    print(f"\npeak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:,.0f} MB; "
+          f"{os.cpu_count()} CPUs")
+    if worst:
+        w = max(worlds)
+        print(f"each rank reads {worst[w]:.5f} of the store at W={w} ({worst[w] * w:.3f}/{w})")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def train(
     p_full: float = typer.Option(0.5, help="Probability of a window with one noise level for all frames (generation)."),
     p_prefix: float = typer.Option(0.3, help="Probability of a clean random prefix as context (continuation)."),
     p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion forcing)."),
-    cache_shards: int = typer.Option(8, min=1, help="Store shards kept in RAM by the window reader."),
+    cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in RAM "
+                                     "(3 more are read ahead); part of the data order, so a resumed run needs the same value."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (if installed)."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu (also on a CUDA machine: gloo, no GPU "
                                "touched) or cuda."),

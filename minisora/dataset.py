@@ -1,11 +1,27 @@
 """Latent windows for training: random windows of consecutive latent frames from a latent store.
 
-The reader never pays one zarr call per window: it reads whole shards (one call per array per
-shard), keeps them in RAM (an LRU of `cache_shards` shards), and copies each window out of the
-cached shard with a contiguous slice. An epoch visits every usable clip once, with a random window
-start, in shard-major order (shards shuffled, clips shuffled inside each shard) so consecutive
-batches come from the same shard; ranks take interleaved items of the same order. Everything is a
-function of (seed, epoch), so a run resumes mid-epoch from (epoch, batch index).
+Reading. The reader never pays one zarr call per window: it reads whole shards, one request per
+array per shard, through `LatentStore.read_shard`, which hashes the bytes it read against the
+shard's commit marker before decoding them (no extra I/O). A shard without a valid marker, or
+with a changed or truncated file, is never trained on. Windows are copied out of the shards held
+in RAM with one contiguous slice per window and array.
+
+Order (`WindowSampler`). Everything is a function of (seed, epoch, rank, world, batch size,
+cache_shards), so a run resumes mid-epoch from (epoch, batch index).
+1. Deal: each epoch a seeded permutation of the shards that hold usable clips (clips with at
+   least `frames` latent frames) is dealt to the W ranks, largest shard first to the rank with
+   the fewest usable clips so far. A rank reads only its own shards: about 1/W of the store.
+2. Mix: a rank keeps `cache_shards` shards open and draws each next clip uniformly among the
+   clips left in its open shards; an exhausted shard is replaced by the rank's next one. A batch
+   therefore mixes windows from several shards. Each clip gets one random window start.
+3. Edge rule: every rank runs B = U // (W * batch) batches (U usable clips), so every rank takes
+   n = B * batch clips. A rank dealt more than n clips skips the last ones of its order; a rank
+   dealt fewer repeats the last ones of its order (their shards are still in RAM) with new
+   window starts. Dealing largest-first keeps each rank's surplus or deficit below one shard.
+
+Loading (`WindowLoader`). A background thread assembles batches in order; a pool of
+`readahead` threads reads the rank's next shards before the current ones run out, so training
+does not wait for a shard read. A shard stays in RAM from its first to its last batch.
 
 Windows are returned as fp16 posterior mean/log-variance; `sample_latents` draws the posterior
 sample (mean + std * noise) and normalises with the store's per-channel statistics. It runs on
@@ -14,9 +30,10 @@ the training device, so a fresh sample per read costs no host time.
 
 from __future__ import annotations
 
-import threading
 import queue
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,25 +80,37 @@ class LatentWindows:
             raise ValueError(f"{self.store.url}: no clip in {split} has >= {frames} latent frames "
                              f"(longest has {int(self.lengths.max(initial=0))}); lower --frames")
         self.deterministic = bool(self.store.attrs["deterministic"])
+        self.names = ("mean", "actions") + (() if self.deterministic else ("logvar",))
         stats = self.store.attrs["latent_stats"]
         self.stats_mean = torch.tensor(stats["mean"], dtype=torch.float32)
         self.stats_std = torch.tensor(stats["std"], dtype=torch.float32)
         self.cache_shards = cache_shards
-        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.bytes_read = 0  # bytes of shard files and markers read so far (benchmarks, tests)
+        self.shard_reads: Counter[int] = Counter()  # shard -> times read
+        self.shard_nbytes: dict[int, int] = {}  # shard -> bytes its last read fetched
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # LRU of read()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ shards
     def shard_of(self, clip: np.ndarray) -> np.ndarray:
         return clip // self.layout.clips_per_shard
 
-    def _shard(self, k: int) -> dict[str, np.ndarray]:
+    def load_shard(self, k: int) -> dict[str, np.ndarray]:
+        """Shard k's arrays, read once and checked against its commit marker (StoreError if not)."""
+        lo, hi = self.layout.shard_range(k)
+        data, nbytes = self.store.read_shard(self.split, k, self.names, lengths=self.lengths[lo:hi])
+        with self._lock:
+            self.bytes_read += nbytes
+            self.shard_reads[k] += 1
+            self.shard_nbytes[k] = nbytes
+        return data
+
+    def _cached(self, k: int) -> dict[str, np.ndarray]:
         with self._lock:
             if k in self._cache:
                 self._cache.move_to_end(k)
                 return self._cache[k]
-        lo, hi = self.layout.shard_range(k)
-        names = ["mean", "actions"] + ([] if self.deterministic else ["logvar"])
-        data = {n: self.store.array(self.split, n)[lo:hi] for n in names}  # one zarr call per array
+        data = self.load_shard(k)
         with self._lock:
             self._cache[k] = data
             while len(self._cache) > self.cache_shards:
@@ -91,34 +120,58 @@ class LatentWindows:
     # ------------------------------------------------------------------ windows
     def read(self, clips: np.ndarray, starts: np.ndarray) -> LatentBatch:
         """Gather windows [start, start + frames) of the given clips (any order, any shards)."""
+        clips = np.asarray(clips, np.int64)
+        data = {int(k): self._cached(int(k)) for k in np.unique(self.shard_of(clips))}
+        return self.gather(data, clips, starts)
+
+    def gather(self, shards: dict[int, dict[str, np.ndarray]], clips: np.ndarray, starts: np.ndarray,
+               pin_memory: bool = False) -> LatentBatch:
+        """Copy the windows out of shards already in RAM, into pinned tensors when asked."""
         clips, starts = np.asarray(clips, np.int64), np.asarray(starts, np.int64)
-        if (starts < 0).any() or (starts + self.frames > self.lengths[clips]).any():
-            bad = int(np.flatnonzero((starts < 0) | (starts + self.frames > self.lengths[clips]))[0])
-            raise IndexError(f"window [{starts[bad]}, {starts[bad] + self.frames}) of clip {clips[bad]} "
-                             f"leaves its {self.lengths[clips[bad]]} latent frames")
-        shards = self.shard_of(clips)
-        data = {int(k): self._shard(int(k)) for k in np.unique(shards)}  # one zarr read per array per new shard
-        rows = clips - shards * self.layout.clips_per_shard
-        out = {name: np.empty((len(clips), self.frames) + arr.shape[2:], arr.dtype) for name, arr in data[int(shards[0])].items()}
-        for j, (k, r, t0) in enumerate(zip(shards.tolist(), rows.tolist(), starts.tolist())):
-            for name, arr in data[k].items():  # a contiguous slice copy per window and array
-                out[name][j] = arr[r, t0:t0 + self.frames]
-        return LatentBatch(mean=torch.from_numpy(out["mean"]),
-                           logvar=torch.from_numpy(out["logvar"]) if "logvar" in out else None,
-                           actions=torch.from_numpy(out["actions"].astype(np.int64)),
+        bad = np.flatnonzero((starts < 0) | (starts + self.frames > self.lengths[clips]))
+        if len(bad):
+            j = int(bad[0])
+            raise IndexError(f"window [{starts[j]}, {starts[j] + self.frames}) of clip {clips[j]} "
+                             f"leaves its {self.lengths[clips[j]]} latent frames")
+        ks = self.shard_of(clips)
+        rows = clips - ks * self.layout.clips_per_shard
+        first = shards[int(ks[0])]
+        dtype = lambda name, arr: torch.int64 if name == "actions" else torch.from_numpy(arr[:0]).dtype  # noqa: E731
+        out = {name: torch.empty((len(clips), self.frames) + arr.shape[2:], dtype=dtype(name, arr),
+                                 pin_memory=pin_memory) for name, arr in first.items()}
+        views = {name: t.numpy() for name, t in out.items()}
+        for j, (k, r, t0) in enumerate(zip(ks.tolist(), rows.tolist(), starts.tolist())):
+            for name, arr in shards[k].items():  # a contiguous slice copy per window and array
+                views[name][j] = arr[r, t0:t0 + self.frames]
+        return LatentBatch(mean=out["mean"], logvar=out.get("logvar"), actions=out["actions"],
                            clip=torch.from_numpy(clips), start=torch.from_numpy(starts))
 
 
-class WindowSampler:
-    """Deterministic, rank-aware, resumable order of (clip, start) windows.
+@dataclass
+class RankEpoch:
+    """One rank's epoch: n = batches x batch_size items, and what the edge rule changed."""
 
-    epoch_items(epoch) is the same on every rank: every usable clip once, shards in a random order,
-    clips shuffled inside each shard, one random start per clip. Rank r takes items r, r + W, ...
-    (the list is cut to a multiple of W * batch_size so every rank runs the same number of steps).
-    """
+    clips: np.ndarray  # (n,) clip indices in delivery order
+    starts: np.ndarray  # (n,) first latent frame of each window
+    shards: np.ndarray  # the shards dealt to this rank: the first `mix` open at once, the rest in this order
+    dropped: np.ndarray  # clips dealt to this rank but skipped (surplus over n)
+    repeated: np.ndarray  # clips delivered twice (deficit under n)
+
+
+class WindowSampler:
+    """Deterministic, rank-aware, resumable order of (clip, start) windows (module docstring)."""
 
     def __init__(self, windows: LatentWindows, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.w, self.batch_size, self.seed, self.rank, self.world = windows, batch_size, seed, rank, world
+        self.mix = max(1, windows.cache_shards)
+        self._plans: dict[tuple[int, int], RankEpoch] = {}  # (epoch, rank) -> plan, the last two computed
+        shards = windows.shard_of(windows.usable)
+        self.usable_per_shard = np.bincount(shards, minlength=windows.layout.num_shards)
+        self.live_shards = np.flatnonzero(self.usable_per_shard)  # shards holding at least one usable clip
+        if len(self.live_shards) < world:
+            raise ValueError(f"{windows.store.url}: {len(self.live_shards)} shards of {windows.split} hold clips of "
+                             f">= {windows.frames} latent frames, fewer than the {world} ranks; each rank reads "
+                             "whole shards of its own: re-encode with a smaller --clips-per-shard or use fewer ranks")
         if self.batches_per_epoch() == 0:
             raise ValueError(f"{len(windows.usable)} usable clips are fewer than one global batch "
                              f"({world} ranks x {batch_size}); lower --batch-size")
@@ -126,59 +179,159 @@ class WindowSampler:
     def batches_per_epoch(self) -> int:
         return len(self.w.usable) // (self.world * self.batch_size)
 
-    def epoch_items(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def deal(self, epoch: int) -> list[np.ndarray]:
+        """The shards of every rank this epoch (the same on every rank), each in a random opening order."""
         rng = np.random.default_rng([self.seed, epoch])
-        clips = self.w.usable
-        shards = self.w.shard_of(clips)
-        shard_order = rng.permutation(np.unique(shards))
-        rank_of_shard = np.empty(shards.max() + 1, np.int64)
-        rank_of_shard[shard_order] = np.arange(len(shard_order))
-        key = rank_of_shard[shards] * len(clips) + rng.permutation(len(clips))  # shard-major, shuffled inside
-        order = clips[np.argsort(key, kind="stable")]
+        perm = rng.permutation(self.live_shards)
+        sizes = self.usable_per_shard[perm]
+        load, owner = np.zeros(self.world, np.int64), np.empty(len(perm), np.int64)
+        for i in np.argsort(-sizes, kind="stable"):  # largest first, ties in the permuted order
+            owner[i] = int(np.argmin(load))  # the least-loaded rank (lowest index on ties)
+            load[owner[i]] += sizes[i]
+        return [perm[owner == r] for r in range(self.world)]
+
+    def rank_epoch(self, epoch: int, rank: int | None = None) -> RankEpoch:
+        """A rank's clips and window starts for one epoch: dealt, mixed, cut or extended to n (the edge rule)."""
+        rank = self.rank if rank is None else rank
+        if (epoch, rank) in self._plans:
+            return self._plans[(epoch, rank)]
+        shards = self.deal(epoch)[rank]
+        rng = np.random.default_rng([self.seed, epoch, 1 + rank])
+        cps, usable = self.w.layout.clips_per_shard, self.w.usable
+        queues = [rng.permutation(usable[(usable >= k * cps) & (usable < (k + 1) * cps)]) for k in shards]
+        order = self._mix(queues, rng)
+        n = self.batches_per_epoch() * self.batch_size
+        dropped, repeated = order[n:], order[:0]
+        if len(order) >= n:
+            order = order[:n]
+        else:  # the last items again, cycling backwards if a rank holds fewer than half of n
+            repeated = order[(len(order) - (n - len(order)) + np.arange(n - len(order))) % len(order)]
+            order = np.concatenate([order, repeated])
         starts = rng.integers(0, self.w.lengths[order] - self.w.frames + 1)  # inclusive of the last valid start
-        n = self.batches_per_epoch() * self.world * self.batch_size
-        return order[:n], starts[:n]
+        plan = RankEpoch(order, starts, shards, dropped, repeated)
+        self._plans = {**dict(list(self._plans.items())[-1:]), (epoch, rank): plan}  # the last two plans
+        return plan
+
+    def _mix(self, queues: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """Interleave the shards' clip queues through a window of `mix` open shards."""
+        total = sum(len(q) for q in queues)
+        out, opened = np.empty(total, np.int64), min(self.mix, len(queues))
+        open_q, pos = list(range(opened)), [0] * opened
+        draws = rng.random(total)
+        for i in range(total):
+            left = np.array([len(queues[q]) - p for q, p in zip(open_q, pos)])
+            j = int(np.searchsorted(np.cumsum(left), draws[i] * left.sum(), side="right"))
+            j = min(j, len(left) - 1)
+            out[i] = queues[open_q[j]][pos[j]]
+            pos[j] += 1
+            if pos[j] == len(queues[open_q[j]]):  # exhausted: open the rank's next shard in its place
+                if opened < len(queues):
+                    open_q[j], pos[j], opened = opened, 0, opened + 1
+                else:
+                    del open_q[j], pos[j]
+        return out
+
+    def epoch_items(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (clips, starts) for one epoch, in delivery order."""
+        e = self.rank_epoch(epoch)
+        return e.clips, e.starts
 
     def batches(self, epoch: int, start_batch: int = 0):
         """Yield (batch index, clips, starts) of this rank for one epoch, from `start_batch` on."""
         clips, starts = self.epoch_items(epoch)
-        mine_c, mine_s = clips[self.rank::self.world], starts[self.rank::self.world]
         for i in range(start_batch, self.batches_per_epoch()):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            yield i, mine_c[sl], mine_s[sl]
+            yield i, clips[sl], starts[sl]
 
 
 class WindowLoader:
-    """Endless iterator of LatentBatch with a background thread reading ahead; resumable.
+    """Endless iterator of LatentBatch, assembled in a background thread with shard read-ahead; resumable.
 
-    state_dict() -> {"epoch", "batch"}: the next batch to deliver. Pass it back to resume exactly.
+    state_dict() -> {"epoch", "batch", "cache_shards"}: the next batch to deliver and the mixing
+    width the order depends on. Pass it back to resume exactly.
     """
 
-    def __init__(self, sampler: WindowSampler, state: dict | None = None, prefetch: int = 4):
-        self.sampler = sampler
-        self.epoch = int((state or {}).get("epoch", 0))
-        self.batch = int((state or {}).get("batch", 0))
+    def __init__(self, sampler: WindowSampler, state: dict | None = None, prefetch: int = 4,
+                 readahead: int = 3, pin_memory: bool = False):
+        state = state or {}
+        if state.get("cache_shards", sampler.mix) != sampler.mix:
+            raise ValueError(f"the run being resumed mixed {state['cache_shards']} open shards per rank; this run has "
+                             f"--cache-shards {sampler.mix}, which would change the data order: resume with "
+                             f"--cache-shards {state['cache_shards']}")
+        self.sampler, self.readahead, self.pin_memory = sampler, max(1, readahead), pin_memory
+        self.epoch, self.batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
+        self.peak_resident = 0  # most shards held in RAM at once (benchmarks)
+        self.epoch_reads: dict[int, list[int]] = {}  # shards read for each epoch's batches (recent epochs)
+        self._items_cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
         self._q: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=self.readahead, thread_name_prefix="shard-read")
         self._thread = threading.Thread(target=self._run, args=(self.epoch, self.batch), daemon=True)
         self._thread.start()
 
+    def _entries(self, epoch: int, batch: int):
+        """(epoch, shard, first batch, last batch) of every shard use, in first-use order, forever."""
+        bs = self.sampler.batch_size
+        while True:
+            clips = self.sampler.rank_epoch(epoch).clips[batch * bs:]
+            ks = self.sampler.w.shard_of(clips)
+            uniq, first = np.unique(ks, return_index=True)
+            _, last_rev = np.unique(ks[::-1], return_index=True)
+            last = len(ks) - 1 - last_rev
+            for i in np.argsort(first):
+                yield epoch, int(uniq[i]), batch + int(first[i]) // bs, batch + int(last[i]) // bs
+            epoch, batch = epoch + 1, 0
+
     def _run(self, epoch: int, batch: int) -> None:
+        resident: dict[int, list] = {}  # shard -> [Future of its arrays, uses not yet finished]
+        pending: list[tuple[int, int, int, int]] = []  # acquired uses, not yet finished
+        entries = self._entries(epoch, batch)
+        upcoming = next(entries)
         try:
             while not self._stop.is_set():
-                for i, clips, starts in self.sampler.batches(epoch, batch):
-                    item = (epoch, i, self.sampler.w.read(clips, starts))
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-                epoch, batch = epoch + 1, 0
+                # acquire every shard use starting by this batch, plus `readahead` more (read in the pool)
+                ahead = sum((u[0], u[2]) > (epoch, batch) for u in pending)
+                while (upcoming[0], upcoming[2]) <= (epoch, batch) or ahead < self.readahead:
+                    if (upcoming[0], upcoming[2]) > (epoch, batch):
+                        ahead += 1
+                    k = upcoming[1]
+                    if k not in resident:
+                        resident[k] = [self._pool.submit(self.sampler.w.load_shard, k), 0]
+                        self.epoch_reads.setdefault(upcoming[0], []).append(k)
+                    resident[k][1] += 1
+                    pending.append(upcoming)
+                    upcoming = next(entries)
+                self.peak_resident = max(self.peak_resident, len(resident))
+                clips, starts = self._batch_items(epoch, batch)
+                need = np.unique(self.sampler.w.shard_of(clips)).tolist()
+                shards = {k: resident[k][0].result() for k in need}
+                item = (epoch, batch, self.sampler.w.gather(shards, clips, starts, self.pin_memory))
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                for use in [u for u in pending if (u[0], u[3]) == (epoch, batch)]:  # shards done with
+                    pending.remove(use)
+                    resident[use[1]][1] -= 1
+                    if resident[use[1]][1] == 0:
+                        del resident[use[1]]
+                epoch, batch = (epoch, batch + 1) if batch + 1 < self.sampler.batches_per_epoch() else (epoch + 1, 0)
         except BaseException as e:  # surface reader errors in the training loop
-            self._q.put(e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(e, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+    def _batch_items(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._items_cache is None or self._items_cache[0] != epoch:
+            self._items_cache = (epoch, self.sampler.epoch_items(epoch))
+        clips, starts = self._items_cache[1]
+        sl = slice(batch * self.sampler.batch_size, (batch + 1) * self.sampler.batch_size)
+        return clips[sl], starts[sl]
 
     def __iter__(self):
         return self
@@ -190,11 +343,14 @@ class WindowLoader:
         epoch, i, batch = item
         n = self.sampler.batches_per_epoch()
         self.epoch, self.batch = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
+        for e in [e for e in list(self.epoch_reads) if e < self.epoch - 2]:
+            self.epoch_reads.pop(e, None)
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "cache_shards": self.sampler.mix}
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # reads in flight finish (no half-done zarr tasks)

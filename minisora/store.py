@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,7 @@ class LatentStore:
         except Exception as e:  # zarr raises several types for broken metadata
             raise StoreError(f"{self.url}: cannot open zarr group ({e})") from e
         self.attrs = dict(self.group.attrs)
+        self._array_meta: dict[tuple[str, str], bytes] = {}  # zarr.json of each array, for read_shard
         if mode == "r" and self.attrs.get("schema") != "minisora.latents":
             raise StoreError(f"{self.url}: not a minisora latent store (attributes lack schema='minisora.latents')")
 
@@ -395,6 +397,64 @@ class LatentStore:
         out["bytes"] = total_bytes
         out["raw_pixel_bytes_per_latent_frame"] = h * w * 3 * tc
         return out
+
+    # ---------------------------------------------------------------- verified reads (training)
+    def read_shard(self, split: str, k: int, names: tuple[str, ...] | list[str],
+                   lengths: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Shard k of the arrays `names`, checked against its commit marker before use.
+
+        Each shard file is read once as raw bytes (the files in parallel threads), hashed, compared
+        with the marker's sha256 and decoded by zarr from memory, so the check adds no I/O. A shard without a readable marker,
+        with a missing or changed file, or whose marker disagrees with `lengths` (the split's
+        length array at [start, stop)) raises StoreError. Returns ({name: (n, ...) array}, bytes read).
+        """
+        hint = f"; run `minisora store verify {self.url}` to check the whole store, then re-encode it"
+        marker = self._marker_path(split, k)
+        try:
+            raw_marker = self.fs.cat_file(marker)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: {split} shard {k} has no commit marker ({marker}); it is never "
+                             f"read for training{hint}") from None
+        try:
+            commit = ShardCommit(**json.loads(raw_marker))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise StoreError(f"{self.url}: {split} shard {k}: commit marker {marker} is unreadable ({e}){hint}") from e
+        lo, hi = self.layout(split).shard_range(k)
+        wrong_lengths = lengths is not None and [int(x) for x in lengths] != commit.lengths
+        if (commit.start, commit.stop) != (lo, hi) or wrong_lengths:
+            raise StoreError(f"{self.url}: {split} shard {k}: commit marker {marker} does not describe clips "
+                             f"[{lo}, {hi}) with the stored lengths{hint}")
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:  # the files in parallel: latency once per shard
+            files = dict(zip(names, pool.map(lambda n: self._read_shard_file(split, k, n, commit, hint), names)))
+        return {n: arr for n, (arr, _) in files.items()}, len(raw_marker) + sum(b for _, b in files.values())
+
+    def _read_shard_file(self, split: str, k: int, name: str, commit: ShardCommit, hint: str) -> tuple[np.ndarray, int]:
+        path = f"{self.root}/{self._shard_key(split, name, k)}"
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: {split} shard {k}: shard file {path} is missing{hint}") from None
+        if name not in commit.checksums or _sha256(raw) != commit.checksums[name]:
+            raise StoreError(f"{self.url}: {split} shard {k}: checksum mismatch in {path} ({len(raw)} bytes), "
+                             f"the file was changed or truncated{hint}")
+        try:
+            return self._decode_shard(split, name, k, raw), len(raw)
+        except Exception as e:  # the bytes match the marker, so the marker was written from bad bytes
+            raise StoreError(f"{self.url}: {split} shard {k}: cannot decode {path} ({e}){hint}") from e
+
+    def _decode_shard(self, split: str, name: str, k: int, raw: bytes) -> np.ndarray:
+        """Decode one shard file's bytes with the array's own metadata (codecs, chunking) from memory."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage import MemoryStore
+
+        meta = self._array_meta.get((split, name))
+        if meta is None:
+            meta = self._array_meta[(split, name)] = self.fs.cat_file(f"{self.root}/{split}/{name}/zarr.json")
+        key = self._shard_key(split, name, k).removeprefix(f"{split}/{name}/")
+        buf = default_buffer_prototype().buffer.from_bytes
+        arr = zarr.open_array(MemoryStore({"zarr.json": buf(meta), key: buf(raw)}), mode="r")
+        lo, hi = self.layout(split).shard_range(k)
+        return arr[lo:hi]
 
 
 def channel_sums(mean: np.ndarray, logvar: np.ndarray | None, lengths: np.ndarray) -> dict[str, list]:

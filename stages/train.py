@@ -308,7 +308,7 @@ def main(cfg: TrainConfig) -> dict:
     logger = Logger(cfg, enabled=rank == 0)
     if event is not None:
         logger.event(**event)
-    loader = WindowLoader(run.sampler, state=loader_state)
+    loader = WindowLoader(run.sampler, state=loader_state, pin_memory=run.device.type == "cuda")  # copies overlap
     stats = (run.windows.stats_mean.to(device), run.windows.stats_std.to(device))
     if rank == 0:
         (Path(cfg.out) / "config.json").write_text(json.dumps(config_json(cfg), indent=2))

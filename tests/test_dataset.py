@@ -1,3 +1,7 @@
+import json
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -52,9 +56,11 @@ def test_sampler_deterministic_and_rank_split(store):
     c0 = np.concatenate([c for _, c, _ in r0.batches(0)])
     c1 = np.concatenate([c for _, c, _ in r1.batches(0)])
     assert len(c0) == len(c1) == 4 and not set(c0) & set(c1)
+    # one open shard: shard-major, each shard visited in one run; more open shards interleave them
+    clips, _ = WindowSampler(LatentWindows(store[0], "train", 4, cache_shards=1), 2, seed=7).epoch_items(0)
+    assert (np.diff(clips // 3) != 0).sum() == len(np.unique(clips // 3)) - 1
     clips, _ = a.epoch_items(0)
-    shards = clips // 3
-    assert (np.diff(shards) != 0).sum() == len(np.unique(shards)) - 1  # each shard visited in one run
+    assert (np.diff(clips // 3) != 0).sum() > len(np.unique(clips // 3)) - 1
 
 
 def test_loader_resumes_mid_epoch(store):
@@ -67,7 +73,7 @@ def test_loader_resumes_mid_epoch(store):
     first = [next(loader) for _ in range(6)]
     state = loader.state_dict()
     loader.close()
-    assert state == {"epoch": 1, "batch": 2}
+    assert state == {"epoch": 1, "batch": 2, "cache_shards": 8}
     resumed = WindowLoader(s, state=state)
     rest = [next(resumed) for _ in range(3)]
     resumed.close()
@@ -91,3 +97,192 @@ def test_sample_latents_normalises_with_store_stats(store):
     det = sample_latents(type(b)(b.mean, None, b.actions, b.clip, b.start), w.stats_mean, w.stats_std)
     expect = (b.mean.float() - w.stats_mean.view(1, 1, -1, 1, 1)) / w.stats_std.view(1, 1, -1, 1, 1)
     assert torch.allclose(det, expect)
+
+
+# ---------------------------------------------------------------------- shards dealt to ranks
+COVER = {"train": [5, 9, 2, 7, 7, 3, 8, 6, 12, 4, 9, 9, 1, 6, 7, 8, 5, 10, 6, 7, 3, 11, 8, 6, 9, 4, 7]}
+
+
+@pytest.fixture(scope="module")
+def cover_store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("c") / "store", COVER, clips_per_shard=3, hw=(2, 2))[0]
+
+
+def _read_ahead(s, epoch, batches, readahead):
+    """Shards a loader may have read from `epoch` on once it assembled `batches` of it: those plus `readahead` more."""
+    opening, used = [], 0  # shard uses in first-use order; short epochs: read-ahead runs into later ones
+    for e in (epoch, epoch + 1, epoch + 2):
+        ks = s.rank_epoch(e).clips // 3
+        used = used or len(np.unique(ks[:batches * s.batch_size]))
+        opening += ks[np.sort(np.unique(ks, return_index=True)[1])].tolist()
+    return set(opening[:used + readahead])
+
+
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 3), (3, 2), (4, 2)])
+def test_ranks_read_own_shards_and_cover_every_usable_clip_once(cover_store, world, batch):
+    usable = [i for i, n in enumerate(COVER["train"]) if n >= 4]  # 23 clips in 9 shards
+    for epoch in (0, 1):
+        got, reads = [], []
+        for rank in range(world):
+            w = LatentWindows(cover_store, "train", 4, cache_shards=2)
+            s = WindowSampler(w, batch, seed=5, rank=rank, world=world)
+            plan = s.rank_epoch(epoch)
+            loader = WindowLoader(s, state={"epoch": epoch, "batch": 0, "cache_shards": 2}, prefetch=1)
+            batches = [next(loader) for _ in range(s.batches_per_epoch())]
+            loader.close()
+            delivered = torch.cat([b.clip for b in batches]).numpy()
+            np.testing.assert_array_equal(delivered, plan.clips)  # the loader delivers the plan
+            assert len(delivered) == len(usable) // (world * batch) * batch  # same steps on every rank
+            own = set(plan.shards.tolist())
+            ahead = _read_ahead(s, epoch + 1, 2, loader.readahead)  # 1 batch queued, 1 being assembled
+            read = set(w.shard_reads)
+            assert set((delivered // 3).tolist()) <= read & own and read <= own | ahead  # only its own shards
+            assert all(n == 1 or k in ahead for k, n in w.shard_reads.items())  # each read once per epoch
+            # edge rule: the surplus is the tail of the rank's order, the deficit repeats its last clips
+            assert not (set(plan.dropped.tolist()) & set(delivered.tolist()))
+            if len(plan.repeated):
+                d = len(plan.repeated)
+                np.testing.assert_array_equal(plan.repeated, delivered[len(delivered) - 2 * d:len(delivered) - d])
+            # largest shard first to the least-loaded rank: a deficit of at most one shard (3 clips),
+            # a surplus below one shard plus the global remainder of under one batch
+            assert len(plan.repeated) <= 3 and len(plan.dropped) < 3 + batch
+            got.append((delivered, plan))
+            reads.append(read & own)
+        assert all(not (a & b) for i, a in enumerate(reads) for b in reads[i + 1:])  # no shard read by two ranks
+        counts = np.bincount(np.concatenate([d for d, _ in got]), minlength=len(COVER["train"]))
+        dropped = np.concatenate([p.dropped for _, p in got]).astype(np.int64)
+        repeated = np.concatenate([p.repeated for _, p in got]).astype(np.int64)
+        expect = np.zeros(len(COVER["train"]), np.int64)
+        expect[usable] = 1
+        np.subtract.at(expect, dropped, 1)
+        np.add.at(expect, repeated, 1)
+        np.testing.assert_array_equal(counts, expect)  # every usable clip once, up to the edge rule
+        assert len(dropped) - len(repeated) == len(usable) - world * (len(usable) // (world * batch)) * batch
+
+
+def test_dealing_changes_each_epoch_and_batches_mix_shards(cover_store):
+    w = LatentWindows(cover_store, "train", 4, cache_shards=3)
+    s = WindowSampler(w, 4, seed=0, rank=0, world=2)
+    assert [d.tolist() for d in s.deal(0)] != [d.tolist() for d in s.deal(1)]
+    clips = s.rank_epoch(0).clips
+    per_batch = [len(np.unique(clips[i:i + 4] // 3)) for i in range(0, len(clips), 4)]
+    assert max(per_batch) >= 2  # a batch draws from several open shards
+
+
+def test_fewer_shards_than_ranks_is_refused(cover_store):
+    w = LatentWindows(cover_store, "train", 4)
+    with pytest.raises(ValueError, match="9 shards of train hold clips of >= 4 latent frames, fewer than the 16 ranks"):
+        WindowSampler(w, 1, world=16)
+
+
+def test_resume_with_other_cache_shards_is_refused(cover_store):
+    s = WindowSampler(LatentWindows(cover_store, "train", 4, cache_shards=4), 2)
+    with pytest.raises(ValueError, match="mixed 2 open shards per rank; this run has --cache-shards 4"):
+        WindowLoader(s, state={"epoch": 0, "batch": 1, "cache_shards": 2})
+
+
+def test_loader_reads_shards_before_the_batches_that_need_them(cover_store):
+    w = LatentWindows(cover_store, "train", 4, cache_shards=1)  # shard-major: each shard needed late
+    s = WindowSampler(w, 2, seed=3)
+    loader = WindowLoader(s, prefetch=1, readahead=2)
+    next(loader)  # batch 0 delivered: at most batches 1 (queued) and 2 (being put) are assembled
+    ks = s.rank_epoch(0).clips // 3
+    opening = ks[np.sort(np.unique(ks, return_index=True)[1])].tolist()
+    assembled = len(np.unique(ks[:3 * 2]))
+    ahead = set(opening[assembled:assembled + 2])  # needed by no assembled batch
+    deadline = time.time() + 60
+    while not ahead <= set(w.shard_reads) and time.time() < deadline:
+        time.sleep(0.01)
+    loader.close()
+    assert len(ahead) == 2 and ahead <= set(w.shard_reads)
+
+
+def test_loader_holds_a_bounded_number_of_shards(cover_store):
+    w = LatentWindows(cover_store, "train", 4, cache_shards=2)
+    loader = WindowLoader(WindowSampler(w, 2, seed=1), readahead=1)
+    for _ in range(30):  # three epochs
+        next(loader)
+    loader.close()
+    assert 2 <= loader.peak_resident <= 2 + 1 + 2  # open shards + read-ahead + those closing in the batch
+    assert sum(w.shard_reads.values()) <= 3 * 9 + 2  # about one read per shard per epoch
+
+
+# ---------------------------------------------------------------------- verified bytes only
+def _corrupt(store, how):
+    lay = store.layout("train")
+    k = 1
+    marker = store._marker_path("train", k)
+    path = f"{store.root}/{store._shard_key('train', 'mean', k)}"
+    if how == "flip":
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 3] ^= 0x10
+        open(path, "wb").write(bytes(data))
+    elif how == "truncate":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif how == "no-marker":
+        os.remove(marker)
+    elif how == "bad-json":
+        open(marker, "w").write("{not json")
+    elif how == "wrong-lengths":
+        c = json.load(open(marker))
+        c["lengths"][0] = 5
+        json.dump(c, open(marker, "w"))
+    elif how == "wrong-checksum":
+        c = json.load(open(marker))
+        c["checksums"]["mean"] = "0" * 64
+        json.dump(c, open(marker, "w"))
+    return k, lay, path, marker
+
+
+@pytest.mark.parametrize("how,what", [("flip", "checksum mismatch in {path}"),
+                                      ("truncate", "checksum mismatch in {path}"),
+                                      ("no-marker", "has no commit marker ({marker})"),
+                                      ("bad-json", "commit marker {marker} is unreadable"),
+                                      ("wrong-checksum", "checksum mismatch in {path}"),
+                                      ("wrong-lengths", "commit marker {marker} does not describe clips [2, 4)")])
+def test_a_shard_without_valid_marker_or_bytes_is_never_trained_on(tmp_path, how, what):
+    from minisora.store import StoreError
+
+    st, _ = make_store(tmp_path / "store", {"train": [6] * 6}, clips_per_shard=2)
+    k, _, path, marker = _corrupt(st, how)
+    w = LatentWindows(str(tmp_path / "store"), "train", 4, cache_shards=1)
+    loader = WindowLoader(WindowSampler(w, 2, seed=0), readahead=1)  # shard-major: one shard per batch
+    with pytest.raises(StoreError) as e:
+        for _ in range(3):
+            b = next(loader)
+            assert not (b.clip // 2 == k).any()  # no window of the bad shard is ever delivered
+    loader.close()
+    msg = str(e.value)
+    assert str(tmp_path / "store") in msg and f"train shard {k}" in msg and what.format(path=path, marker=marker) in msg
+    assert f"run `minisora store verify {tmp_path / 'store'}`" in msg
+    assert k not in w.shard_reads  # counted only once checked
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_for_cuda(cover_store):
+    w = LatentWindows(cover_store, "train", 4)
+    loader = WindowLoader(WindowSampler(w, 2), pin_memory=True)
+    b = next(loader)
+    loader.close()
+    assert b.mean.is_pinned() and b.logvar.is_pinned() and b.actions.is_pinned()
+    g = b.to("cuda")
+    assert g.mean.device.type == "cuda" and torch.equal(g.mean.cpu(), b.mean)
+
+
+@pytest.mark.parametrize("how,what", [("truncate", "checksum mismatch in {path}"),
+                                      ("no-marker", "has no commit marker ({marker})")])
+def test_train_stops_with_one_line_naming_the_bad_shard(tmp_path, how, what):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    st, _ = make_store(tmp_path / "store", {"train": [6] * 6, "test": [6]}, clips_per_shard=2)
+    k, _, path, marker = _corrupt(st, how)
+    r = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"),
+                                 "--frames", "4", "--batch-size", "2", "--steps", "6", "--ckpt-every", "0",
+                                 "--cache-shards", "1", "--log-every", "1"])
+    assert r.exit_code == 1
+    assert f"error: {tmp_path / 'store'}: train shard {k}" in r.output
+    assert what.format(path=path, marker=marker) in r.output
+    assert f"run `minisora store verify {tmp_path / 'store'}`" in r.output and "Traceback" not in r.output
