@@ -65,7 +65,7 @@ def train(
     checkpoint with the same command.
     """
     from minisora.flow import FlowConfig
-    from minisora.store import StoreError
+    from minisora.errors import MinisoraError, debug_enabled, user_message
     from stages.train import TrainConfig, main
 
     try:
@@ -79,7 +79,11 @@ def train(
                           use_actions=use_actions, seed=seed,
                           log_every=log_every, cache_shards=cache_shards, flow=flow, wandb=wandb, device=device)
         result = main(cfg)
-    except (ValueError, RuntimeError, StoreError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    except MinisoraError:
+        raise  # cli/main.py reports it (one line, or the traceback with --debug)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # a bad option value, found by the stage
+        if debug_enabled():
+            raise
+        typer.secho(f"error: {user_message(e)}", fg="red", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"trained to step {result['step']}: loss {result['loss']:.4f}; {len(result['checkpoints'])} checkpoint(s) in {out}/checkpoints")

@@ -26,11 +26,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from minisora.errors import MinisoraError
+
 STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FIELDS = ("step", "loader", "scheduler", "world_size", "batch_size", "grad_accum", "config")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MinisoraError, RuntimeError):
     """A checkpoint that cannot be used, in one line that names the path and what to do."""
 
 

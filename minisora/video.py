@@ -12,8 +12,10 @@ import av
 import numpy as np
 from PIL import Image
 
+from minisora.errors import MinisoraError
 
-class VideoError(ValueError):
+
+class VideoError(MinisoraError, ValueError):
     """A video file that cannot be read; the message names the file and the problem."""
 
 
