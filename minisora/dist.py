@@ -35,12 +35,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
 def resolve_device(device: str) -> torch.device:
     """`auto` -> this process's GPU (cuda:LOCAL_RANK) when CUDA is there, else the CPU; otherwise checked as given."""
     if device == "auto":

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -51,7 +51,6 @@ class EncodeConfig:
     read_workers: int = 2
     compression_level: int = 3  # zstd level, 0 = uncompressed
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class EncodeError(MinisoraError, RuntimeError):
