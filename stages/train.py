@@ -46,6 +46,7 @@ class TrainConfig:
     store: str
     out: str
     model: str = "tiny"
+    attention: str = "full"  # full (bidirectional in the window) | causal (a frame sees itself and earlier frames)
     patch_size: int = 2  # spatial patch on the latents (tokens per frame = h*w / patch_size^2)
     frames: int = 8  # latent frames per training window
     batch_size: int = 8  # windows per rank per micro-step
@@ -371,7 +372,8 @@ def main(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if lay.height % cfg.patch_size or lay.width % cfg.patch_size:
         raise ValueError(f"--patch-size {cfg.patch_size} does not divide the store's {lay.height}x{lay.width} latents")
-    model = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size, num_actions=num_actions)
+    model = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size, num_actions=num_actions,
+                                 attention=cfg.attention)
     if cfg.grad_checkpoint:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())
