@@ -82,7 +82,6 @@ def main(cfg: EvalConfig) -> dict:
 
     gt_unit = frames_to_unit(truth)
     kv_mode = pipe.kv_cache_mode(cfg.kv_cache)
-    print(f"    rollout: {rollout_line(pipe, kv_mode)}", flush=True)
     gen_slice = slice(k_pix, n_pix)  # metrics on generated frames only
 
     # 2. baselines (deterministic, computed once)
@@ -161,4 +160,7 @@ def format_table(report: dict) -> str:
                  f"{report['generated_frames_per_clip']} generated frames, {report['config']['seeds']} seeds")
     fv = report["fvd"]
     lines.append(f"FVD: {fv['mean']:.1f} ± {fv['std']:.1f}" if isinstance(fv, dict) else f"FVD: {fv}")
+    if "how" in report["rollout"]:
+        lines.append(f"rollout: {report['rollout']['how']}, window {report['rollout']['window']}, "
+                     f"chunk {report['rollout']['chunk']}")
     return "\n".join(lines)
