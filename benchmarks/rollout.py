@@ -64,12 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", choices=sorted(DIT_MODEL_SPECS), help="VideoDiT size preset.")
     ap.add_argument("--window", type=int, default=16, help="Latent frames per window (the training window).")
-    ap.add_argument("--frames", type=int, default=300, help="Latent frames of the rollout, the 4 context frames included.")
+    ap.add_argument("--frames", type=int, default=300, help="Latent frames of the rollout, 4 context frames included.")
     ap.add_argument("--timed-frames", type=int, default=6,
                     help="New latent frames that the recompute and window-cache rows generate in their steady state.")
     ap.add_argument("--steps", type=int, default=20, help="Euler steps per window.")
     ap.add_argument("--chunk", type=int, default=1, help="New latent frames per window.")
-    ap.add_argument("--patch-size", type=int, default=2, help="Spatial patch: tokens per frame = (latent size / patch)^2.")
+    ap.add_argument("--patch-size", type=int, default=2, help="Spatial patch: tokens/frame = (latent size / patch)^2.")
     ap.add_argument("--latent-size", type=int, default=16, help="Latent height = width (16: a 64x64 frame, 4x VAE).")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (fp32 either way).")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
@@ -91,9 +91,10 @@ def main() -> None:
         time_rollout(pipe, context, context + args.chunk, mode, args)  # warm-up: one window
         seconds = time_rollout(pipe, context, frames, mode, args)
         rates[(attention, mode)] = (frames - context) / seconds
-        print(f"{label:<40}{f'{context} -> {frames}':>18}{seconds:>10.2f}{rates[(attention, mode)]:>10.2f}", flush=True)
-    print(f"kv-cache (window) speed-up over full recompute: {rates[('causal', 'window')] / rates[('full', 'off')]:.1f}x")
-    print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling')] / rates[('full', 'off')]:.1f}x")
+        print(f"{label:<40}{f'{context} -> {frames}':>18}{seconds:>10.2f}{rates[(attention, mode)]:>10.3f}", flush=True)
+    full = rates[("full", "off")]
+    print(f"kv-cache (window) speed-up over full recompute: {rates[('causal', 'window')] / full:.1f}x")
+    print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling')] / full:.1f}x")
 
 
 if __name__ == "__main__":

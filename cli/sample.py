@@ -19,8 +19,12 @@ def sample(
     actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
     chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - chunk frames before them (1: frame by frame, the best on the demo; larger: fewer windows, faster)."),
-    kv_cache: str = typer.Option("auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the history), window (context re-encoded once per window: identical to the recompute)."),
-    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, as for full-attention models (for comparison; slow)."),
+    kv_cache: str = typer.Option(
+        "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
+        "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
+        "history), window (context re-encoded once per window: identical to the recompute)."),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
+                                     "as for full-attention models (for comparison; slow)."),
     format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz (unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
 ):

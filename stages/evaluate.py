@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minisora.metrics import I3DFeatures, frame_metrics, frames_to_unit, fvd, lpips_available, summarize_seeds, video_metrics
+from minisora.metrics import (I3DFeatures, frame_metrics, frames_to_unit, fvd, lpips_available, summarize_seeds,
+                              video_metrics)
 from minisora.store import LatentStore
 from minisora.dist import resolve_device
 from stages.sample import clip_frames, load_pipeline, rollout_line
@@ -117,7 +118,8 @@ def main(cfg: EvalConfig) -> dict:
               "ssim_gain_over_repeat": model["ssim"]["mean"] - baselines["repeat_last_context_frame"]["ssim"],
               "use_actions": bool(use_actions),
               "per_frame_index": {  # quality vs horizon: index 0 is the first generated (pixel) frame
-                  "model": {m: [float(np.mean(col)) for col in zip(*(s[m] for s in index_by_seed))] for m in ("psnr", "ssim")},
+                  "model": {m: [float(np.mean(col)) for col in zip(*(s[m] for s in index_by_seed))]
+                            for m in ("psnr", "ssim")},
                   "repeat_last_context_frame": _by_index(repeat_frames)},
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
                           "how": rollout_line(pipe, kv_mode)}}

@@ -372,8 +372,8 @@ def main(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if lay.height % cfg.patch_size or lay.width % cfg.patch_size:
         raise ValueError(f"--patch-size {cfg.patch_size} does not divide the store's {lay.height}x{lay.width} latents")
-    model = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size, num_actions=num_actions,
-                                 attention=cfg.attention)
+    model = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size,
+                                 num_actions=num_actions, attention=cfg.attention)
     if cfg.grad_checkpoint:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())

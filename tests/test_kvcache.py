@@ -26,7 +26,8 @@ WINDOW = 6
 def random_dit(depth=2, num_actions=3, attention="causal", seed=0) -> VideoDiT:
     """A small DiT whose weights are all random (a fresh adaLN-Zero DiT would predict v = 0)."""
     torch.manual_seed(seed)
-    dit = VideoDiT(in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_actions=num_actions, attention=attention)
+    dit = VideoDiT(in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_actions=num_actions,
+                   attention=attention)
     with torch.no_grad():
         for p in dit.parameters():
             p.normal_(0.0, 0.2)
