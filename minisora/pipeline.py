@@ -214,7 +214,7 @@ class DiTPipeline(DiffusionPipeline):
         with their actions from the window's (B, n) (both guidance halves when guidance != 1)."""
         if clean.shape[1] == 0:
             return
-        batch, frames = clean.shape[:2]
+        frames = clean.shape[1]
         act = None if window_actions is None else window_actions[:, first - start:first - start + frames]
         if act is not None and guidance != 1.0:
             clean, act = torch.cat([clean, clean]), torch.cat([act, torch.full_like(act, -1)])

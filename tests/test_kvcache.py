@@ -9,7 +9,6 @@ unit scale; a real difference (a wrong mask, position or cache entry) is 1e-2 or
 import json
 
 import numpy as np
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -171,7 +170,8 @@ def causal_run(tmp_path_factory):
     from cli.main import app
     from minisora.data.manifest import build_manifest
     from minisora.data.synthetic import write_synthetic_dataset
-    from stages.encode import EncodeConfig, main as encode_main
+    from stages.encode import EncodeConfig
+    from stages.encode import main as encode_main
 
     root = tmp_path_factory.mktemp("causal")
     write_synthetic_dataset("dmlab", root / "data", clips=3, test_clips=2, frames=12, seed=0, progress=False)
