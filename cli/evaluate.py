@@ -19,6 +19,12 @@ def evaluate(
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the clips' recorded actions (1: plain conditional; models trained with actions)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
+    kv_cache: str = typer.Option(
+        "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
+        "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
+        "history), window (context re-encoded once per window: identical to the recompute)."),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
+                                     "as for full-attention models (for comparison; slow)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
@@ -29,7 +35,7 @@ def evaluate(
 
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
-                     device=device, out=out)
+                     device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache)
     try:
         report = main(cfg)
     except MinisoraError:

@@ -19,6 +19,12 @@ def sample(
     actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
     chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - chunk frames before them (1: frame by frame, the best on the demo; larger: fewer windows, faster)."),
+    kv_cache: str = typer.Option(
+        "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
+        "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
+        "history), window (context re-encoded once per window: identical to the recompute)."),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
+                                     "as for full-attention models (for comparison; slow)."),
     format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz (unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
 ):
@@ -35,13 +41,15 @@ def sample(
         raise typer.BadParameter(f"unknown format(s) {bad}; use mp4, gif, npz", param_hint="--format")
     cfg = SampleConfig(checkpoint=checkpoint, out=out, num_videos=num_videos, frames=frames, steps=steps, shift=shift,
                        seed=seed, device=device, context=context, context_frames=context_frames, actions=actions,
-                       guidance=guidance, formats=formats, chunk=chunk, fps=fps)
+                       guidance=guidance, formats=formats, chunk=chunk, fps=fps,
+                       kv_cache="off" if no_kv_cache else kv_cache)
     try:
         result = main(cfg)
     except MinisoraError:
         raise  # cli/main.py reports it
     except ValueError as e:  # a bad option value met inside the pipeline
         raise SampleError(str(e)) from e
+    typer.echo(f"rollout: {result['rollout']}")
     typer.echo(f"{result['videos']} video(s) of {result['frames']} frames:")
     for path in result["written"]:
         typer.echo(f"  {path}")

@@ -17,6 +17,9 @@ def train(
     store: str = typer.Option(..., help="Latent store written by `minisora encode` (path or fsspec URL); must be complete."),
     out: str = typer.Option(..., help="Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json."),
     model: str = typer.Option("tiny", help=f"Model size preset: {_PRESETS}."),
+    attention: str = typer.Option("full", help="full: bidirectional attention inside the window; causal: a frame "
+                                  "attends to itself and earlier frames only, so sampling reuses a KV cache (one frame "
+                                  "of tokens per Euler step instead of a window)."),
     patch_size: int = typer.Option(2, min=1, help="Spatial patch size on the latents: tokens per frame = h*w / patch^2 (4 makes a 16x16 latent 16 tokens: 4x cheaper, coarser)."),
     frames: int = typer.Option(8, min=1, help="Latent frames per training window (clips shorter than this are not used)."),
     batch_size: int = typer.Option(8, min=1, help="Windows per process per micro-step (global batch = processes x this x grad-accum)."),
@@ -70,7 +73,8 @@ def train(
 
     try:
         flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent)
-        cfg = TrainConfig(store=store, out=out, model=model, patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
+        cfg = TrainConfig(store=store, out=out, model=model, attention=attention,
+                          patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
                           lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin, precision=precision,
                           grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, compile=compile, ema_decay=ema_decay,

@@ -3,7 +3,8 @@
 The protocol `minisora eval` builds from these functions:
 
 - metrics are computed on generated frames only (context frames are left out by the caller);
-- PSNR and SSIM are computed per frame, averaged over time, then over clips (`video_metrics`);
+- PSNR and SSIM are computed per frame, averaged over time, then over clips (`video_metrics`), and
+  per generated-frame index, averaged over clips (`frame_metrics(...)[m].mean(0)`: quality vs horizon);
 - each number is reported as mean and std over repeats (`summarize_seeds`);
 - FVD uses I3D features (`I3DFeatures`) and the Frechet distance between two Gaussians (`fvd`).
 
@@ -115,15 +116,17 @@ def ssim_per_frame(
     return torch.cat(out).view(b, t)
 
 
+def frame_metrics(pred: Tensor, target: Tensor, data_range: float = 1.0) -> dict[str, Tensor]:
+    """PSNR and SSIM of every frame of every clip: {"psnr": (B, T), "ssim": (B, T)} float64."""
+    return {"psnr": psnr_per_frame(pred, target, data_range), "ssim": ssim_per_frame(pred, target, data_range)}
+
+
 def video_metrics(pred: Tensor, target: Tensor, data_range: float = 1.0) -> dict[str, Tensor]:
     """Per-clip PSNR and SSIM, each the mean over the clip's frames: {"psnr": (B,), "ssim": (B,)}.
 
     The caller passes generated frames only and averages these over clips.
     """
-    return {
-        "psnr": psnr_per_frame(pred, target, data_range).mean(dim=1),
-        "ssim": ssim_per_frame(pred, target, data_range).mean(dim=1),
-    }
+    return {k: v.mean(dim=1) for k, v in frame_metrics(pred, target, data_range).items()}
 
 
 def summarize_seeds(values: list[float]) -> dict[str, float | int]:
@@ -285,6 +288,7 @@ def lpips_available(path: str | Path | None = None) -> bool:
 
 __all__ = [
     "I3DFeatures",
+    "frame_metrics",
     "frechet_distance",
     "fvd",
     "gaussian_stats",

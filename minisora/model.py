@@ -7,7 +7,9 @@ A DiT (Peebles & Xie) lifted to video:
 - adaLN-Zero modulation **per frame**: the conditioning c (B, T, D) is the embedding of that frame's
   t (plus that frame's action) and modulates only that frame's tokens; all gates and the output
   layer start at zero, so a fresh model predicts zero velocity;
-- q/k RMSNorm and full bidirectional `scaled_dot_product_attention` over all T*h*w tokens.
+- q/k RMSNorm and `scaled_dot_product_attention` over all T*h*w tokens: bidirectional
+  (attention="full") or frame-causal (attention="causal": a token sees its own frame and earlier
+  frames only), in which case a rollout can reuse clean frames' keys and values (minisora.kv_cache).
 
 A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
 `enable_gradient_checkpointing()` work as for any diffusers model.
@@ -16,12 +18,15 @@ A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import Tensor, nn
+
+from minisora.kv_cache import FrameMask, KVCache, attend
+
+ATTENTION_MODES = ("full", "causal")
 
 # Sizes follow DiT (S/B/L/XL); "tiny" is for CPU demos and tests of the whole pipeline.
 DIT_MODEL_SPECS: dict[str, dict] = {
@@ -85,12 +90,18 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
+                cache: KVCache | None = None, layer: int = 0, update_cache: bool = False) -> Tensor:
         # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
         q, k, v = rearrange(self.qkv(x), "b l (three n d) -> three b n l d", three=3, n=self.num_heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        return self.proj(rearrange(out, "b n l d -> b l (n d)"))
+        past = None if cache is None else cache.past(layer)
+        if update_cache:
+            cache.store(layer, k, v)
+        if past is not None:  # cached clean frames come first: (B, heads, cached + N, head_dim)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = attend(q, k, v, mask)
+        return self.proj(rearrange(out, "b n l d -> b l (n d)"))  # out (B, heads, N, head_dim)
 
 
 class DiTBlock(nn.Module):
@@ -105,12 +116,13 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
+                cache: KVCache | None = None, layer: int = 0, update_cache: bool = False) -> Tensor:
         # x (B, T, S, D) tokens per frame; c (B, T, D) -> six (B, T, 1, D) modulations
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)
         frames = x.shape[1]
         h = rearrange(modulate(self.norm1(x), shift_a, scale_a), "b t s d -> b (t s) d")
-        h = rearrange(self.attn(h, cos, sin), "b (t s) d -> b t s d", t=frames)
+        h = rearrange(self.attn(h, cos, sin, mask, cache, layer, update_cache), "b (t s) d -> b t s d", t=frames)
         x = x + gate_a * h
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
@@ -136,8 +148,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_actions: int = 0,
                  action_dropout: float = 0.1, rope_theta: float = 10000.0, frequency_dim: int = 256,
-                 timestep_scale: float = 1000.0):
+                 timestep_scale: float = 1000.0, attention: str = "full"):
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
         if not 0.0 <= action_dropout <= 1.0:
@@ -197,12 +211,17 @@ class VideoDiT(ModelMixin, ConfigMixin):
             actions = torch.where(drop[:, None], null, actions)
         return c + self.action_embed(actions)
 
-    def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+    def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None,
+                kv_cache: KVCache | None = None, update_cache: bool = False) -> Tensor:
         """Velocity (B, T, C, H, W) for latents (B, T, C, H, W) at times (B, T) in [0, 1].
 
         actions (B, T) int in [0, num_actions), or None / negative entries for the learned null action
         (classifier-free guidance). In train mode each sample's actions are all replaced by the null
         action with probability action_dropout.
+
+        kv_cache (causal models only): these frames follow the cached clean frames, at absolute frame
+        positions kv_cache.position on, and attend to them; update_cache=True appends these frames'
+        keys and values to the cache (give it clean frames, t = 0). See minisora.kv_cache.
         """
         cfg = self.config
         if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
@@ -221,14 +240,23 @@ class VideoDiT(ModelMixin, ConfigMixin):
         c = rearrange(c, "b (t pt) d -> b t pt d", pt=pt).mean(dim=2)  # (B, T/pt, D): a temporal patch shares it
         x = rearrange(latents.to(self.dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
         x = self.patch_embed(x)  # (B, T/pt, h*w, D)
-        angles = rope_angles(t_, h_, w_, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, device=x.device)
+        if (kv_cache is not None or update_cache) and cfg.attention != "causal":
+            raise ValueError(f"a KV cache needs a causal model; this one has attention={cfg.attention!r}")
+        if update_cache and kv_cache is None:
+            raise ValueError("update_cache=True needs a kv_cache")
+        first, offset = (0, 0) if kv_cache is None else (kv_cache.frames, kv_cache.position)
+        angles = rope_angles(t_, h_, w_, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, frame_offset=offset,
+                             device=x.device)
         cos, sin = angles.cos(), angles.sin()  # (T/pt*h*w, head_dim/2)
+        mask = FrameMask(first, t_, h_ * w_, x.device) if cfg.attention == "causal" else None
 
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, cos, sin)
+                x = self._gradient_checkpointing_func(block, x, c, cos, sin, mask)
             else:
-                x = block(x, c, cos, sin)
+                x = block(x, c, cos, sin, mask, kv_cache, i, update_cache)
+        if update_cache:
+            kv_cache.advance(t_, h_ * w_)
         x = self.final_layer(x, c)  # (B, T/pt, h*w, pt*p*p*C)
         return rearrange(x, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=h_, pt=pt, ph=p, pw=p)
 

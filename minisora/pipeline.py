@@ -6,6 +6,17 @@ only carries the time `shift`) and the latent statistics the model was trained w
 integrates the flow ODE with minisora.flow.euler_sample; context frames stay clean (t = 0);
 videos longer than the training window are generated window by window: each window generates
 `chunk` new latent frames conditioned on as many of the frames before them as fit in the window.
+
+A causal transformer (attention="causal") rolls out with a KV cache (minisora.kv_cache) instead of
+running the whole window at every Euler step: the clean frames' keys and values are computed at
+t = 0 and kept per block, and each Euler step runs only the new frames' tokens against them.
+- "rolling" (the default for causal models): each generated frame is added to the cache once, in
+  one t = 0 pass, and the cache keeps the last window - chunk frames. A cached frame's deeper
+  keys were computed with the frames before it, so beyond the first window this is sliding-window
+  attention over the whole history, not the window recompute (identical in a one-block model).
+- "window": each window recomputes its context frames once, at t = 0, then steps the new frames
+  against them: identical to the window recompute (up to float rounding) at a smaller speed-up.
+- "off": the window recompute, the only mode of full-attention models.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from minisora.flow import euler_sample
+from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
 
@@ -27,6 +39,7 @@ class VideoOutput:
     frames: np.ndarray | torch.Tensor  # uint8 (B, T, H, W, 3), or float (B, T, 3, H, W) in [-1, 1]
     latents: torch.Tensor  # (B, T', C, h, w) normalised latents, context included
     context_frames: int  # how many leading latent frames were given, not generated
+    kv_cache: str = "off"  # how the rollout ran: "rolling" or "window" (KV cache of a causal model) or "off"
 
 
 class DiTPipeline(DiffusionPipeline):
@@ -70,16 +83,18 @@ class DiTPipeline(DiffusionPipeline):
         return torch.cat([self.video_vae.decode(raw[:, i:i + chunk]).float() for i in range(0, raw.shape[1], chunk)], dim=1)
 
     # ------------------------------------------------------------------ sampling
-    def _velocity(self, actions: torch.Tensor | None, guidance: float, bar=None):
+    def _velocity(self, actions: torch.Tensor | None, guidance: float, bar=None, kv_cache: KVCache | None = None):
         """v(x_t, t) for euler_sample: the transformer, with classifier-free guidance on actions when
-        guidance != 1 (one batched call: conditional and null-action halves). Ticks `bar` once per call."""
+        guidance != 1 (one batched call: conditional and null-action halves), attending to `kv_cache`
+        if given (then holding both halves). Ticks `bar` once per call."""
         model = self.transformer
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if actions is None or guidance == 1.0:
-                v = model(x, t, actions).float()
+                v = model(x, t, actions, kv_cache=kv_cache).float()
             else:
-                both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([actions, torch.full_like(actions, -1)])).float()
+                both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([actions, torch.full_like(actions, -1)]),
+                             kv_cache=kv_cache).float()
                 cond, uncond = both.chunk(2)
                 v = uncond + guidance * (cond - uncond)  # classifier-free guidance on actions
             if bar is not None:
@@ -112,7 +127,8 @@ class DiTPipeline(DiffusionPipeline):
     def __call__(self, num_videos: int = 1, num_frames: int | None = None, context_latents: torch.Tensor | None = None,
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
                  guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int = 1,
-                 generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True) -> VideoOutput:
+                 generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
+                 kv_cache: str = "auto") -> VideoOutput:
         """Generate videos of `num_frames` latent frames (context included).
 
         context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
@@ -123,7 +139,9 @@ class DiTPipeline(DiffusionPipeline):
         window (see rollout_plan); 1, frame by frame, continued the demo's maze clips best (+0.1 to +0.4 dB
         PSNR over 2 in docs/design-notes.md), at one window per generated frame. output_type: "uint8" ->
         (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
-        bar ticks once per Euler step of every window.
+        bar ticks once per Euler step of every window. kv_cache: "auto" (rolling for causal models,
+        off for full ones), "rolling", "window" or "off" (see the module docstring); the mode used is
+        in the output's `kv_cache`.
         """
         cfg, tcfg = self.config, self.transformer.config
         if context_frames is not None:
@@ -134,6 +152,7 @@ class DiTPipeline(DiffusionPipeline):
         batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (num_videos, 0)
         total = num_frames or cfg.window_frames
         plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
+        mode = self.kv_cache_mode(kv_cache)
         if actions is not None:
             actions = self._check_actions(actions, batch, total)
         shift = self.scheduler.config.shift if shift is None else shift
@@ -142,24 +161,65 @@ class DiTPipeline(DiffusionPipeline):
         if ctx is not None:
             latents[:, :given] = ctx
         bar = self.progress_bar(total=len(plan) * steps) if progress else None  # one tick per Euler step
+        if output_type not in ("uint8", "float", "latent"):
+            raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
+        cache = None if mode == "off" else KVCache(len(self.transformer.blocks))
         for i, (start, n, known) in enumerate(plan):
             if bar is not None:
                 bar.set_description(f"window {i + 1}/{len(plan)}")
             noise = randn_tensor((batch, n, tcfg.in_channels, h, w), generator=generator, device=self.device)
-            mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
-            mask[:, : known - start] = True  # frames already known stay clean (t = 0)
             act = None if actions is None else actions[:, start:start + n]
-            out = euler_sample(self._velocity(act, guidance, bar), noise, steps, shift=shift,
-                               context=latents[:, start:start + n], context_mask=mask)
-            latents[:, known:start + n] = out[:, known - start:]
+            if cache is None:
+                mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
+                mask[:, : known - start] = True  # frames already known stay clean (t = 0)
+                out = euler_sample(self._velocity(act, guidance, bar), noise, steps, shift=shift,
+                                   context=latents[:, start:start + n], context_mask=mask)
+                latents[:, known:start + n] = out[:, known - start:]
+                continue
+            if mode == "window" or i == 0:  # (re)compute the context frames' keys and values at t = 0
+                cache.reset(position=start)
+                self._commit(cache, latents[:, start:known], act, guidance, start, start)
+            new_act = None if act is None else act[:, known - start:]
+            out = euler_sample(self._velocity(new_act, guidance, bar, cache), noise[:, known - start:], steps,
+                               shift=shift)  # the same noise draws as the window recompute
+            latents[:, known:start + n] = out
+            if mode == "rolling" and i + 1 < len(plan):  # the new frames join the cache once, clean
+                self._commit(cache, out, act, guidance, start, known)
+                cache.keep_last(cfg.window_frames - chunk)
         if bar is not None:
             bar.close()
         if output_type == "latent":
-            return VideoOutput(latents, latents, given)
-        if output_type not in ("uint8", "float"):
-            raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
+            return VideoOutput(latents, latents, given, mode)
         pixels = self.decode_latents(latents)
-        return VideoOutput(pixels if output_type == "float" else pixels_to_frames(pixels), latents, given)
+        return VideoOutput(pixels if output_type == "float" else pixels_to_frames(pixels), latents, given, mode)
+
+    def kv_cache_mode(self, kv_cache: str = "auto") -> str:
+        """The rollout mode for `kv_cache` ("auto", "rolling", "window", "off") and this transformer."""
+        tcfg = self.transformer.config
+        causal = tcfg.get("attention", "full") == "causal"
+        if kv_cache == "auto":
+            return "rolling" if causal and tcfg.patch_size_t == 1 else "off"
+        if kv_cache not in ("rolling", "window", "off"):
+            raise ValueError(f"kv_cache must be auto, rolling, window or off, got {kv_cache!r}")
+        if kv_cache != "off" and not causal:
+            raise ValueError(f"kv_cache={kv_cache!r} needs a causal transformer; this one has "
+                             f"attention={tcfg.get('attention', 'full')!r} (use kv_cache='off')")
+        if kv_cache != "off" and tcfg.patch_size_t != 1:
+            raise ValueError(f"the KV cache caches whole latent frames; patch_size_t {tcfg.patch_size_t} must be 1")
+        return kv_cache
+
+    def _commit(self, cache: KVCache, clean: torch.Tensor, window_actions: torch.Tensor | None, guidance: float,
+                start: int, first: int) -> None:
+        """Append clean latent frames (B, F, C, h, w), frames first.. of the video, to the cache at t = 0,
+        with their actions from the window's (B, n) (both guidance halves when guidance != 1)."""
+        if clean.shape[1] == 0:
+            return
+        frames = clean.shape[1]
+        act = None if window_actions is None else window_actions[:, first - start:first - start + frames]
+        if act is not None and guidance != 1.0:
+            clean, act = torch.cat([clean, clean]), torch.cat([act, torch.full_like(act, -1)])
+        t = torch.zeros(clean.shape[0], frames, device=clean.device)
+        self.transformer(clean, t, act, kv_cache=cache, update_cache=True)
 
     def _check_actions(self, actions: np.ndarray | torch.Tensor, batch: int, total: int) -> torch.Tensor:
         """(videos, latent frames) integer actions in [0, num_actions), or -1 for the null action."""

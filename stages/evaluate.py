@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minisora.metrics import I3DFeatures, frames_to_unit, fvd, lpips_available, summarize_seeds, video_metrics
 from minisora.dist import resolve_device
 from minisora.errors import MinisoraError, check_writable
+from minisora.metrics import (I3DFeatures, frame_metrics, frames_to_unit, fvd, lpips_available, summarize_seeds,
+                              video_metrics)
 from minisora.store import LatentStore
 from minisora.store_guard import check_vae
-from stages.sample import clip_frames, load_pipeline
+from stages.sample import clip_frames, load_pipeline, rollout_line
 
 
 class EvalError(MinisoraError, ValueError):
@@ -47,10 +48,16 @@ class EvalConfig:
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
+    kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
 
 
 def _clip_mean(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in metrics.items()}
+
+
+def _by_index(metrics: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per-frame metrics (M, T) -> their mean over clips at each generated-frame index, {metric: [T]}."""
+    return {k: [float(x) for x in v.mean(dim=0)] for k, v in metrics.items()}
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -86,16 +93,18 @@ def main(cfg: EvalConfig) -> dict:
     use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
 
     gt_unit = frames_to_unit(truth)
+    kv_mode = pipe.kv_cache_mode(cfg.kv_cache)
     gen_slice = slice(k_pix, n_pix)  # metrics on generated frames only
 
     # 2. baselines (deterministic, computed once)
     repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
+    repeat_frames = frame_metrics(frames_to_unit(repeat), gt_unit[:, gen_slice])  # each (M, N_pix - K_pix)
     recon = np.concatenate([_decode(pipe, latents_gt[i:i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)])
-    baselines = {"repeat_last_context_frame": _clip_mean(video_metrics(frames_to_unit(repeat), gt_unit[:, gen_slice])),
+    baselines = {"repeat_last_context_frame": _clip_mean(repeat_frames),
                  "vae_reconstruction": _clip_mean(video_metrics(frames_to_unit(recon[:, gen_slice]), gt_unit[:, gen_slice]))}
 
     # 3. the model, once per seed
-    per_seed, videos_by_seed = [], []
+    per_seed, videos_by_seed, index_by_seed = [], [], []
     for seed in range(cfg.seeds):
         gen = torch.Generator().manual_seed(seed)
         frames = []
@@ -103,11 +112,12 @@ def main(cfg: EvalConfig) -> dict:
             sl = slice(i, i + cfg.batch_size)
             out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
                        actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk,
-                       guidance=cfg.guidance,
-                       generator=gen, progress=False)
+                       guidance=cfg.guidance, generator=gen, progress=False, kv_cache=cfg.kv_cache)
             frames.append(out.frames)
         frames = np.concatenate(frames)[:, :n_pix]
-        per_seed.append(_clip_mean(video_metrics(frames_to_unit(frames[:, gen_slice]), gt_unit[:, gen_slice])))
+        seed_frames = frame_metrics(frames_to_unit(frames[:, gen_slice]), gt_unit[:, gen_slice])  # each (M, N - K)
+        per_seed.append(_clip_mean(seed_frames))
+        index_by_seed.append(_by_index(seed_frames))
         videos_by_seed.append(frames)
         print(f"    seed {seed}: PSNR {per_seed[-1]['psnr']:.2f} dB, SSIM {per_seed[-1]['ssim']:.4f}", flush=True)
 
@@ -118,7 +128,12 @@ def main(cfg: EvalConfig) -> dict:
               "psnr_gain_over_repeat_db": model["psnr"]["mean"] - baselines["repeat_last_context_frame"]["psnr"],
               "ssim_gain_over_repeat": model["ssim"]["mean"] - baselines["repeat_last_context_frame"]["ssim"],
               "use_actions": bool(use_actions),
-              "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk}}
+              "per_frame_index": {  # quality vs horizon: index 0 is the first generated (pixel) frame
+                  "model": {m: [float(np.mean(col)) for col in zip(*(s[m] for s in index_by_seed))]
+                            for m in ("psnr", "ssim")},
+                  "repeat_last_context_frame": _by_index(repeat_frames)},
+              "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
+                          "how": rollout_line(pipe, kv_mode)}}
 
     # 4. FVD on full videos with the ground-truth context copied in (TECO)
     if cfg.i3d:
@@ -158,4 +173,7 @@ def format_table(report: dict) -> str:
                  f"{report['generated_frames_per_clip']} generated frames, {report['config']['seeds']} seeds")
     fv = report["fvd"]
     lines.append(f"FVD: {fv['mean']:.1f} ± {fv['std']:.1f}" if isinstance(fv, dict) else f"FVD: {fv}")
+    if "how" in report["rollout"]:
+        lines.append(f"rollout: {report['rollout']['how']}, window {report['rollout']['window']}, "
+                     f"chunk {report['rollout']['chunk']}")
     return "\n".join(lines)

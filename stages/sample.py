@@ -44,6 +44,7 @@ class SampleConfig:
     formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
     chunk: int = 1  # new latent frames per rollout window
     fps: float | None = None
+    kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
 
 
 class SampleError(MinisoraError, RuntimeError):
@@ -262,7 +263,8 @@ def main(cfg: SampleConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     ctx_latents = None if ctx is None else ctx.latents.repeat(cfg.num_videos, 1, 1, 1, 1)  # (videos, K, C, h, w)
     out = pipe(num_videos=cfg.num_videos, num_frames=total, context_latents=ctx_latents, actions=actions,
-               guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk, generator=gen)
+               guidance=cfg.guidance, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk, generator=gen,
+               kv_cache=cfg.kv_cache)
     fps = cfg.fps or pipe.config.fps or 10
     out_path = Path(cfg.out)
     stem = out_path.with_suffix("") if out_path.suffix in (".mp4", ".gif", ".npz") else out_path
@@ -279,4 +281,12 @@ def main(cfg: SampleConfig) -> dict:
         if ctx is not None and ctx.truth is not None:
             written += write_video(name.with_name(name.name + "-vs-truth"), side_by_side(ctx.truth, frames, ctx_pix),
                                    videos_fmt, fps)
-    return {"written": written, "frames": int(out.frames.shape[1]), "latent_frames": total, "videos": len(out.frames)}
+    return {"written": written, "frames": int(out.frames.shape[1]), "latent_frames": total, "videos": len(out.frames),
+            "rollout": rollout_line(pipe, out.kv_cache)}
+
+
+def rollout_line(pipe: DiTPipeline, kv_cache: str) -> str:
+    """How the transformer rolled out, for the user: its attention and the KV cache mode."""
+    attention = pipe.transformer.config.attention
+    how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
+    return f"{attention} attention, {how}"

@@ -40,6 +40,7 @@ class TrainConfig:
     store: str
     out: str
     model: str = "tiny"
+    attention: str = "full"  # full (bidirectional in the window) | causal (a frame sees itself and earlier frames)
     patch_size: int = 2  # spatial patch on the latents (tokens per frame = h*w / patch_size^2)
     frames: int = 8  # latent frames per training window
     batch_size: int = 8  # windows per rank per micro-step
@@ -136,7 +137,7 @@ def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, devi
         raise ValueError(f"--patch-size {cfg.patch_size} does not divide the store's {lay.height}x{lay.width} latents")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size,
-                                  num_actions=num_actions)
+                                  num_actions=num_actions, attention=cfg.attention)
     if cfg.grad_checkpoint:
         module.enable_gradient_checkpointing()
     if cfg.compile if cfg.compile is not None else (device.type == "cuda" and contract.name != "gemini"):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from minisora.metrics import (
     I3D_MIN_FRAMES,
     I3DFeatures,
+    frame_metrics,
     frechet_distance,
     fvd,
     gaussian_stats,
@@ -137,6 +138,20 @@ def test_video_metrics_average_frames_per_clip():
     assert set(m) == {"psnr", "ssim"} and m["psnr"].shape == (2,) and m["ssim"].shape == (2,)
     torch.testing.assert_close(m["psnr"], psnr_per_frame(y, x).mean(dim=1))
     torch.testing.assert_close(m["ssim"], ssim_per_frame(y, x).mean(dim=1))
+
+
+def test_frame_metrics_keep_every_frame_index():
+    """Quality vs horizon: a clip whose k-th frame carries k times the error scores lower at every later index."""
+    x = _frames(11, (2, 4, 3, 16, 16))
+    noise = 0.02 * _frames(12, (2, 4, 3, 16, 16))
+    y = (x + noise * torch.arange(1, 5).view(1, 4, 1, 1, 1)).clamp(0, 1)
+    m = frame_metrics(y, x)
+    assert m["psnr"].shape == m["ssim"].shape == (2, 4) and m["psnr"].dtype == torch.float64
+    torch.testing.assert_close(m["psnr"], psnr_per_frame(y, x))
+    torch.testing.assert_close(m["ssim"], ssim_per_frame(y, x))
+    by_index = m["psnr"].mean(dim=0)
+    assert (by_index[1:] < by_index[:-1]).all() and (m["ssim"].mean(dim=0).diff() < 0).all()
+    torch.testing.assert_close(video_metrics(y, x)["psnr"], m["psnr"].mean(dim=1))
 
 
 def test_summarize_seeds_uses_population_std():

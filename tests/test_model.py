@@ -182,7 +182,8 @@ def test_action_dropout_in_train_mode_only():
     assert abs(is_null[:, 0].sum().item() - 500) < 80  # binomial sd 16
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("attention", ["full", "causal"])
+def test_gradient_checkpointing_gives_same_gradients(attention):
     x, t, e = _randn(2, 3, 4, 8, 8), torch.rand(2, 3), _randn(2, 3, 4, 8, 8, seed=3)
 
     def grads(model):
@@ -190,8 +191,8 @@ def test_gradient_checkpointing_gives_same_gradients():
         flow_loss(model(noisy(x, e, t), t), x, e).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain = _model()
-    ckpt = _model()
+    plain = _model(attention=attention)
+    ckpt = _model(attention=attention)
     ckpt.enable_gradient_checkpointing()
     assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     g_plain, g_ckpt = grads(plain), grads(ckpt)

@@ -1,0 +1,107 @@
+"""Long-rollout speed: full attention with window recompute vs causal attention with a KV cache.
+
+    python benchmarks/rollout.py [--model tiny] [--window 16] [--frames 300] [--steps 20] [--chunk 1] [--device cpu]
+
+Continues 4 clean context latent frames to --frames latent frames with DiTPipeline, window by
+window, at the same model size, window, chunk and steps (random weights: the work does not depend
+on them), side by side in one run:
+  1. full attention, window recompute (every Euler step runs the whole window);
+  2. causal attention, window recompute (the same work, a masked attention);
+  3. causal attention, KV cache "window" (context recomputed once per window, then only new tokens);
+  4. causal attention, KV cache "rolling" (the pipeline's default: each frame's keys/values once).
+The last row runs the whole rollout of row 4, from 4 context frames to --frames. Rows 1-3 would
+take minutes to get there, so every mode is first timed in its steady state, which is what almost
+all of a long rollout costs: from window - chunk context frames (every window full) for
+--timed-frames new frames, one mode right after the other, so that a shared machine's load drifts
+little between them. (From 4 context frames to 300 the recompute's first 12 windows are shorter:
+that would make it 1.3% faster at window 16.) The last lines give the speed-ups over row 1: of the
+steady states, and of the whole rolling rollout, the pipeline's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from minisora.model import DIT_MODEL_SPECS, VideoDiT
+from minisora.pipeline import DiTPipeline
+from minisora.vae import build_vae, tiny_vae_config
+
+CONTEXT = 4
+# (attention, kv_cache mode, whole rollout?, label); the steady-state rows first, close together in time
+ROWS = [("full", "off", False, "full attention, window recompute"),
+        ("causal", "rolling", False, "causal attention, KV cache (rolling)"),
+        ("causal", "off", False, "causal attention, window recompute"),
+        ("causal", "window", False, "causal attention, KV cache (window)"),
+        ("causal", "rolling", True, "causal attention, KV cache (rolling)")]
+
+
+def build(attention: str, args, vae) -> DiTPipeline:
+    torch.manual_seed(0)
+    dit = VideoDiT.from_preset(args.model, in_channels=4, patch_size=args.patch_size, attention=attention)
+    with torch.no_grad():  # the work does not depend on the weights; random ones make the latents move
+        for p in dit.parameters():
+            p.normal_(0.0, 0.02)
+    pipe = DiTPipeline(dit, vae.model, FlowMatchEulerDiscreteScheduler(), window_frames=args.window,
+                       latent_size=[args.latent_size] * 2).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def time_rollout(pipe: DiTPipeline, context: int, frames: int, mode: str, args) -> float:
+    ctx = torch.randn(1, context, 4, args.latent_size, args.latent_size, device=args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = pipe(context_latents=ctx, num_frames=frames, steps=args.steps, chunk=args.chunk, kv_cache=mode,
+               generator=torch.Generator().manual_seed(0), output_type="latent", progress=False)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    assert out.kv_cache == mode and out.latents.shape[1] == frames
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", choices=sorted(DIT_MODEL_SPECS), help="VideoDiT size preset.")
+    ap.add_argument("--window", type=int, default=16, help="Latent frames per window (the training window).")
+    ap.add_argument("--frames", type=int, default=300, help="Latent frames of the rollout, 4 context frames included.")
+    ap.add_argument("--timed-frames", type=int, default=6,
+                    help="New latent frames that the recompute and window-cache rows generate in their steady state.")
+    ap.add_argument("--steps", type=int, default=20, help="Euler steps per window.")
+    ap.add_argument("--chunk", type=int, default=1, help="New latent frames per window.")
+    ap.add_argument("--patch-size", type=int, default=2, help="Spatial patch: tokens/frame = (latent size / patch)^2.")
+    ap.add_argument("--latent-size", type=int, default=16, help="Latent height = width (16: a 64x64 frame, 4x VAE).")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (fp32 either way).")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    vae = build_vae("kl", tiny_vae_config("kl"))  # only there to complete the pipeline: nothing is decoded
+    tokens = (args.latent_size // args.patch_size) ** 2
+    print(f"{args.model} DiT, window {args.window}, chunk {args.chunk}, {args.steps} steps, {tokens} tokens/frame, "
+          f"{CONTEXT} context -> {args.frames} latent frames, {args.device}, {torch.get_num_threads()} threads")
+    print(f"{'mode':<40}{'context -> frames':>18}{'seconds':>10}{'frames/s':>10}")
+    rates = {}
+    for attention, mode, whole, label in ROWS:
+        pipe = build(attention, args, vae)
+        context = CONTEXT if whole else args.window - args.chunk
+        frames = args.frames if whole else context + args.timed_frames
+        time_rollout(pipe, context, context + args.chunk, mode, args)  # warm-up: one window
+        seconds = time_rollout(pipe, context, frames, mode, args)
+        rates[(attention, mode, whole)] = (frames - context) / seconds
+        print(f"{label:<40}{f'{context} -> {frames}':>18}{seconds:>10.2f}{(frames - context) / seconds:>10.3f}",
+              flush=True)
+    full = rates[("full", "off", False)]
+    print(f"steady state over full recompute: kv-cache (window) {rates[('causal', 'window', False)] / full:.1f}x, "
+          f"kv-cache (rolling) {rates[('causal', 'rolling', False)] / full:.1f}x")
+    print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling', True)] / full:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

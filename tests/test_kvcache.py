@@ -1,0 +1,224 @@
+"""Frame-causal attention and the KV cache: the mask, RoPE offsets, config round trips, and rollouts
+with the cache against the window recompute, frame for frame, on small random causal models.
+
+Tolerance: the cache changes only the order of float32 operations (fewer tokens per matmul, keys
+rotated at absolute rather than window positions), so rollouts agree to ATOL = 1e-4 on latents of
+unit scale; a real difference (a wrong mask, position or cache entry) is 1e-2 or more.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from minisora.kv_cache import KVCache
+from minisora.model import VideoDiT
+from minisora.pipeline import DiTPipeline
+from minisora.vae import build_vae, tiny_vae_config
+
+ATOL = 1e-4
+WINDOW = 6
+
+
+def random_dit(depth=2, num_actions=3, attention="causal", seed=0) -> VideoDiT:
+    """A small DiT whose weights are all random (a fresh adaLN-Zero DiT would predict v = 0)."""
+    torch.manual_seed(seed)
+    dit = VideoDiT(in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_actions=num_actions,
+                   attention=attention)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.2)
+    return dit.eval()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return build_vae("kl", tiny_vae_config("kl"))
+
+
+def make_pipe(vae, depth=2, num_actions=3) -> DiTPipeline:
+    pipe = DiTPipeline(random_dit(depth, num_actions), vae.model, FlowMatchEulerDiscreteScheduler(shift=1.0),
+                       window_frames=WINDOW, latent_size=[4, 4])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def rollout(pipe, mode, chunk, actions, guidance, frames=3 * WINDOW, context=2):
+    ctx = torch.randn(1, context, 4, 4, 4, generator=torch.Generator().manual_seed(1)) if context else None
+    out = pipe(context_latents=ctx, num_frames=frames, steps=3, chunk=chunk, actions=actions, guidance=guidance,
+               kv_cache=mode, generator=torch.Generator().manual_seed(0), output_type="latent")
+    return out
+
+
+# ------------------------------------------------------------------------------ the model
+def test_causal_mask_blocks_later_frames():
+    model = random_dit(num_actions=0)
+    x = torch.randn(1, 5, 4, 4, 4)
+    t = torch.rand(1, 5)
+    with torch.no_grad():
+        base = model(x, t)
+        y = x.clone()
+        y[:, 3] += 1.0  # perturb frame 3
+        moved = model(y, t)
+    torch.testing.assert_close(moved[:, :3], base[:, :3], rtol=0, atol=1e-6)  # earlier frames: unchanged
+    assert (moved[:, 3:] - base[:, 3:]).abs().amax() > 1e-2  # frame 3 itself and later ones see it
+
+    full = random_dit(num_actions=0, attention="full")
+    with torch.no_grad():
+        assert (full(y, t)[:, :3] - full(x, t)[:, :3]).abs().amax() > 1e-2  # full attention does see the future
+
+
+def test_same_relative_offsets_give_the_same_outputs():
+    """RoPE is relative: the same frames at absolute positions 0.. or 1000.. give the same velocity."""
+    model = random_dit(num_actions=0)
+    x, t = torch.randn(1, 4, 4, 4, 4), torch.zeros(1, 4)
+    with torch.no_grad():
+        at_zero = model(x[:, 1:], t[:, 1:], kv_cache=_prefilled(model, x[:, :1], 0))
+        far = model(x[:, 1:], t[:, 1:], kv_cache=_prefilled(model, x[:, :1], 1000))
+        plain = model(x, t)[:, 1:]
+    torch.testing.assert_close(far, at_zero, rtol=0, atol=ATOL)
+    torch.testing.assert_close(at_zero, plain, rtol=0, atol=ATOL)  # the cache changes nothing either
+
+
+def _prefilled(model, clean, position):
+    cache = KVCache(len(model.blocks), position=position)
+    model(clean, torch.zeros(clean.shape[:2]), kv_cache=cache, update_cache=True)
+    assert (cache.frames, cache.position, cache.tokens) == (clean.shape[1], position + clean.shape[1], 4)
+    return cache
+
+
+def test_kv_cache_rolls_keeping_the_newest_frames():
+    model = random_dit(num_actions=0)
+    cache = _prefilled(model, torch.randn(1, 5, 4, 4, 4), position=3)
+    k_before = cache.keys[1][:, :, 2 * 4:].clone()
+    cache.keep_last(3)
+    assert cache.frames == 3 and cache.position == 8 and cache.keys[1].shape[2] == 3 * 4
+    assert torch.equal(cache.keys[1], k_before)
+
+
+def test_attention_mode_round_trips_and_old_configs_load_as_full(tmp_path):
+    random_dit(attention="causal").save_pretrained(tmp_path / "causal")
+    assert VideoDiT.from_pretrained(tmp_path / "causal").config.attention == "causal"
+    random_dit(attention="full").save_pretrained(tmp_path / "old")
+    cfg_path = tmp_path / "old" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["attention"]  # a checkpoint from before the option
+    cfg_path.write_text(json.dumps(cfg))
+    assert VideoDiT.from_pretrained(tmp_path / "old").config.attention == "full"
+    with pytest.raises(ValueError, match="attention must be one of .* got 'sparse'"):
+        VideoDiT(attention="sparse")
+
+
+def test_a_cache_needs_a_causal_model(vae):
+    full = random_dit(attention="full")
+    with pytest.raises(ValueError, match="KV cache needs a causal model; this one has attention='full'"):
+        full(torch.randn(1, 2, 4, 4, 4), torch.zeros(1, 2), kv_cache=KVCache(2))
+    pipe = DiTPipeline(full, vae.model, FlowMatchEulerDiscreteScheduler(), window_frames=WINDOW, latent_size=[4, 4])
+    assert pipe.kv_cache_mode("auto") == "off"
+    with pytest.raises(ValueError, match="kv_cache='rolling' needs a causal transformer"):
+        pipe.kv_cache_mode("rolling")
+
+
+# ------------------------------------------------------------------------------ rollouts
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("with_actions,guidance", [(False, 1.0), (True, 1.0), (True, 2.5)])
+def test_window_cache_rollout_equals_the_recompute_frame_for_frame(vae, chunk, with_actions, guidance):
+    """A 3-window rollout (18 latent frames, window 6, 2 blocks) with the per-window cache."""
+    pipe = make_pipe(vae)
+    actions = torch.randint(0, 3, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(2)) if with_actions else None
+    ref = rollout(pipe, "off", chunk, actions, guidance)
+    out = rollout(pipe, "window", chunk, actions, guidance)
+    assert (ref.kv_cache, out.kv_cache) == ("off", "window")
+    assert out.latents.shape == ref.latents.shape == (1, 3 * WINDOW, 4, 4, 4)
+    torch.testing.assert_close(out.latents, ref.latents, rtol=0, atol=ATOL)
+    assert ref.latents[:, 2:].abs().mean() > 0.1  # the frames were generated, not left at zero
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("with_actions,guidance", [(False, 1.0), (True, 2.5)])
+def test_rolling_cache_rollout_equals_the_recompute_where_it_must(vae, chunk, with_actions, guidance):
+    """The rolling cache adds each generated frame once. Within the first window, and over 3 windows of a
+    one-block model (whose keys depend only on their own frame), it equals the recompute; with 2 blocks a
+    cached frame's second-block keys also saw the frames before the window, so later windows differ."""
+    actions = torch.randint(0, 3, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(2)) if with_actions else None
+    one = make_pipe(vae, depth=1)
+    torch.testing.assert_close(rollout(one, "rolling", chunk, actions, guidance).latents,
+                               rollout(one, "off", chunk, actions, guidance).latents, rtol=0, atol=ATOL)
+    two = make_pipe(vae, depth=2)
+    rolled, ref = rollout(two, "rolling", chunk, actions, guidance), rollout(two, "off", chunk, actions, guidance)
+    assert rolled.kv_cache == "rolling" and two.kv_cache_mode("auto") == "rolling"
+    torch.testing.assert_close(rolled.latents[:, :WINDOW], ref.latents[:, :WINDOW], rtol=0, atol=ATOL)
+    assert (rolled.latents[:, WINDOW:] - ref.latents[:, WINDOW:]).abs().amax() > 1e-2
+
+
+def test_unconditional_rollout_with_the_cache(vae):
+    pipe = make_pipe(vae, num_actions=0)
+    ref = rollout(pipe, "off", 2, None, 1.0, frames=2 * WINDOW + 1, context=0)
+    torch.testing.assert_close(rollout(pipe, "window", 2, None, 1.0, frames=2 * WINDOW + 1, context=0).latents,
+                               ref.latents, rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------ train / sample / eval, end to end
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory):
+    """`minisora train --attention causal` for 4 steps on 3 + 2 synthetic DMLab clips of 12 frames (16x16)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from minisora.data.manifest import build_manifest
+    from minisora.data.synthetic import write_synthetic_dataset
+    from stages.encode import EncodeConfig
+    from stages.encode import main as encode_main
+
+    root = tmp_path_factory.mktemp("causal")
+    write_synthetic_dataset("dmlab", root / "data", clips=3, test_clips=2, frames=12, seed=0, progress=False)
+    manifest, _ = build_manifest(root / "data", "dmlab")
+    manifest.save(root / "manifest.json")
+    torch.manual_seed(0)
+    build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
+    encode_main(EncodeConfig(manifest=str(root / "manifest.json"), vae=str(root / "vae"), out=str(root / "store"),
+                             size=16, clips_per_shard=2, progress=False, device="cpu"))
+    r = CliRunner().invoke(app, ["train", "--store", str(root / "store"), "--out", str(root / "run"), "--attention",
+                                 "causal", "--frames", "4", "--batch-size", "2", "--steps", "4", "--warmup", "1",
+                                 "--ckpt-every", "4", "--use-actions", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from stages.sample import load_pipeline
+
+    pipe = load_pipeline(causal_run / "run")
+    assert pipe.transformer.config.attention == "causal" and pipe.kv_cache_mode() == "rolling"
+    args = ["sample", "--checkpoint", str(causal_run / "run"), "--context", f"{causal_run / 'store'}:test:0",
+            "--context-frames", "2", "--frames", "7", "--steps", "2", "--actions", "context", "--format", "npz"]
+    cached = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cached")])
+    plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "plain"), "--no-kv-cache"])
+    exact = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "exact"), "--kv-cache", "window"])
+    assert cached.exit_code == plain.exit_code == exact.exit_code == 0, cached.output + plain.output + exact.output
+    assert "rollout: causal attention, KV cache (rolling)" in cached.output
+    assert "rollout: causal attention, window recompute at every Euler step" in plain.output
+    latents = {k: np.load(tmp_path / f"{k}.npz")["latents"] for k in ("cached", "plain", "exact")}
+    np.testing.assert_allclose(latents["exact"], latents["plain"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(latents["cached"][:4], latents["plain"][:4], rtol=0, atol=ATOL)  # the first window
+
+    report = tmp_path / "rep.json"
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", str(causal_run / "run"), "--store", str(causal_run / "store"),
+                                 "--context-frames", "2", "--frames", "7", "--num-clips", "2", "--seeds", "1",
+                                 "--steps", "2", "--out", str(report)])
+    assert r.exit_code == 0, r.output
+    assert "rollout: causal attention, KV cache (rolling), window 4, chunk 1" in r.output
+    rep = json.loads(report.read_text())
+    assert rep["rollout"]["kv_cache"] == "rolling"
+    for name in ("model", "repeat_last_context_frame"):  # quality per generated-frame index: 5 generated frames
+        per_index = rep["per_frame_index"][name]
+        assert len(per_index["psnr"]) == len(per_index["ssim"]) == 5
+    assert np.mean(rep["per_frame_index"]["model"]["psnr"]) == pytest.approx(rep["model"]["psnr"]["mean"], abs=1e-9)
+    assert np.mean(rep["per_frame_index"]["repeat_last_context_frame"]["ssim"]) == pytest.approx(
+        rep["baselines"]["repeat_last_context_frame"]["ssim"], abs=1e-9)
