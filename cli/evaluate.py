@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import typer
 
 
@@ -11,7 +14,8 @@ def evaluate(
     split: str = typer.Option("test", help="Split to evaluate on."),
     context_frames: int = typer.Option(4, min=1, help="K: latent frames of ground truth given as context."),
     frames: int = typer.Option(16, min=2, help="N: latent frames per video, context included; metrics use frames K..N-1."),
-    num_clips: int = typer.Option(16, min=1, help="M: the first M clips of the split that have N latent frames."),
+    num_clips: int = typer.Option(16, min=1, help="M: the first M clips of the split that have N latent frames "
+                                   "(fewer there: a warning, and the report records the number used)."),
     seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
     steps: int = typer.Option(20, min=1, help="Euler steps per window."),
     shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
@@ -22,7 +26,8 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
-    """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame and VAE reconstruction."""
+    """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame, latent copy and VAE
+    reconstruction; per-horizon curves in the report and a PNG beside it."""
     from minisora.store import StoreError
     from stages.evaluate import EvalConfig, format_table, main
     from stages.sample import SampleError
@@ -31,9 +36,16 @@ def evaluate(
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
                      device=device, out=out)
     try:
-        report = main(cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = main(cfg)
     except (SampleError, StoreError, ValueError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
+    for w in caught:  # the stage's own warnings as one line each; others as Python prints them
+        if Path(w.filename).name == "evaluate.py":
+            typer.secho(f"warning: {w.message}", fg="yellow", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     typer.echo(format_table(report))
     typer.echo(f"report: {out}")
