@@ -112,7 +112,8 @@ class DiTPipeline(DiffusionPipeline):
     def __call__(self, num_videos: int = 1, num_frames: int | None = None, context_latents: torch.Tensor | None = None,
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
                  guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int = 1,
-                 generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True) -> VideoOutput:
+                 generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
+                 context_t: float = 0.0) -> VideoOutput:
         """Generate videos of `num_frames` latent frames (context included).
 
         context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
@@ -123,7 +124,8 @@ class DiTPipeline(DiffusionPipeline):
         window (see rollout_plan); 1, frame by frame, continued the demo's maze clips best (+0.1 to +0.4 dB
         PSNR over 2 in docs/design-notes.md), at one window per generated frame. output_type: "uint8" ->
         (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
-        bar ticks once per Euler step of every window.
+        bar ticks once per Euler step of every window. context_t: the noise level at which known
+        frames are shown to the model (minisora.flow.euler_sample; 0: clean).
         """
         cfg, tcfg = self.config, self.transformer.config
         if context_frames is not None:
@@ -150,7 +152,7 @@ class DiTPipeline(DiffusionPipeline):
             mask[:, : known - start] = True  # frames already known stay clean (t = 0)
             act = None if actions is None else actions[:, start:start + n]
             out = euler_sample(self._velocity(act, guidance, bar), noise, steps, shift=shift,
-                               context=latents[:, start:start + n], context_mask=mask)
+                               context=latents[:, start:start + n], context_mask=mask, context_t=context_t)
             latents[:, known:start + n] = out[:, known - start:]
         if bar is not None:
             bar.close()

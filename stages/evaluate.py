@@ -48,6 +48,7 @@ class EvalConfig:
     shift: float | None = None
     chunk: int = 1  # new latent frames per rollout window
     guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
+    context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
@@ -152,7 +153,7 @@ def main(cfg: EvalConfig) -> dict:
             sl = slice(i, i + cfg.batch_size)
             out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
                        actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk,
-                       guidance=cfg.guidance,
+                       guidance=cfg.guidance, context_t=cfg.context_noise,
                        generator=gen, progress=False)
             frames.append(out.frames)
         frames = np.concatenate(frames)[:, :n_pix]

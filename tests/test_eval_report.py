@@ -205,3 +205,15 @@ def test_eval_cli_num_clips_warns_on_stderr(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "--num-clips 3: split 'test' has only 2 clips" in r.output
     assert json.loads((tmp_path / "r.json").read_text())["num_clips_used"] == 2
+
+
+def test_eval_context_noise_reaches_the_sampler(trained, tmp_path):
+    from stages.evaluate import EvalConfig, main
+
+    base = dict(checkpoint=str(trained / "run"), store=str(trained / "store"), context_frames=K, frames=N, num_clips=2,
+                seeds=1, steps=2, device="cpu")
+    clean = main(EvalConfig(**base, out=str(tmp_path / "a.json")))
+    noisy = main(EvalConfig(**base, context_noise=0.3, out=str(tmp_path / "b.json")))
+    assert noisy["config"]["context_noise"] == 0.3 and clean["config"]["context_noise"] == 0.0
+    assert noisy["per_seed"][0]["psnr_mse"] != clean["per_seed"][0]["psnr_mse"]
+    assert noisy["baselines"] == clean["baselines"]  # the baselines do not sample
