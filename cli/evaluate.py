@@ -24,6 +24,8 @@ def evaluate(
     context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Noise level t at which known (context and "
                                         "already generated) frames are shown to the model; a model trained with "
                                         "--context-noise continues better from a small one (0: clean)."),
+    sampler: str = typer.Option("euler", help="euler, or heun (second order: 2 x steps - 1 model calls per window; "
+                                "compare with euler at that many steps)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
@@ -37,7 +39,7 @@ def evaluate(
 
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
-                     context_noise=context_noise,
+                     context_noise=context_noise, sampler=sampler,
                      device=device, out=out)
     try:
         with warnings.catch_warnings(record=True) as caught:

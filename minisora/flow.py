@@ -142,6 +142,29 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
+def _held_context(
+    name: str, noise: Tensor, context: Tensor | None, context_mask: Tensor | None, context_t: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check a sampler's arguments; (context values to hold (B, T, C, H, W), context_mask (B, T), keep (B, T, 1, 1, 1))."""
+    _check_latents("noise", noise)
+    if (context is None) != (context_mask is None):
+        raise ValueError(f"{name}: give both context and context_mask, or neither")
+    batch, frames = noise.shape[:2]
+    if context_mask is None:
+        context_mask = torch.zeros(batch, frames, dtype=torch.bool, device=noise.device)
+        context = noise
+    elif context.shape != noise.shape or context_mask.shape != (batch, frames):
+        raise ValueError(
+            f"{name}: context {tuple(context.shape)} must match noise {tuple(noise.shape)} "
+            f"and context_mask {tuple(context_mask.shape)} must be (B, T) = {(batch, frames)}"
+        )
+    if not 0.0 <= context_t < 1.0:
+        raise ValueError(f"{name}: context_t must be in [0, 1), got {context_t}")
+    if context_t > 0:
+        context = noisy(context, noise, torch.full((batch, frames), context_t, device=noise.device))
+    return context, context_mask, context_mask[:, :, None, None, None]
+
+
 def euler_sample(
     velocity_fn: Callable[[Tensor, Tensor], Tensor],
     noise: Tensor,
@@ -157,29 +180,42 @@ def euler_sample(
     exactly at their clean values from `context` (B, T, C, H, W), with t = 0, at every step; with
     context_t = s > 0 they are held at noisy(context, noise, s) with t = s instead.
     """
-    _check_latents("noise", noise)
-    if (context is None) != (context_mask is None):
-        raise ValueError("euler_sample: give both context and context_mask, or neither")
+    context, context_mask, keep = _held_context("euler_sample", noise, context, context_mask, context_t)
     batch, frames = noise.shape[:2]
-    if context_mask is None:
-        context_mask = torch.zeros(batch, frames, dtype=torch.bool, device=noise.device)
-        context = noise
-    elif context.shape != noise.shape or context_mask.shape != (batch, frames):
-        raise ValueError(
-            f"euler_sample: context {tuple(context.shape)} must match noise {tuple(noise.shape)} "
-            f"and context_mask {tuple(context_mask.shape)} must be (B, T) = {(batch, frames)}"
-        )
-    if not 0.0 <= context_t < 1.0:
-        raise ValueError(f"euler_sample: context_t must be in [0, 1), got {context_t}")
-    keep = context_mask[:, :, None, None, None]  # (B, T) -> (B, T, 1, 1, 1)
     grid = time_grid(steps, shift, device=noise.device)
-    if context_t > 0:
-        context = noisy(context, noise, torch.full((batch, frames), context_t, device=noise.device))
-
     x = torch.where(keep, context, noise)
     for i in range(steps):
         t = torch.where(context_mask, context_t, grid[i].expand(batch, frames))  # (B, T)
         v = velocity_fn(x, t)
         x = x + (grid[i + 1] - grid[i]).to(x.dtype) * v
         x = torch.where(keep, context, x)
+    return x
+
+
+def heun_sample(
+    velocity_fn: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    steps: int,
+    shift: float = 1.0,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+    context_t: float = 0.0,
+) -> Tensor:
+    """As `euler_sample`, with Heun's second-order steps (EDM): an Euler step to the next time, then
+    the average of the velocities at both ends; the last step, to t = 0, stays Euler. It costs
+    2 * steps - 1 model calls, so Heun with n steps compares with Euler at 2n - 1 steps.
+    """
+    context, context_mask, keep = _held_context("heun_sample", noise, context, context_mask, context_t)
+    batch, frames = noise.shape[:2]
+    grid = time_grid(steps, shift, device=noise.device)
+    x = torch.where(keep, context, noise)
+    for i in range(steps):
+        t = torch.where(context_mask, context_t, grid[i].expand(batch, frames))  # (B, T)
+        dt = (grid[i + 1] - grid[i]).to(x.dtype)
+        v = velocity_fn(x, t)
+        x_next = torch.where(keep, context, x + dt * v)
+        if i < steps - 1:
+            t_next = torch.where(context_mask, context_t, grid[i + 1].expand(batch, frames))
+            x_next = torch.where(keep, context, x + dt * 0.5 * (v + velocity_fn(x_next, t_next)))
+        x = x_next
     return x

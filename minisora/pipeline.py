@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from minisora.flow import euler_sample
+from minisora.flow import euler_sample, heun_sample
 from minisora.model import VideoDiT
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
 
@@ -113,7 +113,7 @@ class DiTPipeline(DiffusionPipeline):
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
                  guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int = 1,
                  generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
-                 context_t: float = 0.0) -> VideoOutput:
+                 context_t: float = 0.0, sampler: str = "euler") -> VideoOutput:
         """Generate videos of `num_frames` latent frames (context included).
 
         context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
@@ -125,8 +125,12 @@ class DiTPipeline(DiffusionPipeline):
         PSNR over 2 in docs/design-notes.md), at one window per generated frame. output_type: "uint8" ->
         (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
         bar ticks once per Euler step of every window. context_t: the noise level at which known
-        frames are shown to the model (minisora.flow.euler_sample; 0: clean).
+        frames are shown to the model (minisora.flow.euler_sample; 0: clean). sampler: "euler", or
+        "heun" (2 steps - 1 model calls per window).
         """
+        if sampler not in ("euler", "heun"):
+            raise ValueError(f"sampler must be euler or heun, got {sampler!r}")
+        integrate = heun_sample if sampler == "heun" else euler_sample
         cfg, tcfg = self.config, self.transformer.config
         if context_frames is not None:
             context_latents = self.encode_frames(context_frames)
@@ -143,7 +147,8 @@ class DiTPipeline(DiffusionPipeline):
         latents = torch.zeros(batch, total, tcfg.in_channels, h, w, device=self.device)  # (B, T', C, h, w)
         if ctx is not None:
             latents[:, :given] = ctx
-        bar = self.progress_bar(total=len(plan) * steps) if progress else None  # one tick per Euler step
+        calls = 2 * steps - 1 if sampler == "heun" else steps
+        bar = self.progress_bar(total=len(plan) * calls) if progress else None  # one tick per model call
         for i, (start, n, known) in enumerate(plan):
             if bar is not None:
                 bar.set_description(f"window {i + 1}/{len(plan)}")
@@ -151,7 +156,7 @@ class DiTPipeline(DiffusionPipeline):
             mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
             mask[:, : known - start] = True  # frames already known stay clean (t = 0)
             act = None if actions is None else actions[:, start:start + n]
-            out = euler_sample(self._velocity(act, guidance, bar), noise, steps, shift=shift,
+            out = integrate(self._velocity(act, guidance, bar), noise, steps, shift=shift,
                                context=latents[:, start:start + n], context_mask=mask, context_t=context_t)
             latents[:, known:start + n] = out[:, known - start:]
         if bar is not None:

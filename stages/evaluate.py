@@ -49,6 +49,7 @@ class EvalConfig:
     chunk: int = 1  # new latent frames per rollout window
     guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
     context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
+    sampler: str = "euler"  # or "heun": 2 steps - 1 model calls per window
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
@@ -153,7 +154,7 @@ def main(cfg: EvalConfig) -> dict:
             sl = slice(i, i + cfg.batch_size)
             out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
                        actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk,
-                       guidance=cfg.guidance, context_t=cfg.context_noise,
+                       guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler,
                        generator=gen, progress=False)
             frames.append(out.frames)
         frames = np.concatenate(frames)[:, :n_pix]

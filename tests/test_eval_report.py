@@ -217,3 +217,16 @@ def test_eval_context_noise_reaches_the_sampler(trained, tmp_path):
     assert noisy["config"]["context_noise"] == 0.3 and clean["config"]["context_noise"] == 0.0
     assert noisy["per_seed"][0]["psnr_mse"] != clean["per_seed"][0]["psnr_mse"]
     assert noisy["baselines"] == clean["baselines"]  # the baselines do not sample
+
+
+def test_eval_heun_sampler_runs_and_is_recorded(trained, tmp_path):
+    from stages.evaluate import EvalConfig, main
+
+    base = dict(checkpoint=str(trained / "run"), store=str(trained / "store"), context_frames=K, frames=N, num_clips=2,
+                seeds=1, device="cpu")
+    euler = main(EvalConfig(**base, steps=3, out=str(tmp_path / "e.json")))
+    heun = main(EvalConfig(**base, steps=2, sampler="heun", out=str(tmp_path / "h.json")))  # 3 model calls each
+    assert heun["config"]["sampler"] == "heun" and euler["config"]["sampler"] == "euler"
+    assert heun["per_seed"][0]["psnr_mse"] != euler["per_seed"][0]["psnr_mse"]
+    with pytest.raises(ValueError, match="sampler must be euler or heun, got 'rk4'"):
+        main(EvalConfig(**base, steps=2, sampler="rk4", out=str(tmp_path / "x.json")))

@@ -215,3 +215,27 @@ def test_train_and_eval_expose_the_context_noise_options():
     train_help = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
     eval_help = CliRunner().invoke(app, ["eval", "--help"], terminal_width=200).output
     assert "--context-noise" in train_help and "--logit-mean" in train_help and "--context-noise" in eval_help
+
+
+def test_heun_is_exact_on_a_linear_field_where_euler_is_not_and_counts_its_calls():
+    """dx/dt = x has x(0) = x(1) / e; Heun's error at n steps is far below Euler's at 2n - 1 (equal model calls)."""
+    from minisora.flow import heun_sample
+
+    noise = torch.ones(1, 2, 1, 1, 1, dtype=torch.float64)
+    calls = []
+
+    def velocity(x, t):
+        calls.append(1)
+        return x
+
+    exact = torch.exp(torch.tensor(-1.0, dtype=torch.float64))
+    heun = heun_sample(velocity, noise, steps=4)
+    assert len(calls) == 2 * 4 - 1
+    euler = euler_sample(velocity, noise, steps=7)
+    assert abs(heun[0, 1].item() - exact) < 0.5 * abs(euler[0, 1].item() - exact)
+    const = heun_sample(lambda x, t: torch.full_like(x, 0.25), noise, steps=3)
+    assert torch.allclose(const, noise - 0.25)  # a constant velocity integrates exactly
+    mask = torch.tensor([[True, False]])
+    ctx = torch.full_like(noise, 3.0)
+    held = heun_sample(velocity, noise, steps=3, context=ctx, context_mask=mask)
+    assert held[0, 0].item() == 3.0
