@@ -214,6 +214,8 @@ def format_table(report: dict) -> str:
     lines.append(f"PSNR of the mean MSE (dB): model {m['psnr_mse']['mean']:.2f} ± {m['psnr_mse']['std']:.2f}, "
                  + ", ".join(f"{name} {b[name]['psnr_mse']:.2f}" for name in b)
                  + f"; {100 * report['target_exact_repeat_share']:.1f}% of target frames repeat their previous one")
+    lines.append(f"model vs repeat-last-frame: {report['psnr_gain_over_repeat_db']:+.2f} dB PSNR, "
+                 f"{report['ssim_gain_over_repeat']:+.4f} SSIM (TECO's per-frame mean)")
     vs = report["vs_strongest_baseline"]
     verdict = "beats it" if vs["beats_by_more_than_seed_std"] else "does not beat it by more than the seed std"
     lines.append(f"model vs the strongest baseline ({vs['name']}): {vs['psnr_mse_gain_db']:+.2f} dB PSNR of mean MSE "
