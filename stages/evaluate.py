@@ -172,6 +172,7 @@ def main(cfg: EvalConfig) -> dict:
               "psnr_gain_over_repeat_db": model["psnr"]["mean"] - baselines["repeat_last_context_frame"]["psnr"],
               "ssim_gain_over_repeat": model["ssim"]["mean"] - baselines["repeat_last_context_frame"]["ssim"],
               "vs_strongest_baseline": versus_strongest(model, baselines),
+              "psnr_mse_gain_over_latent_copy_db": model["psnr_mse"]["mean"] - baselines["latent_copy"]["psnr_mse"],
               "use_actions": bool(use_actions),
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk}}
 

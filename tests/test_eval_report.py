@@ -190,6 +190,7 @@ def test_eval_report_has_latent_copy_mse_psnr_repeat_share_and_horizons(trained,
     assert vs["name"] == strongest
     gain = rep["model"]["psnr_mse"]["mean"] - rep["baselines"][strongest]["psnr_mse"]
     assert vs["psnr_mse_gain_db"] == pytest.approx(gain)
+    assert rep["psnr_mse_gain_over_latent_copy_db"] == pytest.approx(rep["model"]["psnr_mse"]["mean"] - lc["psnr_mse"])
 
     plot = Path(rep["horizon_plot"])
     assert plot == tmp_path / "eval_horizon.png" and Image.open(plot).format == "PNG"
