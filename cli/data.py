@@ -15,6 +15,11 @@ class Kind(str, Enum):
     minecraft = "minecraft"
 
 
+class Motion(str, Enum):
+    walk = "walk"
+    calm = "calm"
+
+
 class OnError(str, Enum):
     fail = "fail"
     skip = "skip"
@@ -29,12 +34,19 @@ def synth(
     frames: int = typer.Option(300, min=2, help="Frames per clip (TECO uses 300)."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same clips byte for byte."),
     workers: int = typer.Option(1, min=1, help="Worker processes."),
+    motion: Motion = typer.Option(Motion.walk, help="dmlab only. walk: the default smooth walk; calm: sticky actions, "
+                                  "pauses, slow turns and stretches of standing still, in another palette and light."),
 ):
     """Write procedurally generated, learnable clips (with actions) in TECO's published layout."""
     from minisora.data.synthetic import write_synthetic_dataset
 
     n_test = max(1, clips // 8) if test_clips is None else test_clips
-    stats = write_synthetic_dataset(kind.value, out, clips=clips, test_clips=n_test, frames=frames, seed=seed, workers=workers)
+    if kind != Kind.dmlab and motion != Motion.walk:
+        msg = f"error: --motion {motion.value} exists for --kind dmlab only, not {kind.value}"
+        typer.secho(msg, fg="red", err=True)
+        raise typer.Exit(1)
+    stats = write_synthetic_dataset(kind.value, out, clips=clips, test_clips=n_test, frames=frames, seed=seed,
+                                    workers=workers, motion=motion.value)
     typer.echo(
         f"wrote {stats['clips']} {kind.value} clips ({stats['frames']} frames) to {out} "
         f"in {stats['seconds']:.1f}s: {stats['clips'] / max(stats['seconds'], 1e-9):.1f} clips/s"

@@ -55,6 +55,11 @@ def train(
     p_full: float = typer.Option(0.5, help="Probability of a window with one noise level for all frames (generation)."),
     p_prefix: float = typer.Option(0.3, help="Probability of a clean random prefix as context (continuation)."),
     p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion forcing)."),
+    context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Context frames get their own noise level "
+                                        "t ~ U(0, this) instead of 0 (still out of the loss); sample with a small "
+                                        "eval --context-noise then (0: clean context)."),
+    logit_mean: float = typer.Option(0.0, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts more of the "
+                                     "loss at high noise, < 0 at low noise."),
     cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in RAM "
                                      "(3 more are read ahead); part of the data order, so a resumed run needs the same value."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (if installed)."),
@@ -72,7 +77,8 @@ def train(
     from stages.train import TrainConfig, main
 
     try:
-        flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent)
+        flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent, context_noise=context_noise,
+                          logit_mean=logit_mean)
         cfg = TrainConfig(store=store, out=out, model=model, attention=attention,
                           patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
                           lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,

@@ -12,6 +12,12 @@ Latents are (B, T, C, H, W) and **every latent frame has its own t**, a (B, T) t
 Forcing). Context frames get t = 0, so x_t equals x0 exactly there, and they are left out of the
 loss; that is what lets one model do unconditional generation, continuation and long rollouts.
 
+Context noise (GameNGen, Diffusion Forcing): with FlowConfig.context_noise = c > 0, training noises
+each context frame to its own t ~ U(0, c) (still left out of the loss), so the model learns to
+continue from slightly corrupted context, as it meets its own outputs in a rollout; at sampling,
+`euler_sample(context_t=s)` holds the context at x_s = (1 - s) x0 + s e (its e from `noise`) with t = s.
+Both are 0 by default: clean context at t = 0.
+
 Pure tensors: no I/O, no logging, no distributed code, no host synchronisation in the loss.
 """
 
@@ -34,6 +40,7 @@ class FlowConfig:
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
     max_context: int | None = None  # cap on the prefix length k
+    context_noise: float = 0.0  # context frames get t ~ U(0, context_noise) instead of 0 (still out of the loss)
 
     def __post_init__(self) -> None:
         probs = (self.p_full, self.p_prefix, self.p_independent)
@@ -46,6 +53,8 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.logit_std must be > 0, got {self.logit_std}")
         if self.max_context is not None and self.max_context < 1:
             raise ValueError(f"FlowConfig.max_context must be >= 1 or None, got {self.max_context}")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ValueError(f"FlowConfig.context_noise must be in [0, 1), got {self.context_noise}")
 
 
 def logit_normal(
@@ -58,7 +67,8 @@ def logit_normal(
 def sample_times(
     batch: int, frames: int, cfg: FlowConfig, generator: torch.Generator | None = None, device=None
 ) -> tuple[Tensor, Tensor]:
-    """Per-frame training times t (B, T) float32 and the context mask (B, T) bool (where t == 0).
+    """Per-frame training times t (B, T) float32 and the context mask (B, T) bool (where t == 0, or
+    t ~ U(0, cfg.context_noise) when that is > 0).
 
     Each sample picks one mode: full (one shared t), prefix (the first k frames are context, the rest
     share one t; with T == 1 there is no room for context and it falls back to full) or independent
@@ -77,7 +87,11 @@ def sample_times(
     k = torch.floor(torch.rand(batch, generator=generator, device=device) * k_max).long() + 1  # (B,)
     k = torch.where(is_prefix & (k_max > 0), k, torch.zeros_like(k))
     context = torch.arange(frames, device=t.device)[None, :] < k[:, None]  # (B, T)
-    t = torch.where(context, torch.zeros_like(t), t)
+    if cfg.context_noise > 0:  # drawn only when used, so the default draws the same numbers as before
+        t_ctx = cfg.context_noise * torch.rand(batch, frames, generator=generator, device=device)
+    else:
+        t_ctx = torch.zeros_like(t)
+    t = torch.where(context, t_ctx, t)
     return t, context
 
 
@@ -128,6 +142,29 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
+def _held_context(
+    name: str, noise: Tensor, context: Tensor | None, context_mask: Tensor | None, context_t: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check a sampler's arguments; (context values to hold (B, T, C, H, W), context_mask (B, T), keep (B, T, 1, 1, 1))."""
+    _check_latents("noise", noise)
+    if (context is None) != (context_mask is None):
+        raise ValueError(f"{name}: give both context and context_mask, or neither")
+    batch, frames = noise.shape[:2]
+    if context_mask is None:
+        context_mask = torch.zeros(batch, frames, dtype=torch.bool, device=noise.device)
+        context = noise
+    elif context.shape != noise.shape or context_mask.shape != (batch, frames):
+        raise ValueError(
+            f"{name}: context {tuple(context.shape)} must match noise {tuple(noise.shape)} "
+            f"and context_mask {tuple(context_mask.shape)} must be (B, T) = {(batch, frames)}"
+        )
+    if not 0.0 <= context_t < 1.0:
+        raise ValueError(f"{name}: context_t must be in [0, 1), got {context_t}")
+    if context_t > 0:
+        context = noisy(context, noise, torch.full((batch, frames), context_t, device=noise.device))
+    return context, context_mask, context_mask[:, :, None, None, None]
+
+
 def euler_sample(
     velocity_fn: Callable[[Tensor, Tensor], Tensor],
     noise: Tensor,
@@ -135,31 +172,50 @@ def euler_sample(
     shift: float = 1.0,
     context: Tensor | None = None,
     context_mask: Tensor | None = None,
+    context_t: float = 0.0,
 ) -> Tensor:
     """Integrate dx = v dt from t = 1 (x = noise) to t = 0 with Euler steps on `time_grid(steps, shift)`.
 
     velocity_fn(x_t (B, T, C, H, W), t (B, T)) -> v. Frames where context_mask (B, T) is True are held
-    exactly at their clean values from `context` (B, T, C, H, W), with t = 0, at every step.
+    exactly at their clean values from `context` (B, T, C, H, W), with t = 0, at every step; with
+    context_t = s > 0 they are held at noisy(context, noise, s) with t = s instead.
     """
-    _check_latents("noise", noise)
-    if (context is None) != (context_mask is None):
-        raise ValueError("euler_sample: give both context and context_mask, or neither")
+    context, context_mask, keep = _held_context("euler_sample", noise, context, context_mask, context_t)
     batch, frames = noise.shape[:2]
-    if context_mask is None:
-        context_mask = torch.zeros(batch, frames, dtype=torch.bool, device=noise.device)
-        context = noise
-    elif context.shape != noise.shape or context_mask.shape != (batch, frames):
-        raise ValueError(
-            f"euler_sample: context {tuple(context.shape)} must match noise {tuple(noise.shape)} "
-            f"and context_mask {tuple(context_mask.shape)} must be (B, T) = {(batch, frames)}"
-        )
-    keep = context_mask[:, :, None, None, None]  # (B, T) -> (B, T, 1, 1, 1)
     grid = time_grid(steps, shift, device=noise.device)
-
     x = torch.where(keep, context, noise)
     for i in range(steps):
-        t = torch.where(context_mask, 0.0, grid[i].expand(batch, frames))  # (B, T)
+        t = torch.where(context_mask, context_t, grid[i].expand(batch, frames))  # (B, T)
         v = velocity_fn(x, t)
         x = x + (grid[i + 1] - grid[i]).to(x.dtype) * v
         x = torch.where(keep, context, x)
+    return x
+
+
+def heun_sample(
+    velocity_fn: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    steps: int,
+    shift: float = 1.0,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+    context_t: float = 0.0,
+) -> Tensor:
+    """As `euler_sample`, with Heun's second-order steps (EDM): an Euler step to the next time, then
+    the average of the velocities at both ends; the last step, to t = 0, stays Euler. It costs
+    2 * steps - 1 model calls, so Heun with n steps compares with Euler at 2n - 1 steps.
+    """
+    context, context_mask, keep = _held_context("heun_sample", noise, context, context_mask, context_t)
+    batch, frames = noise.shape[:2]
+    grid = time_grid(steps, shift, device=noise.device)
+    x = torch.where(keep, context, noise)
+    for i in range(steps):
+        t = torch.where(context_mask, context_t, grid[i].expand(batch, frames))  # (B, T)
+        dt = (grid[i + 1] - grid[i]).to(x.dtype)
+        v = velocity_fn(x, t)
+        x_next = torch.where(keep, context, x + dt * v)
+        if i < steps - 1:
+            t_next = torch.where(context_mask, context_t, grid[i + 1].expand(batch, frames))
+            x_next = torch.where(keep, context, x + dt * 0.5 * (v + velocity_fn(x_next, t_next)))
+        x = x_next
     return x

@@ -3,8 +3,11 @@
 The protocol `minisora eval` builds from these functions:
 
 - metrics are computed on generated frames only (context frames are left out by the caller);
-- PSNR and SSIM are computed per frame, averaged over time, then over clips (`video_metrics`), and
-  per generated-frame index, averaged over clips (`frame_metrics(...)[m].mean(0)`: quality vs horizon);
+- PSNR and SSIM are computed per frame (`frame_errors`, `frame_metrics`), averaged over time, then
+  over clips (`video_metrics`);
+- beside TECO's mean of per-frame PSNR, the PSNR of the MSE averaged over frames (`psnr_of_mean_mse`),
+  which identical frames cannot inflate, the share of still target frames (`exact_repeat_share`)
+  and the metrics against the generated-frame index (`horizon_curves`);
 - each number is reported as mean and std over repeats (`summarize_seeds`);
 - FVD uses I3D features (`I3DFeatures`) and the Frechet distance between two Gaussians (`fvd`).
 
@@ -127,6 +130,51 @@ def video_metrics(pred: Tensor, target: Tensor, data_range: float = 1.0) -> dict
     The caller passes generated frames only and averages these over clips.
     """
     return {k: v.mean(dim=1) for k, v in frame_metrics(pred, target, data_range).items()}
+
+
+def frame_errors(pred: Tensor, target: Tensor, data_range: float = 1.0) -> dict[str, Tensor]:
+    """Per-frame errors, each (B, T) float64: {"mse", "psnr", "ssim"} (psnr as `psnr_per_frame`)."""
+    _check_pair(pred, target)
+    mse = (pred.double() - target.double()).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    return {"mse": mse, "psnr": 10.0 * torch.log10(data_range**2 / mse.clamp_min(MSE_FLOOR)),
+            "ssim": ssim_per_frame(pred, target, data_range)}
+
+
+def psnr_of_mean_mse(mse: Tensor, data_range: float = 1.0) -> float:
+    """PSNR of the MSE averaged over every frame given (any shape, e.g. (B, T) from `frame_errors`).
+
+    Unlike TECO's mean of per-frame PSNR, a few identical frames (MSE_FLOOR, 100 dB each) cannot
+    dominate it: an exact copy of a still frame adds 0 to the mean MSE instead of 100 dB to a mean
+    of decibels. The mean MSE is clamped at MSE_FLOOR like a single frame's.
+    """
+    if mse.numel() == 0:
+        raise ValueError("psnr_of_mean_mse needs at least one frame's MSE, got an empty tensor")
+    return float(10.0 * torch.log10(data_range**2 / mse.double().mean().clamp_min(MSE_FLOOR)))
+
+
+def exact_repeat_share(video: np.ndarray | Tensor, start: int) -> float:
+    """The share of frames start..T-1 of (B, T, ...) videos that equal their previous frame exactly.
+
+    With start = K (the first generated frame) this says how much of the target is a still camera,
+    where repeating the last context frame scores the PSNR cap. Needs 1 <= start < T.
+    """
+    v = torch.as_tensor(np.ascontiguousarray(video))
+    if v.ndim < 3 or not 1 <= start < v.shape[1]:
+        raise ValueError(f"exact_repeat_share needs (B, T, ...) videos and 1 <= start < T, got shape "
+                         f"{tuple(v.shape)} and start {start}")
+    same = (v[:, start:] == v[:, start - 1 : -1]).flatten(2).all(dim=2)  # (B, T - start)
+    return float(same.double().mean())
+
+
+def horizon_curves(errors: dict[str, Tensor], data_range: float = 1.0) -> dict[str, list[float]]:
+    """Metrics against the generated-frame index, from `frame_errors` output (each (B, T)) or (S, B, T) over seeds:
+    {"psnr": TECO's per-frame PSNR averaged over clips (and seeds), "psnr_mse": PSNR of the MSE averaged
+    over clips (and seeds) at that index, "ssim": SSIM averaged likewise}, each a list of T floats."""
+    dims = tuple(range(errors["mse"].ndim - 1))  # all but the last (frame) dimension
+    mse = errors["mse"].double().mean(dim=dims).clamp_min(MSE_FLOOR)  # (T,)
+    return {"psnr": errors["psnr"].double().mean(dim=dims).tolist(),
+            "psnr_mse": (10.0 * torch.log10(data_range**2 / mse)).tolist(),
+            "ssim": errors["ssim"].double().mean(dim=dims).tolist()}
 
 
 def summarize_seeds(values: list[float]) -> dict[str, float | int]:
@@ -288,12 +336,16 @@ def lpips_available(path: str | Path | None = None) -> bool:
 
 __all__ = [
     "I3DFeatures",
+    "exact_repeat_share",
+    "frame_errors",
     "frame_metrics",
     "frechet_distance",
     "fvd",
     "gaussian_stats",
     "gaussian_window",
+    "horizon_curves",
     "lpips_available",
+    "psnr_of_mean_mse",
     "psnr_per_frame",
     "ssim_per_frame",
     "summarize_seeds",

@@ -28,7 +28,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from minisora.flow import euler_sample
+from minisora.flow import euler_sample, heun_sample
 from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
@@ -128,7 +128,7 @@ class DiTPipeline(DiffusionPipeline):
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
                  guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int = 1,
                  generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
-                 kv_cache: str = "auto") -> VideoOutput:
+                 kv_cache: str = "auto", context_t: float = 0.0, sampler: str = "euler") -> VideoOutput:
         """Generate videos of `num_frames` latent frames (context included).
 
         context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
@@ -136,13 +136,18 @@ class DiTPipeline(DiffusionPipeline):
         [0, num_actions), one per latent frame (-1: none), or None; guidance > 1 pushes the sample
         towards them (classifier-free guidance against the null action). steps: Euler steps per
         window; shift: the time shift (default: the scheduler's); chunk: new latent frames per rollout
-        window (see rollout_plan); 1, frame by frame, continued the demo's maze clips best (+0.1 to +0.4 dB
-        PSNR over 2 in docs/design-notes.md), at one window per generated frame. output_type: "uint8" ->
+        window (see rollout_plan; 1: frame by frame, one window per generated frame; docs/design-notes.md
+        compares chunk sizes). output_type: "uint8" ->
         (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
-        bar ticks once per Euler step of every window. kv_cache: "auto" (rolling for causal models,
+        bar ticks once per model call of every window. kv_cache: "auto" (rolling for causal models,
         off for full ones), "rolling", "window" or "off" (see the module docstring); the mode used is
-        in the output's `kv_cache`.
+        in the output's `kv_cache`. context_t: the noise level at which known frames are shown to the
+        model (minisora.flow.euler_sample; 0: clean; the KV cache holds clean frames, so "auto" turns
+        it off for context_t > 0). sampler: "euler", or "heun" (2 steps - 1 model calls per window).
         """
+        if sampler not in ("euler", "heun"):
+            raise ValueError(f"sampler must be euler or heun, got {sampler!r}")
+        integrate = heun_sample if sampler == "heun" else euler_sample
         cfg, tcfg = self.config, self.transformer.config
         if context_frames is not None:
             context_latents = self.encode_frames(context_frames)
@@ -153,6 +158,11 @@ class DiTPipeline(DiffusionPipeline):
         total = num_frames or cfg.window_frames
         plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
         mode = self.kv_cache_mode(kv_cache)
+        if context_t > 0 and mode != "off":
+            if kv_cache != "auto":
+                raise ValueError(f"context_t={context_t} shows known frames noised, but the KV cache holds them clean; "
+                                 "use kv_cache='off' (--no-kv-cache)")
+            mode = "off"
         if actions is not None:
             actions = self._check_actions(actions, batch, total)
         shift = self.scheduler.config.shift if shift is None else shift
@@ -160,7 +170,8 @@ class DiTPipeline(DiffusionPipeline):
         latents = torch.zeros(batch, total, tcfg.in_channels, h, w, device=self.device)  # (B, T', C, h, w)
         if ctx is not None:
             latents[:, :given] = ctx
-        bar = self.progress_bar(total=len(plan) * steps) if progress else None  # one tick per Euler step
+        calls = 2 * steps - 1 if sampler == "heun" else steps
+        bar = self.progress_bar(total=len(plan) * calls) if progress else None  # one tick per model call
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
         cache = None if mode == "off" else KVCache(len(self.transformer.blocks))
@@ -171,17 +182,17 @@ class DiTPipeline(DiffusionPipeline):
             act = None if actions is None else actions[:, start:start + n]
             if cache is None:
                 mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
-                mask[:, : known - start] = True  # frames already known stay clean (t = 0)
-                out = euler_sample(self._velocity(act, guidance, bar), noise, steps, shift=shift,
-                                   context=latents[:, start:start + n], context_mask=mask)
+                mask[:, : known - start] = True  # frames already known stay clean (t = 0) or at context_t
+                out = integrate(self._velocity(act, guidance, bar), noise, steps, shift=shift,
+                                context=latents[:, start:start + n], context_mask=mask, context_t=context_t)
                 latents[:, known:start + n] = out[:, known - start:]
                 continue
             if mode == "window" or i == 0:  # (re)compute the context frames' keys and values at t = 0
                 cache.reset(position=start)
                 self._commit(cache, latents[:, start:known], act, guidance, start, start)
             new_act = None if act is None else act[:, known - start:]
-            out = euler_sample(self._velocity(new_act, guidance, bar, cache), noise[:, known - start:], steps,
-                               shift=shift)  # the same noise draws as the window recompute
+            out = integrate(self._velocity(new_act, guidance, bar, cache), noise[:, known - start:], steps,
+                            shift=shift)  # the same noise draws as the window recompute
             latents[:, known:start + n] = out
             if mode == "rolling" and i + 1 < len(plan):  # the new frames join the cache once, clean
                 self._commit(cache, out, act, guidance, start, known)

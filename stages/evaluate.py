@@ -3,14 +3,24 @@
 For M clips of a split: the first K latent frames (from the store) are context, the model generates
 up to N latent frames, the VAE decodes them. Metrics are computed on generated frames only, against
 the ground-truth pixels of the source clips: PSNR and SSIM per frame, averaged over time, then over
-clips; mean and std over seeds. Two baselines on the same clips and frames: repeating the last
-context frame, and the VAE reconstruction of the ground truth (the ceiling the VAE sets). FVD
-(StyleGAN-V's I3D TorchScript, if given) on full videos with the context copied in, as TECO does.
+clips; mean and std over seeds. Three baselines on the same clips and frames: repeating the last
+context frame (pixels), decoding the last context latent repeated (`latent_copy`: what the model
+must beat to have learnt any dynamics through this VAE), and the VAE reconstruction of the ground
+truth (the ceiling the VAE sets). FVD (StyleGAN-V's I3D TorchScript, if given) on full videos with
+the context copied in, as TECO does.
+
+Beside TECO's mean of per-frame PSNR, each method gets `psnr_mse`, the PSNR of the MSE averaged
+over all generated frames and clips (still frames copied exactly give 100 dB each in TECO's mean,
+which inflates the copy baselines), and `per_horizon` curves (PSNR, PSNR of the mean MSE and SSIM
+against the generated-frame index; plotted to <out>_horizon.png). `target_exact_repeat_share` says
+how many target frames equal their previous frame. The summary compares the model with the
+strongest copy baseline by `psnr_mse`.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,9 +28,9 @@ import numpy as np
 import torch
 
 from minisora.dist import resolve_device
-from minisora.errors import MinisoraError, check_writable
-from minisora.metrics import (I3DFeatures, frame_metrics, frames_to_unit, fvd, lpips_available, summarize_seeds,
-                              video_metrics)
+from minisora.errors import MinisoraError, MinisoraWarning, check_writable
+from minisora.metrics import (I3DFeatures, exact_repeat_share, frame_errors, frames_to_unit, fvd, horizon_curves,
+                              lpips_available, psnr_of_mean_mse, summarize_seeds)
 from minisora.store import LatentStore
 from minisora.store_guard import check_vae
 from stages.sample import clip_frames, load_pipeline, rollout_line
@@ -28,7 +38,6 @@ from stages.sample import clip_frames, load_pipeline, rollout_line
 
 class EvalError(MinisoraError, ValueError):
     """Evaluation options that do not fit the store or the model; the message names the values."""
-
 
 
 @dataclass
@@ -45,19 +54,62 @@ class EvalConfig:
     shift: float | None = None
     chunk: int = 1  # new latent frames per rollout window
     guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
+    context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
+    sampler: str = "euler"  # or "heun": 2 steps - 1 model calls per window
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
 
 
-def _clip_mean(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: float(v.mean()) for k, v in metrics.items()}
+COPY_BASELINES = ("repeat_last_context_frame", "latent_copy")  # to beat; vae_reconstruction is a ceiling
 
 
-def _by_index(metrics: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Per-frame metrics (M, T) -> their mean over clips at each generated-frame index, {metric: [T]}."""
-    return {k: [float(x) for x in v.mean(dim=0)] for k, v in metrics.items()}
+def select_clips(lengths: np.ndarray, frames: int, num_clips: int, split: str) -> list[int]:
+    """The first `num_clips` clips with at least `frames` latent frames; warns (naming both numbers)
+    when the split has fewer such clips than asked for."""
+    ok = np.flatnonzero(lengths >= frames)
+    if len(ok) == 0:
+        raise EvalError(f"no clip in {split} has {frames} latent frames (longest: {int(lengths.max())})")
+    if len(ok) < num_clips:
+        warnings.warn(f"--num-clips {num_clips}: split {split!r} has only {len(ok)} clips with {frames} latent "
+                      f"frames; evaluating on {len(ok)}", MinisoraWarning, stacklevel=2)
+    return [int(i) for i in ok[:num_clips]]
+
+
+def score(errors: dict[str, torch.Tensor]) -> dict:
+    """One method's numbers from `frame_errors` (B, T): TECO's psnr and ssim (frame mean, then clip mean),
+    psnr_mse (PSNR of the mean MSE) and per_horizon curves."""
+    return {"psnr": float(errors["psnr"].mean(dim=1).mean()), "ssim": float(errors["ssim"].mean(dim=1).mean()),
+            "psnr_mse": psnr_of_mean_mse(errors["mse"]), "per_horizon": horizon_curves(errors)}
+
+
+def model_summary(per_seed_errors: list[dict[str, torch.Tensor]]) -> tuple[dict, list[dict]]:
+    """(model, per_seed): mean and std over seeds of psnr, ssim and psnr_mse; per_horizon over seeds and clips."""
+    per_seed = [{k: v for k, v in score(e).items() if k != "per_horizon"} for e in per_seed_errors]
+    model = {m: summarize_seeds([s[m] for s in per_seed]) for m in ("psnr", "ssim", "psnr_mse")}
+    stacked = {k: torch.stack([e[k] for e in per_seed_errors]) for k in per_seed_errors[0]}  # (S, B, T)
+    model["per_horizon"] = horizon_curves(stacked)
+    return model, per_seed
+
+
+def versus_strongest(model: dict, baselines: dict) -> dict:
+    """The model against the copy baseline with the highest psnr_mse (not the weakest one)."""
+    name = max(COPY_BASELINES, key=lambda b: baselines[b]["psnr_mse"])
+    b = baselines[name]
+    return {"name": name, "psnr_mse_gain_db": model["psnr_mse"]["mean"] - b["psnr_mse"],
+            "psnr_gain_db": model["psnr"]["mean"] - b["psnr"], "ssim_gain": model["ssim"]["mean"] - b["ssim"],
+            "beats_by_more_than_seed_std": model["psnr_mse"]["mean"] - b["psnr_mse"] > model["psnr_mse"]["std"]}
+
+
+def write_horizon_plot(report: dict, path: Path) -> Path:
+    """PSNR (TECO), PSNR of the mean MSE and SSIM against the generated-frame index, per method, as a PNG."""
+    from minisora.plots import line_panels_png
+
+    methods = {"model": report["model"]["per_horizon"]}
+    methods.update({name: b["per_horizon"] for name, b in report["baselines"].items()})
+    titles = {"psnr": "PSNR (dB), mean of frames", "psnr_mse": "PSNR (dB) of mean MSE", "ssim": "SSIM"}
+    return line_panels_png(path, {t: {m: c[k] for m, c in methods.items()} for k, t in titles.items()})
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -76,11 +128,7 @@ def main(cfg: EvalConfig) -> dict:
     k_pix, n_pix = pipe.video_vae.pixel_frames(cfg.context_frames), pipe.video_vae.pixel_frames(cfg.frames)
 
     # 1. clips: the first M of the split long enough for N latent frames, ground truth from the source clips
-    lengths = store.array(cfg.split, "length")[:]
-    chosen = [int(i) for i in np.flatnonzero(lengths >= cfg.frames)[: cfg.num_clips]]
-    if not chosen:
-        raise EvalError(f"{cfg.store}: no clip in {cfg.split} has {cfg.frames} latent frames "
-                        f"(longest: {int(lengths.max())})")
+    chosen = select_clips(store.array(cfg.split, "length")[:], cfg.frames, cfg.num_clips, cfg.split)
     manifest = store.manifest_json()
     split_clips = [c for c in manifest["clips"] if c["split"] == cfg.split]
     truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / split_clips[i]["path"], manifest["kind"])[0][:n_pix]
@@ -94,17 +142,24 @@ def main(cfg: EvalConfig) -> dict:
 
     gt_unit = frames_to_unit(truth)
     kv_mode = pipe.kv_cache_mode(cfg.kv_cache)
+    if cfg.context_noise > 0 and cfg.kv_cache == "auto":
+        kv_mode = "off"  # the cache holds clean frames; noised context needs the window recompute
     gen_slice = slice(k_pix, n_pix)  # metrics on generated frames only
 
     # 2. baselines (deterministic, computed once)
     repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
-    repeat_frames = frame_metrics(frames_to_unit(repeat), gt_unit[:, gen_slice])  # each (M, N_pix - K_pix)
     recon = np.concatenate([_decode(pipe, latents_gt[i:i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)])
-    baselines = {"repeat_last_context_frame": _clip_mean(repeat_frames),
-                 "vae_reconstruction": _clip_mean(video_metrics(frames_to_unit(recon[:, gen_slice]), gt_unit[:, gen_slice]))}
+    copied = latents_gt.clone()
+    k = cfg.context_frames
+    copied[:, k:] = latents_gt[:, k - 1: k]  # the last context latent, repeated
+    copy = np.concatenate([_decode(pipe, copied[i:i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)])
+    target = gt_unit[:, gen_slice]
+    baselines = {"repeat_last_context_frame": score(frame_errors(frames_to_unit(repeat), target)),
+                 "latent_copy": score(frame_errors(frames_to_unit(copy[:, gen_slice]), target)),
+                 "vae_reconstruction": score(frame_errors(frames_to_unit(recon[:, gen_slice]), target))}
 
     # 3. the model, once per seed
-    per_seed, videos_by_seed, index_by_seed = [], [], []
+    seed_errors, videos_by_seed = [], []
     for seed in range(cfg.seeds):
         gen = torch.Generator().manual_seed(seed)
         frames = []
@@ -112,26 +167,26 @@ def main(cfg: EvalConfig) -> dict:
             sl = slice(i, i + cfg.batch_size)
             out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
                        actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk,
-                       guidance=cfg.guidance, generator=gen, progress=False, kv_cache=cfg.kv_cache)
+                       guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler,
+                       generator=gen, progress=False, kv_cache=kv_mode)
             frames.append(out.frames)
         frames = np.concatenate(frames)[:, :n_pix]
-        seed_frames = frame_metrics(frames_to_unit(frames[:, gen_slice]), gt_unit[:, gen_slice])  # each (M, N - K)
-        per_seed.append(_clip_mean(seed_frames))
-        index_by_seed.append(_by_index(seed_frames))
+        seed_errors.append(frame_errors(frames_to_unit(frames[:, gen_slice]), target))
         videos_by_seed.append(frames)
-        print(f"    seed {seed}: PSNR {per_seed[-1]['psnr']:.2f} dB, SSIM {per_seed[-1]['ssim']:.4f}", flush=True)
+        s = score(seed_errors[-1])
+        print(f"    seed {seed}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}", flush=True)
 
-    model = {m: summarize_seeds([s[m] for s in per_seed]) for m in ("psnr", "ssim")}
+    model, per_seed = model_summary(seed_errors)
     report = {"config": asdict(cfg), "clips": [split_clips[i]["path"] for i in chosen],
+              "num_clips_requested": cfg.num_clips, "num_clips_used": len(chosen),
+              "target_exact_repeat_share": exact_repeat_share(truth[:, : n_pix], k_pix),
               "generated_frames_per_clip": n_pix - k_pix, "context_frames_pixels": k_pix,
               "model": model, "per_seed": per_seed, "baselines": baselines,
               "psnr_gain_over_repeat_db": model["psnr"]["mean"] - baselines["repeat_last_context_frame"]["psnr"],
               "ssim_gain_over_repeat": model["ssim"]["mean"] - baselines["repeat_last_context_frame"]["ssim"],
+              "vs_strongest_baseline": versus_strongest(model, baselines),
+              "psnr_mse_gain_over_latent_copy_db": model["psnr_mse"]["mean"] - baselines["latent_copy"]["psnr_mse"],
               "use_actions": bool(use_actions),
-              "per_frame_index": {  # quality vs horizon: index 0 is the first generated (pixel) frame
-                  "model": {m: [float(np.mean(col)) for col in zip(*(s[m] for s in index_by_seed))]
-                            for m in ("psnr", "ssim")},
-                  "repeat_last_context_frame": _by_index(repeat_frames)},
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
                           "how": rollout_line(pipe, kv_mode)}}
 
@@ -151,6 +206,7 @@ def main(cfg: EvalConfig) -> dict:
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    report["horizon_plot"] = str(write_horizon_plot(report, out.with_name(out.stem + "_horizon.png")))
     out.write_text(json.dumps(report, indent=2))
     return report
 
@@ -166,11 +222,24 @@ def format_table(report: dict) -> str:
     m, b = report["model"], report["baselines"]
     rows = [("model (continuation)", f"{m['psnr']['mean']:.2f} ± {m['psnr']['std']:.2f}", f"{m['ssim']['mean']:.4f} ± {m['ssim']['std']:.4f}"),
             ("repeat last context frame", f"{b['repeat_last_context_frame']['psnr']:.2f}", f"{b['repeat_last_context_frame']['ssim']:.4f}"),
-            ("VAE reconstruction (ceiling)", f"{b['vae_reconstruction']['psnr']:.2f}", f"{b['vae_reconstruction']['ssim']:.4f}")]
+            ("VAE reconstruction (ceiling)", f"{b['vae_reconstruction']['psnr']:.2f}",
+             f"{b['vae_reconstruction']['ssim']:.4f}"),
+            ("copy last context latent", f"{b['latent_copy']['psnr']:.2f}", f"{b['latent_copy']['ssim']:.4f}")]
     lines = [f"{'':<30}{'PSNR (dB)':>16}{'SSIM':>20}"] + [f"{a:<30}{p:>16}{s:>20}" for a, p, s in rows]
+    lines.append(f"PSNR of the mean MSE (dB): model {m['psnr_mse']['mean']:.2f} ± {m['psnr_mse']['std']:.2f}, "
+                 + ", ".join(f"{name} {b[name]['psnr_mse']:.2f}" for name in b)
+                 + f"; {100 * report['target_exact_repeat_share']:.1f}% of target frames repeat their previous one")
     lines.append(f"model vs repeat-last-frame: {report['psnr_gain_over_repeat_db']:+.2f} dB PSNR, "
-                 f"{report['ssim_gain_over_repeat']:+.4f} SSIM over {len(report['clips'])} clips x "
-                 f"{report['generated_frames_per_clip']} generated frames, {report['config']['seeds']} seeds")
+                 f"{report['ssim_gain_over_repeat']:+.4f} SSIM (TECO's per-frame mean)")
+    vs = report["vs_strongest_baseline"]
+    if vs["beats_by_more_than_seed_std"]:
+        verdict = "beats it by more than the seed std"
+    else:
+        verdict = "loses to it" if vs["psnr_mse_gain_db"] <= 0 else "within the seed std"
+    lines.append(f"model vs the strongest baseline ({vs['name']}): {vs['psnr_mse_gain_db']:+.2f} dB PSNR of mean MSE "
+                 f"({verdict}), {vs['psnr_gain_db']:+.2f} dB PSNR, {vs['ssim_gain']:+.4f} SSIM over "
+                 f"{len(report['clips'])} clips x {report['generated_frames_per_clip']} generated frames, "
+                 f"{report['config']['seeds']} seeds")
     fv = report["fvd"]
     lines.append(f"FVD: {fv['mean']:.1f} ± {fv['std']:.1f}" if isinstance(fv, dict) else f"FVD: {fv}")
     if "how" in report["rollout"]:

@@ -162,3 +162,80 @@ def test_euler_keeps_context_frames_bit_exact_at_t_zero():
         assert torch.equal(x_t[mask], ctx[mask]) and (t[mask] == 0).all() and (t[~mask] > 0).all()
     with pytest.raises(ValueError, match="both context and context_mask"):
         euler_sample(velocity, e, 2, context=ctx)
+
+
+# --- context noise (GameNGen / Diffusion Forcing): noisy context at training and at sampling -----
+
+
+def test_context_noise_draws_context_times_below_the_cap_and_leaves_the_rest_alone():
+    base = FlowConfig(p_full=0.0, p_prefix=1.0, p_independent=0.0)
+    noisy_cfg = FlowConfig(p_full=0.0, p_prefix=1.0, p_independent=0.0, context_noise=0.2)
+    t0, c0 = sample_times(256, 6, base, generator=torch.Generator().manual_seed(3))
+    t1, c1 = sample_times(256, 6, noisy_cfg, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(c0, c1) and c0.any()  # the same prefixes
+    assert torch.equal(t0[~c0], t1[~c1])  # the same times on the frames that are learnt
+    assert (t0[c0] == 0).all()
+    ctx = t1[c1]
+    assert (ctx >= 0).all() and (ctx < 0.2).all() and ctx.std() > 0.03  # U(0, 0.2): spread over the range
+    assert abs(ctx.mean().item() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="context_noise must be in \\[0, 1\\), got 1.0"):
+        FlowConfig(context_noise=1.0)
+
+
+def test_euler_holds_context_at_its_noise_level_with_that_time():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 2, 2, generator=g)
+    noise = torch.randn(2, 4, 3, 2, 2, generator=g)
+    mask = torch.tensor([[True, True, False, False]] * 2)
+    c = torch.full_like(x0, 0.5)
+    seen = []
+
+    def velocity(x, t):
+        seen.append((x.clone(), t.clone()))
+        return c
+
+    out = euler_sample(velocity, noise, steps=3, context=x0, context_mask=mask, context_t=0.1)
+    held = 0.9 * x0 + 0.1 * noise  # noisy(x0, noise, 0.1)
+    for x, t in seen:  # every model call sees the context at t = 0.1, with its noise from `noise`
+        assert torch.allclose(t[mask], torch.full((4,), 0.1)) and (t[~mask] > 0).all()
+        assert torch.allclose(x[:, :2], held[:, :2])
+    assert torch.allclose(out[:, :2], held[:, :2])
+    assert torch.allclose(out[:, 2:], noise[:, 2:] - c[:, 2:], atol=1e-6)  # a constant velocity integrates exactly
+    clean = euler_sample(velocity, noise, steps=3, context=x0, context_mask=mask)
+    assert torch.equal(clean[:, :2], x0[:, :2])  # the default keeps clean context at t = 0
+    with pytest.raises(ValueError, match="context_t must be in \\[0, 1\\), got -0.1"):
+        euler_sample(velocity, noise, steps=3, context=x0, context_mask=mask, context_t=-0.1)
+
+
+def test_train_and_eval_expose_the_context_noise_options():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    train_help = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    eval_help = CliRunner().invoke(app, ["eval", "--help"], terminal_width=200).output
+    assert "--context-noise" in train_help and "--logit-mean" in train_help and "--context-noise" in eval_help
+
+
+def test_heun_is_exact_on_a_linear_field_where_euler_is_not_and_counts_its_calls():
+    """dx/dt = x has x(0) = x(1) / e; Heun's error at n steps is far below Euler's at 2n - 1 (equal model calls)."""
+    from minisora.flow import heun_sample
+
+    noise = torch.ones(1, 2, 1, 1, 1, dtype=torch.float64)
+    calls = []
+
+    def velocity(x, t):
+        calls.append(1)
+        return x
+
+    exact = torch.exp(torch.tensor(-1.0, dtype=torch.float64))
+    heun = heun_sample(velocity, noise, steps=4)
+    assert len(calls) == 2 * 4 - 1
+    euler = euler_sample(velocity, noise, steps=7)
+    assert abs(heun[0, 1].item() - exact) < 0.5 * abs(euler[0, 1].item() - exact)
+    const = heun_sample(lambda x, t: torch.full_like(x, 0.25), noise, steps=3)
+    assert torch.allclose(const, noise - 0.25)  # a constant velocity integrates exactly
+    mask = torch.tensor([[True, False]])
+    ctx = torch.full_like(noise, 3.0)
+    held = heun_sample(velocity, noise, steps=3, context=ctx, context_mask=mask)
+    assert held[0, 0].item() == 3.0

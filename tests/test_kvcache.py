@@ -216,9 +216,9 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     assert "rollout: causal attention, KV cache (rolling), window 4, chunk 1" in r.output
     rep = json.loads(report.read_text())
     assert rep["rollout"]["kv_cache"] == "rolling"
-    for name in ("model", "repeat_last_context_frame"):  # quality per generated-frame index: 5 generated frames
-        per_index = rep["per_frame_index"][name]
+    curves = {"model": rep["model"]["per_horizon"], "repeat": rep["baselines"]["repeat_last_context_frame"]["per_horizon"]}
+    for per_index in curves.values():  # quality per generated-frame index: 5 generated frames
         assert len(per_index["psnr"]) == len(per_index["ssim"]) == 5
-    assert np.mean(rep["per_frame_index"]["model"]["psnr"]) == pytest.approx(rep["model"]["psnr"]["mean"], abs=1e-9)
-    assert np.mean(rep["per_frame_index"]["repeat_last_context_frame"]["ssim"]) == pytest.approx(
+    assert np.mean(curves["model"]["psnr"]) == pytest.approx(rep["model"]["psnr"]["mean"], abs=1e-9)
+    assert np.mean(curves["repeat"]["ssim"]) == pytest.approx(
         rep["baselines"]["repeat_last_context_frame"]["ssim"], abs=1e-9)

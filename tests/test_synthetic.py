@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections import deque
 from pathlib import Path
@@ -12,12 +13,15 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from minisora.data.synthetic import (
+    CALM_LOOK,
     DMLAB_ACTIONS,
     MAZE_RADIUS,
+    MAZE_SPEED,
     MAZE_TURN,
     MINECRAFT_ACTIONS,
     WORLD_EYE,
     MazePose,
+    calm_walk,
     clip_seed,
     clip_stem,
     dmlab_walk,
@@ -26,6 +30,7 @@ from minisora.data.synthetic import (
     minecraft_walk,
     move_in_maze,
     move_in_world,
+    render_calm_clip,
     render_dmlab_clip,
     render_maze,
     render_minecraft_clip,
@@ -33,6 +38,7 @@ from minisora.data.synthetic import (
     save_npz,
     write_synthetic_dataset,
 )
+from minisora.data.synthetic.calm import CALM_SPEED, CALM_TURN
 from minisora.video import probe_mp4, read_mp4
 
 
@@ -281,3 +287,99 @@ def test_output_bytes_are_pinned(tmp_path):
     assert tree.hexdigest() == DMLAB_TREE_SHA256
     video, actions = render_minecraft_clip(5, 6)
     assert hashlib.sha256(video.tobytes() + actions.tobytes()).hexdigest() == MINECRAFT_ARRAYS_SHA256
+
+
+# --- the calm family (dmlab --motion calm) -------------------------------------------------------
+
+
+def _still_share(video: np.ndarray) -> float:
+    return float((video[1:] == video[:-1]).all(axis=(1, 2, 3)).mean())
+
+
+def test_calm_clip_shapes_determinism_and_other_look():
+    frames, actions = render_calm_clip(7, 40)
+    assert frames.shape == (40, 64, 64, 3) and frames.dtype == np.uint8
+    assert actions.shape == (40,) and actions.dtype == np.int64
+    assert actions.min() >= 0 and actions.max() < len(DMLAB_ACTIONS)
+    again, again_actions = render_calm_clip(7, 40)
+    assert np.array_equal(frames, again) and np.array_equal(actions, again_actions)
+    assert not np.array_equal(frames, render_calm_clip(8, 40)[0])
+    walk, _ = render_dmlab_clip(7, 40)
+    # the dusk palette: a darker, warmer picture than the default walk's, and a violet sky at the top row
+    assert frames.mean() < walk.mean() - 10
+    top = frames[:, 0].reshape(-1, 3).mean(0)
+    assert top[2] > top[1] and top[0] > top[1]  # violet: red and blue over green (the walk's sky is blue over red)
+    assert np.abs(frames[0, 0, 0].astype(int) - np.rint(CALM_LOOK.sky_top * 255 * 1.0)).max() < 30
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calm_walk_stays_out_of_walls_moves_slowly_and_actions_match_motion(seed):
+    rng = np.random.default_rng(seed)
+    maze = make_maze(rng)
+    pos, angles, actions = calm_walk(maze, rng, 300)
+    for dx in (-MAZE_RADIUS, MAZE_RADIUS):
+        for dy in (-MAZE_RADIUS, MAZE_RADIUS):
+            assert not maze.walls[np.floor(pos[:, 0] + dx).astype(int), np.floor(pos[:, 1] + dy).astype(int)].any()
+    step = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    turn = np.diff(angles)
+    names = np.array(DMLAB_ACTIONS)[actions[1:]]
+    assert (step[names == "forward"] > 0).all() and (step <= CALM_SPEED + 1e-12).all()
+    assert (turn[names == "forward"] == 0).all() and (step[names != "forward"] == 0).all()
+    assert np.allclose(turn[names == "turn_left"], CALM_TURN) and np.allclose(turn[names == "turn_right"], -CALM_TURN)
+    assert (turn[names == "noop"] == 0).all()
+    assert CALM_TURN < MAZE_TURN and CALM_SPEED < MAZE_SPEED
+
+
+def test_calm_walk_has_sticky_actions_and_stretches_of_standing_still():
+    """Over 8 clips: far more still frames and longer action runs than the default walk."""
+    calm_still, walk_still, calm_runs, walk_runs = [], [], [], []
+    for seed in range(8):
+        video, actions = render_calm_clip(seed, 200)
+        calm_still.append(_still_share(video))
+        calm_runs.append(len(actions) / (1 + np.count_nonzero(np.diff(actions))))
+        video, actions = render_dmlab_clip(seed, 200)
+        walk_still.append(_still_share(video))
+        walk_runs.append(len(actions) / (1 + np.count_nonzero(np.diff(actions))))
+    assert np.mean(calm_still) > 0.15 and np.mean(walk_still) < 0.05
+    assert np.mean(calm_runs) > np.mean(walk_runs)
+    _, actions = render_calm_clip(3, 300)
+    still = (actions == DMLAB_ACTIONS.index("noop")).astype(int)
+    longest = max(len(r) for r in "".join(map(str, still)).split("0"))
+    assert longest >= 10  # a stretch of standing still
+
+
+def test_calm_dataset_records_its_motion_and_refuses_mixing(tmp_path):
+    stats = write_synthetic_dataset("dmlab", tmp_path / "c", clips=2, test_clips=1, frames=8, seed=1, motion="calm",
+                                    progress=False)
+    assert stats["clips"] == 3 and stats["written"] == 3
+    params = json.loads((tmp_path / "c" / "synthetic.json").read_text())
+    assert params["motion"] == "calm" and params["kind"] == "dmlab" and params["seed"] == 1
+    with np.load(tmp_path / "c/train/0000/00001.npz", allow_pickle=False) as z:
+        video, actions = z["video"], z["actions"]
+    expected_video, expected_actions = render_calm_clip(clip_seed(1, "train", 1), 8)
+    assert np.array_equal(video, expected_video) and np.array_equal(actions, expected_actions)
+    with pytest.raises(ValueError, match=r"synthetic\.json.*motion: 'calm' there, None now"):
+        write_synthetic_dataset("dmlab", tmp_path / "c", clips=2, frames=8, seed=1, progress=False)
+    write_synthetic_dataset("dmlab", tmp_path / "w", clips=1, frames=8, seed=1, progress=False)
+    assert "motion" not in json.loads((tmp_path / "w" / "synthetic.json").read_text())  # the default keeps its bytes
+    with pytest.raises(ValueError, match=r"motion: None there, 'calm' now"):
+        write_synthetic_dataset("dmlab", tmp_path / "w", clips=1, frames=8, seed=1, motion="calm", progress=False)
+    with pytest.raises(ValueError, match="unknown motion 'calm' for synthetic kind 'minecraft'"):
+        write_synthetic_dataset("minecraft", tmp_path / "m", clips=1, frames=8, motion="calm", progress=False)
+    with pytest.raises(ValueError, match="unknown motion 'jog'"):
+        write_synthetic_dataset("dmlab", tmp_path / "j", clips=1, frames=8, motion="jog", progress=False)
+
+
+def test_cli_data_synth_motion_calm(tmp_path):
+    out = tmp_path / "calm"
+    result = CliRunner().invoke(app, ["data", "synth", "--kind", "dmlab", "--motion", "calm", "--out", str(out),
+                                      "--clips", "1", "--test-clips", "1", "--frames", "6"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote 2 dmlab clips (12 frames) to {out}" in result.output
+    assert json.loads((out / "synthetic.json").read_text())["motion"] == "calm"
+    with np.load(out / "train/0000/00000.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["video"], render_calm_clip(clip_seed(0, "train", 0), 6)[0])
+    result = CliRunner().invoke(app, ["data", "synth", "--kind", "minecraft", "--motion", "calm", "--out",
+                                      str(tmp_path / "m"), "--clips", "1"])
+    assert result.exit_code == 1 and "--motion calm exists for --kind dmlab only, not minecraft" in result.output
+    assert "--motion" in CliRunner().invoke(app, ["data", "synth", "--help"]).output

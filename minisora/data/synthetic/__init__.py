@@ -3,6 +3,8 @@
 One renderer per file: `maze.py` (`dmlab`: a first-person walk through a random grid maze, drawn
 by a numpy raycaster at 64x64) and `world.py` (`minecraft`: a walk over a blocky heightmap world,
 drawn by a voxel-space renderer at 128x128). This module writes datasets of either kind.
+`dmlab` has two motion families: `walk` (the default, above) and `calm` (`calm.py`: sticky actions,
+pauses, slow turns and stretches of standing still, in a dusk palette with planked walls).
 
 Both walks are a random but smooth policy over discrete actions: an action is held for several
 frames, and a step that would walk into a wall (or up a cliff) is replaced by a turn, so the view
@@ -34,9 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from minisora.data.synthetic.calm import CALM_LOOK, calm_walk, render_calm_clip
 from minisora.data.synthetic.common import DMLAB_ACTIONS, MINECRAFT_ACTIONS
-from minisora.data.synthetic.maze import (MAZE_RADIUS, MAZE_SPEED, MAZE_TURN, Maze, MazePose, dmlab_walk, make_maze,
-                                          maze_clearance, move_in_maze, render_dmlab_clip, render_maze)
+from minisora.data.synthetic.maze import (MAZE_RADIUS, MAZE_SPEED, MAZE_TURN, WALK_LOOK, Maze, MazeLook, MazePose,
+                                          dmlab_walk, make_maze, maze_clearance, move_in_maze, render_dmlab_clip,
+                                          render_maze)
 from minisora.data.synthetic.world import (WORLD_EYE, Player, World, make_world, minecraft_walk, move_in_world,
                                            render_minecraft_clip, render_world, world_clearance)
 from minisora.errors import MinisoraError
@@ -45,9 +49,10 @@ __all__ = ["DMLAB_ACTIONS", "MINECRAFT_ACTIONS", "KINDS", "SPLITS", "MAZE_RADIUS
            "Maze", "MazePose", "dmlab_walk", "make_maze", "maze_clearance", "move_in_maze", "render_dmlab_clip",
            "render_maze", "WORLD_EYE", "Player", "World", "make_world", "minecraft_walk", "move_in_world",
            "render_minecraft_clip", "render_world", "world_clearance", "clip_stem", "clip_seed", "save_npz",
-           "write_synthetic_dataset"]
+           "write_synthetic_dataset", "MOTIONS", "CALM_LOOK", "WALK_LOOK", "MazeLook", "calm_walk", "render_calm_clip"]
 
 KINDS = ("dmlab", "minecraft")
+MOTIONS = ("walk", "calm")  # dmlab's motion families; minecraft has walk only
 SPLITS = ("train", "test")
 CLIPS_PER_SUBDIR = 1000
 GENERATOR_VERSION = 1  # bump when a change alters the rendered pixels
@@ -85,6 +90,7 @@ class _ClipJob:
     index: int
     frames: int
     seed: int
+    motion: str = "walk"
 
 
 def _write_clip(job: _ClipJob) -> bool:
@@ -99,7 +105,8 @@ def _write_clip(job: _ClipJob) -> bool:
     tmp = partial / f"{job.split}-{job.index:05d}-{os.getpid()}"
     seed = clip_seed(job.seed, job.split, job.index)
     if job.kind == "dmlab":
-        video, actions = render_dmlab_clip(seed, job.frames)
+        render = render_calm_clip if job.motion == "calm" else render_dmlab_clip
+        video, actions = render(seed, job.frames)
         save_npz(tmp.with_suffix(".npz"), video=video, actions=actions)
         os.replace(tmp.with_suffix(".npz"), final)
     else:
@@ -125,7 +132,7 @@ def _check_params(root: Path, params: dict) -> None:
             old = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SynthError(f"{path}: unreadable record of the settings ({e}); choose a new --out") from e
-        diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+        diff = {k: (old.get(k), params.get(k)) for k in {**old, **params} if old.get(k) != params.get(k)}
         if diff:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise SynthError(f"{path}: this directory holds synthetic clips made with other settings ({detail}); "
@@ -137,9 +144,13 @@ def _check_params(root: Path, params: dict) -> None:
 
 
 def write_synthetic_dataset(
-    kind: str, out: str | Path, *, clips: int, test_clips: int = 0, frames: int = 300, seed: int = 0, workers: int = 1, progress: bool = True
+    kind: str, out: str | Path, *, clips: int, test_clips: int = 0, frames: int = 300, seed: int = 0, workers: int = 1,
+    progress: bool = True, motion: str = "walk",
 ) -> dict:
     """Write `clips` train and `test_clips` test clips of `kind` under `out` in TECO's layout.
+
+    `motion` picks dmlab's family (MOTIONS); a non-default one is recorded in synthetic.json (the
+    default writes the same bytes as before the option existed).
 
     Complete clips already there (from an interrupted or smaller run with the same kind, frames
     and seed) are kept. Returns {"kind", "clips" (train + test), "train", "test", "frames" (all
@@ -147,14 +158,20 @@ def write_synthetic_dataset(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {KINDS}")
+    if motion not in MOTIONS or (kind != "dmlab" and motion != "walk"):
+        raise ValueError(f"unknown motion {motion!r} for synthetic kind {kind!r}; "
+                         f"dmlab has {MOTIONS}, minecraft walk only")
     if clips < 0 or test_clips < 0 or frames < 2 or workers < 1:
         raise ValueError(f"need clips >= 0, test_clips >= 0, frames >= 2, workers >= 1; got {clips}, {test_clips}, {frames}, {workers}")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
     root.mkdir(parents=True, exist_ok=True)
-    _check_params(root, {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames, "seed": seed})
-    jobs = [_ClipJob(kind, root, split, i, frames, seed) for split, n in (("train", clips), ("test", test_clips)) for i in range(n)]
+    params = {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames,
+              "seed": seed}
+    _check_params(root, params if motion == "walk" else {**params, "motion": motion})
+    jobs = [_ClipJob(kind, root, split, i, frames, seed, motion)
+            for split, n in (("train", clips), ("test", test_clips)) for i in range(n)]
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"synth {kind}", unit="clip", disable=not progress)
     written = 0

@@ -27,6 +27,33 @@ _SKY_TOP, _SKY_HORIZON = np.array([70, 110, 190], np.float32) / 255, np.array([1
 _FLOOR = np.array([[115, 100, 80], [95, 82, 66]], np.float32) / 255  # checkered tiles
 
 
+def _panel_seams(u: np.ndarray) -> np.ndarray:
+    """Distance to the nearest seam of two panels per wall cell, u in [0, 1) along the cell."""
+    return np.minimum(np.abs(u - 0.5), np.minimum(u, 1 - u))
+
+
+@dataclass(frozen=True)
+class MazeLook:
+    """Textures and light: wall palette, sky (or ceiling) gradient, floor tiles, wall seams and shading.
+
+    Walls and floor are lit `ambient + direct * exp(-distance / fog)`; y-facing walls by `side` more.
+    """
+
+    palette: np.ndarray  # (P, 3) float32 wall colours in [0, 1]
+    sky_top: np.ndarray  # (3,)
+    sky_horizon: np.ndarray  # (3,)
+    floor: np.ndarray  # (2, 3) checkered tiles
+    seams: object = _panel_seams  # u (along a wall cell, [0, 1)) -> distance to the nearest seam
+    seam_width: float = 0.05
+    ambient: float = 0.3
+    direct: float = 0.7
+    fog: float = 6
+    side: float = 0.75
+
+
+WALK_LOOK = MazeLook(_MAZE_PALETTE, _SKY_TOP, _SKY_HORIZON, _FLOOR)  # the default family's look
+
+
 @dataclass(frozen=True)
 class Maze:
     """A grid maze: `walls[x, y]` True for solid cells (the border is solid); RGB per cell in [0, 1]."""
@@ -42,7 +69,8 @@ class MazePose:
     angle: float  # radians, counter-clockwise; turning left increases it
 
 
-def make_maze(rng: np.random.Generator, cells: int = 7, loops: float = 0.2) -> Maze:
+def make_maze(rng: np.random.Generator, cells: int = 7, loops: float = 0.2,
+              palette: np.ndarray = _MAZE_PALETTE) -> Maze:
     """Carve a `cells` x `cells` maze (random DFS spanning tree) into a (2 cells + 1)^2 grid."""
     g = 2 * cells + 1
     walls = np.ones((g, g), bool)
@@ -68,7 +96,7 @@ def make_maze(rng: np.random.Generator, cells: int = 7, loops: float = 0.2) -> M
     ix, iy = ix[between], iy[between]
     knock = rng.random(len(ix)) < loops
     walls[ix[knock], iy[knock]] = False
-    colours = _MAZE_PALETTE[rng.integers(len(_MAZE_PALETTE), size=(g, g))]
+    colours = palette[rng.integers(len(palette), size=(g, g))]
     return Maze(walls, colours * rng.uniform(0.85, 1.0, size=(g, g, 1)).astype(np.float32))
 
 
@@ -79,17 +107,18 @@ def _maze_free(maze: Maze, x: float, y: float) -> bool:
     return not any(maze.walls[i, j] for i in xs for j in ys)
 
 
-def move_in_maze(maze: Maze, pose: MazePose, action: int) -> MazePose:
+def move_in_maze(maze: Maze, pose: MazePose, action: int, speed: float = MAZE_SPEED,
+                 turn: float = MAZE_TURN) -> MazePose:
     """Apply one DMLAB_ACTIONS step; a forward step into a wall slides along it, or stays put."""
     name = DMLAB_ACTIONS[action]
     if name == "forward":
-        x, y = pose.x + MAZE_SPEED * np.cos(pose.angle), pose.y + MAZE_SPEED * np.sin(pose.angle)
+        x, y = pose.x + speed * np.cos(pose.angle), pose.y + speed * np.sin(pose.angle)
         for cx, cy in ((x, y), (x, pose.y), (pose.x, y)):
             if _maze_free(maze, cx, cy):
                 return MazePose(cx, cy, pose.angle)
         return pose
     if name in ("turn_left", "turn_right"):
-        return replace(pose, angle=pose.angle + (MAZE_TURN if name == "turn_left" else -MAZE_TURN))
+        return replace(pose, angle=pose.angle + (turn if name == "turn_left" else -turn))
     return pose
 
 
@@ -135,7 +164,7 @@ def dmlab_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.nd
     return pos, angles, actions
 
 
-def _render_maze_chunk(maze: Maze, pos: np.ndarray, angle: np.ndarray, n: int) -> np.ndarray:
+def _render_maze_chunk(maze: Maze, pos: np.ndarray, angle: np.ndarray, n: int, look: MazeLook) -> np.ndarray:
     """Float RGB frames (t, n, n, 3) for camera poses pos (t, 2), angle (t,)."""
     t, half_n = len(pos), n // 2
     cam = (np.arange(n) + 0.5) * 2 / n - 1  # (n,) screen x in [-1, 1], left to right
@@ -170,8 +199,9 @@ def _render_maze_chunk(maze: Maze, pos: np.ndarray, angle: np.ndarray, n: int) -
     u = u - np.floor(u)  # where along the wall cell the ray hit, in [0, 1)
 
     # walls: two panels per cell with soft dark seams, darker on y-facing sides and with distance
-    seam = np.minimum(np.abs(u - 0.5), np.minimum(u, 1 - u))
-    shade = (1 - 0.35 * np.exp(-((seam / 0.05) ** 2))) * np.where(side, 0.75, 1.0) * (0.3 + 0.7 * np.exp(-perp / 6))
+    seam = look.seams(u)
+    light = look.ambient + look.direct * np.exp(-perp / look.fog)
+    shade = (1 - 0.35 * np.exp(-((seam / look.seam_width) ** 2))) * np.where(side, look.side, 1.0) * light
     wall_rgb = (maze.colours[mx, my] * shade[:, None].astype(np.float32)).reshape(t, 1, n, 3)
     focal = (n / 2) / MAZE_FOV_TAN
     half = (0.5 * focal / perp).astype(np.float32).reshape(t, 1, n)  # half the wall height on screen, pixels
@@ -182,22 +212,23 @@ def _render_maze_chunk(maze: Maze, pos: np.ndarray, angle: np.ndarray, n: int) -
     # background: sky gradient above the horizon, checkered floor tiles 0.5 below the eye
     out = np.empty((t, n, n, 3), np.float32)
     lift = (1 - (np.arange(half_n, dtype=np.float32) + 0.5) / half_n)[:, None]  # 1 at the top row, 0 at the horizon
-    out[:, :half_n] = (_SKY_HORIZON + (_SKY_TOP - _SKY_HORIZON) * lift)[None, :, None]
+    out[:, :half_n] = (look.sky_horizon + (look.sky_top - look.sky_horizon) * lift)[None, :, None]
     dist = 0.5 * focal / v[:, half_n:]  # (1, rows/2, 1) floor distance seen by each row below the centre
     fx = pos[:, 0, None, None].astype(np.float32) + dist * ray[:, None, :, 0].astype(np.float32)  # (t, rows/2, n)
     fy = pos[:, 1, None, None].astype(np.float32) + dist * ray[:, None, :, 1].astype(np.float32)
     checker = ((np.floor(fx) + np.floor(fy)) % 2).astype(np.int64)
-    out[:, half_n:] = _FLOOR[checker] * (0.3 + 0.7 * np.exp(-dist / 6))[..., None]
+    out[:, half_n:] = look.floor[checker] * (look.ambient + look.direct * np.exp(-dist / look.fog))[..., None]
     np.copyto(out, wall_px, where=(np.abs(v) < half)[..., None])
     return out
 
 
-def render_maze(maze: Maze, pos: np.ndarray, angle: np.ndarray, size: int = 64, supersample: int = 2, chunk: int = 50) -> np.ndarray:
+def render_maze(maze: Maze, pos: np.ndarray, angle: np.ndarray, size: int = 64, supersample: int = 2, chunk: int = 50,
+                look: MazeLook = WALK_LOOK) -> np.ndarray:
     """uint8 frames (T, size, size, 3) seen from pos (T, 2) looking along angle (T,)."""
     pos, angle = np.atleast_2d(pos).astype(np.float64), np.atleast_1d(angle).astype(np.float64)
     out = np.empty((len(pos), size, size, 3), np.uint8)
     for s in range(0, len(pos), chunk):
-        hi = _render_maze_chunk(maze, pos[s : s + chunk], angle[s : s + chunk], size * supersample)
+        hi = _render_maze_chunk(maze, pos[s : s + chunk], angle[s : s + chunk], size * supersample, look)
         out[s : s + chunk] = downsample(hi, supersample)
     return out
 
