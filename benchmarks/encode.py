@@ -122,7 +122,8 @@ def main() -> None:
     ap.add_argument("--vaes", default="demo,w32", help=f"comma-separated, of {', '.join(VAES)}")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--read-workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="alternate bare and full this many times; the best of each is reported")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="alternate bare and full this many times; the best of each is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's choice]")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "minisora-bench-encode",
@@ -133,7 +134,8 @@ def main() -> None:
     torch.set_flush_denormal(True)  # as the encode stage does, so that both sides compute alike
 
     manifest_path = make_data(args.data, args.clips, args.frames)
-    print(f"data: {args.clips} synthetic DMLab clips x {args.frames} frames, 64x64 ({args.data}); device {args.device}, "
+    print(f"data: {args.clips} synthetic DMLab clips x {args.frames} frames, 64x64 ({args.data}); "
+          f"device {args.device}, "
           f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, read workers {args.read_workers}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,15 +148,19 @@ def main() -> None:
                                           Path(tmp) / f"store-{name}")
                 loop.append(lp)
                 e2e.append(ee)
-                print(f"  {name} run {r + 1}: bare {_r(bare[-1])}, encode loop {_r(lp)}, end to end {_r(ee)} frames/s", flush=True)
+                print(f"  {name} run {r + 1}: bare {_r(bare[-1])}, encode loop {_r(lp)}, end to end {_r(ee)} frames/s",
+                      flush=True)
             b, lp, ee = (max(x) for x in (bare, loop, e2e))  # best of: other load only ever slows a run down
             rows.append((name, f"{params / 1e6:.2f}M", f"{size or 64}x{size or 64}", b, lp, ee))
 
     print()
-    print("| VAE  | params | frames  | bare VAE frames/s | encode loop frames/s | loop / bare | end to end frames/s | e2e / bare |")
-    print("|------|--------|---------|-------------------|----------------------|-------------|---------------------|------------|")
+    print("| VAE  | params | frames  | bare VAE frames/s | encode loop frames/s | loop / bare | end to end frames/s | "
+          "e2e / bare |")
+    print("|------|--------|---------|-------------------|----------------------|-------------|---------------------|"
+          "------------|")
     for name, params, res, b, lp, ee in rows:
-        print(f"| {name:<4} | {params:>6} | {res:<7} | {_r(b):>17} | {_r(lp):>20} | {lp / b:10.0%} | {_r(ee):>19} | {ee / b:9.0%} |")
+        print(f"| {name:<4} | {params:>6} | {res:<7} | {_r(b):>17} | {_r(lp):>20} | {lp / b:10.0%} | {_r(ee):>19} | "
+              f"{ee / b:9.0%} |")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--peak-memory", action="store_true", help="add the CUDA peak allocated memory of each row (GiB)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (as `minisora train` on CUDA)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
-    ap.add_argument("--skip-pixels-over", type=int, default=0, help="skip pixel rows with more tokens than this (0: none)")
+    ap.add_argument("--skip-pixels-over", type=int, default=0,
+                    help="skip pixel rows with more tokens than this (0: none)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = args.precision.split(",")

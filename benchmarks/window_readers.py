@@ -33,7 +33,8 @@ def build(tmp: Path, clips: int, frames: int = 300, shape=(4, 16, 16)):
     actions = rng.integers(0, 4, (clips, frames)).astype(np.int16)
     per_shard = 16
     lay = SplitLayout(clips, frames, *shape, per_shard)
-    manifest = json.dumps({"kind": "dmlab", "clips": [{"split": "train", "path": f"train/{i}.npz"} for i in range(clips)]})
+    manifest = json.dumps({"kind": "dmlab",
+                           "clips": [{"split": "train", "path": f"train/{i}.npz"} for i in range(clips)]})
     store = LatentStore.create(str(tmp / "store"), {"vae": {}, "source": {}}, {"train": lay}, False, manifest)
     for k in range(lay.num_shards):
         lo, hi = lay.shard_range(k)

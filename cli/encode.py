@@ -8,24 +8,35 @@ import typer
 
 
 def encode(
-    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="Clip manifest written by `minisora data manifest`."),
-    vae: str = typer.Option(..., help="VAE: a local diffusers model directory or a Hub id (e.g. stabilityai/sd-vae-ft-ema)."),
-    out: str = typer.Option(..., help="Latent store to write: a local path or an fsspec URL (s3://..., memory://..., file://...)."),
-    vae_subfolder: str = typer.Option(None, help="Subfolder of the VAE inside the model directory/repo (e.g. 'vae' for a pipeline)."),
+    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="Clip manifest written by `minisora data "
+                                    "manifest`."),
+    vae: str = typer.Option(..., help="VAE: a local diffusers model directory or a Hub id (e.g. "
+                            "stabilityai/sd-vae-ft-ema)."),
+    out: str = typer.Option(..., help="Latent store to write: a local path or an fsspec URL (s3://..., memory://..., "
+                            "file://...)."),
+    vae_subfolder: str = typer.Option(None, help="Subfolder of the VAE inside the model directory/repo (e.g. 'vae' for "
+                                      "a pipeline)."),
     vae_revision: str = typer.Option(None, help="Hub revision (branch, tag or commit) of the VAE."),
-    root: Path = typer.Option(None, help="Clip root, if the data moved since the manifest was written (default: the manifest's root)."),
+    root: Path = typer.Option(None, help="Clip root, if the data moved since the manifest was written (default: the "
+                              "manifest's root)."),
     splits: str = typer.Option("train,test", help="Comma-separated splits to encode."),
-    batch_size: int = typer.Option(64, min=1, help="Frames per VAE call (image VAEs); lower it if the GPU runs out of memory."),
+    batch_size: int = typer.Option(64, min=1, help="Frames per VAE call (image VAEs); lower it if the GPU runs out of "
+                                   "memory."),
     device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("fp32", help="VAE compute dtype: fp32, bf16 or fp16 (latents are stored as fp16 either way)."),
+    dtype: str = typer.Option("fp32", help="VAE compute dtype: fp32, bf16 or fp16 (latents are stored as fp16 either "
+                              "way)."),
     frame_stride: int = typer.Option(1, min=1, help="Keep every k-th frame (fps is divided by k)."),
-    size: int = typer.Option(None, min=8, help="Resize frames to SIZE x SIZE before the VAE (default: native resolution)."),
-    on_error: str = typer.Option("fail", help="fail: stop at the first bad clip, naming it (committed shards are kept); skip: leave bad clips out and record them in the store."),
+    size: int = typer.Option(None, min=8, help="Resize frames to SIZE x SIZE before the VAE (default: native "
+                             "resolution)."),
+    on_error: str = typer.Option("fail", help="fail: stop at the first bad clip, naming it (committed shards are "
+                                 "kept); skip: leave bad clips out and record them in the store."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the latent store at OUT (only its own files, "
                                    "and only if OUT is a store) and start over."),
-    clips_per_shard: int = typer.Option(None, min=1, help="Clips per shard (the unit of work and of resumption) (default: ~32 MB of latents per shard)."),
+    clips_per_shard: int = typer.Option(None, min=1, help="Clips per shard (the unit of work and of resumption) "
+                                        "(default: ~32 MB of latents per shard)."),
     read_workers: int = typer.Option(2, min=1, help="Threads that read and decode clips ahead of the VAE."),
-    compression_level: int = typer.Option(3, min=0, max=22, help="zstd level of the stored arrays; 0 stores them uncompressed."),
+    compression_level: int = typer.Option(3, min=0, max=22, help="zstd level of the stored arrays; 0 stores them "
+                                          "uncompressed."),
 ):
     """Encode every frame of every manifest clip once with the VAE into a chunked Zarr latent store.
 

@@ -10,58 +10,72 @@ from minisora.contracts import contracts_help
 
 # kept literal so that `minisora --help` does not import diffusers; the parameter count of the chosen
 # preset is printed when training starts (minisora.model.count_params / DIT_MODEL_SPECS)
-_PRESETS = "tiny (2.8M params), small (32.5M), base (129.5M), large (456.8M), xl (673.7M), at 4 latent channels, patch 2"
+_PRESETS = ("tiny (2.8M params), small (32.5M), base (129.5M), large (456.8M), xl (673.7M), "
+            "at 4 latent channels, patch 2")
 
 
 def train(
-    store: str = typer.Option(..., help="Latent store written by `minisora encode` (path or fsspec URL); must be complete."),
+    store: str = typer.Option(..., help="Latent store written by `minisora encode` (path or fsspec URL); must be "
+                              "complete."),
     out: str = typer.Option(..., help="Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json."),
     model: str = typer.Option("tiny", help=f"Model size preset: {_PRESETS}."),
     attention: str = typer.Option("full", help="full: bidirectional attention inside the window; causal: a frame "
                                   "attends to itself and earlier frames only, so sampling reuses a KV cache (one frame "
                                   "of tokens per Euler step instead of a window)."),
-    patch_size: int = typer.Option(2, min=1, help="Spatial patch size on the latents: tokens per frame = h*w / patch^2 (4 makes a 16x16 latent 16 tokens: 4x cheaper, coarser)."),
-    frames: int = typer.Option(8, min=1, help="Latent frames per training window (clips shorter than this are not used)."),
-    batch_size: int = typer.Option(8, min=1, help="Windows per process per micro-step (global batch = processes x this x grad-accum)."),
+    patch_size: int = typer.Option(2, min=1, help="Spatial patch size on the latents: tokens per frame = h*w / patch^2 "
+                                   "(4 makes a 16x16 latent 16 tokens: 4x cheaper, coarser)."),
+    frames: int = typer.Option(8, min=1, help="Latent frames per training window (clips shorter than this are not "
+                               "used)."),
+    batch_size: int = typer.Option(8, min=1, help="Windows per process per micro-step (global batch = processes x this "
+                                   "x grad-accum)."),
     lr: float = typer.Option(3e-4, help="Peak AdamW learning rate."),
     warmup: int = typer.Option(100, min=0, help="Linear warm-up steps."),
-    lr_schedule: str = typer.Option("cosine", help="After warm-up: cosine (decay to --min-lr-ratio x lr at the last step) or constant."),
-    min_lr_ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="Final learning rate of the cosine schedule, as a fraction of --lr."),
+    lr_schedule: str = typer.Option("cosine", help="After warm-up: cosine (decay to --min-lr-ratio x lr at the last "
+                                    "step) or constant."),
+    min_lr_ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="Final learning rate of the cosine schedule, as a "
+                                       "fraction of --lr."),
     steps: int = typer.Option(1000, min=1, help="Total optimizer steps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: off), through the plugin's own path (see --plugin)."),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: off), through the plugin's "
+                                    "own path (see --plugin)."),
     plugin: str = typer.Option("ddp", help="ColossalAI plugin and its contract (none of it has run on a GPU yet). "
                                + contracts_help()),
     precision: str = typer.Option("auto", help="auto (bf16 where the device computes it natively: CUDA with bf16, "
                                   "a CPU with AMX or AVX512-BF16; else fp32; TF32 on CUDA), fp32, bf16, or fp16 "
                                   "(CUDA only). The choice is printed once at the start."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-steps accumulated per optimizer step."),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations in the backward pass (less memory, ~30% slower)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", show_default="on for CUDA (not gemini), off on CPU",
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations in the backward pass "
+                                         "(less memory, ~30% slower)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           show_default="on for CUDA (not gemini), off on CPU",
                                  help="torch.compile the DiT (in place, so checkpoints keep their parameter names)."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0, help="EMA decay of the weights that sampling uses."),
     ckpt_every: int = typer.Option(500, min=0, help="Save a checkpoint every N steps and at the last step (0: never)."),
     keep_last: int = typer.Option(3, min=0, help="Keep only the newest N checkpoints (0: keep all)."),
-    sample_every: int = typer.Option(0, min=0, help="Every N steps, rank 0 continues a few test clips, decodes them with the store's VAE and saves a gif + PSNR (0: off)."),
+    sample_every: int = typer.Option(0, min=0, help="Every N steps, rank 0 continues a few test clips, decodes them "
+                                     "with the store's VAE and saves a gif + PSNR (0: off)."),
     resume: str = typer.Option("auto", help="auto: continue from the newest checkpoint in OUT if any; a checkpoint "
                                "path; or 'none' to start fresh. A path older than OUT's newest checkpoint (or 'none' "
                                "over existing ones) is refused unless --branch."),
     branch: bool = typer.Option(False, "--branch", help="Accept that --resume starts a branch: OUT's newer checkpoints "
                                 "(and their metrics lines) move to OUT/checkpoints/abandoned-<time>/, never resumed "
                                 "or sampled; metrics.jsonl records where the branch started."),
-    use_actions: bool = typer.Option(False, "--use-actions", help="Condition on per-frame actions (with dropout, for classifier-free guidance)."),
+    use_actions: bool = typer.Option(False, "--use-actions", help="Condition on per-frame actions (with dropout, for "
+                                     "classifier-free guidance)."),
     seed: int = typer.Option(0, help="Seed of weights, data order, noise (a resumed run repeats the same randomness)."),
     log_every: int = typer.Option(10, min=1, help="Log loss / throughput every N steps (one host sync per interval)."),
     p_full: float = typer.Option(0.5, help="Probability of a window with one noise level for all frames (generation)."),
     p_prefix: float = typer.Option(0.3, help="Probability of a clean random prefix as context (continuation)."),
-    p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion forcing)."),
+    p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion "
+                                        "forcing)."),
     context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Context frames get their own noise level "
                                         "t ~ U(0, this) instead of 0 (still out of the loss); sample with a small "
                                         "eval --context-noise then (0: clean context)."),
     logit_mean: float = typer.Option(0.0, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts more of the "
                                      "loss at high noise, < 0 at low noise."),
-    cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in RAM "
-                                     "(3 more are read ahead); part of the data order, so a resumed run needs the same value."),
+    cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in "
+                                     "RAM (3 more are read ahead); part of the data order, so a resumed run needs the "
+                                     "same value."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (if installed)."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu (also on a CUDA machine: gloo, no GPU "
                                "touched) or cuda."),
@@ -82,7 +96,8 @@ def train(
         cfg = TrainConfig(store=store, out=out, model=model, attention=attention,
                           patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
                           lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
-                          steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin, precision=precision,
+                          steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin,
+                          precision=precision,
                           grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, compile=compile, ema_decay=ema_decay,
                           ckpt_every=ckpt_every, keep_last=keep_last, sample_every=sample_every,
                           resume=None if resume == "none" else resume, branch=branch,
@@ -96,4 +111,5 @@ def train(
             raise
         typer.secho(f"error: {user_message(e)}", fg="red", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"trained to step {result['step']}: loss {result['loss']:.4f}; {len(result['checkpoints'])} checkpoint(s) in {out}/checkpoints")
+    typer.echo(f"trained to step {result['step']}: loss {result['loss']:.4f}; {len(result['checkpoints'])} "
+               f"checkpoint(s) in {out}/checkpoints")

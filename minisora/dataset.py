@@ -33,7 +33,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter, OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np

@@ -44,5 +44,6 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu")
+        raise ValueError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                         f"use --device cpu")
     return dev

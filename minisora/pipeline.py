@@ -53,8 +53,9 @@ class DiTPipeline(DiffusionPipeline):
         transformer.eval()  # sampling: no action dropout (a DiT built with from_config starts in train mode)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         c = transformer.config.in_channels
-        self.register_to_config(latents_mean=list(latents_mean or [0.0] * c), latents_std=list(latents_std or [1.0] * c),
-                                window_frames=window_frames, latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
+        self.register_to_config(latents_mean=list(latents_mean or [0.0] * c),
+                                latents_std=list(latents_std or [1.0] * c), window_frames=window_frames,
+                                latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
                                 frame_stride=frame_stride, resolution=None if resolution is None else list(resolution))
         self.video_vae = VideoVAE.from_model(vae)
 
@@ -80,7 +81,8 @@ class DiTPipeline(DiffusionPipeline):
         raw = (latents.float() * sd + mu).to(self.vae.dtype)
         if self.video_vae.info.temporal_compression > 1:  # a video VAE decodes the clip as a whole
             return self.video_vae.decode(raw).float()
-        return torch.cat([self.video_vae.decode(raw[:, i:i + chunk]).float() for i in range(0, raw.shape[1], chunk)], dim=1)
+        return torch.cat([self.video_vae.decode(raw[:, i:i + chunk]).float() for i in range(0, raw.shape[1], chunk)],
+                         dim=1)
 
     # ------------------------------------------------------------------ sampling
     def _velocity(self, actions: torch.Tensor | None, guidance: float, bar=None, kv_cache: KVCache | None = None):

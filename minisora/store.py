@@ -50,7 +50,8 @@ class LatentStore:
         self.fs, self.root, self.local = _fs_and_root(self.url)
         if mode == "r" and not self.fs.exists(f"{self.root}/zarr.json"):
             raise StoreError(f"{self.url}: not a latent store (no zarr.json)")
-        zstore = LocalStore(self.root, read_only=mode == "r") if self.local else FsspecStore.from_url(self.url, read_only=mode == "r")
+        zstore = (LocalStore(self.root, read_only=mode == "r") if self.local
+                  else FsspecStore.from_url(self.url, read_only=mode == "r"))
         try:
             self.group = zarr.open_group(zstore, mode="r" if mode == "r" else "a")
         except Exception as e:  # zarr raises several types for broken metadata
@@ -75,7 +76,7 @@ class LatentStore:
             Path(root).mkdir(parents=True, exist_ok=True)
         store = cls(url, mode="w")
         full = {"schema": "minisora.latents", "schema_version": SCHEMA_VERSION, **attrs,
-                "splits": {s: asdict(l) for s, l in layouts.items()}, "deterministic": deterministic,
+                "splits": {s: asdict(lay) for s, lay in layouts.items()}, "deterministic": deterministic,
                 "complete": False, "chunk_checksum": "crc32c" if chunk_checksum else None}
         compressors = [ZstdCodec(level=compression_level)] if compression_level > 0 else []
         compressors += [Crc32cCodec()] if chunk_checksum else []
@@ -179,9 +180,11 @@ class LatentStore:
                 self.fs.rm(path)
         for name, block in blocks.items():
             self.array(split, name)[lo:hi] = block
-        checksums = {name: _sha256(self.fs.cat_file(f"{self.root}/{self._shard_key(split, name, k)}")) for name in blocks}
-        commit = ShardCommit(split=split, shard=k, start=lo, stop=hi, keys=list(keys), lengths=[int(x) for x in lengths],
-                             skipped=skipped, checksums=checksums, sums=channel_sums(blocks["mean"], blocks.get("logvar"), lengths),
+        checksums = {name: _sha256(self.fs.cat_file(f"{self.root}/{self._shard_key(split, name, k)}"))
+                     for name in blocks}
+        commit = ShardCommit(split=split, shard=k, start=lo, stop=hi, keys=list(keys),
+                             lengths=[int(x) for x in lengths], skipped=skipped, checksums=checksums,
+                             sums=channel_sums(blocks["mean"], blocks.get("logvar"), lengths),
                              action_max=int(blocks["actions"].max(initial=-1)))
         marker = self._marker_path(split, k)
         tmp = marker + ".tmp"
@@ -210,7 +213,8 @@ class LatentStore:
         count, s1, s2 = total
         mean = s1 / np.maximum(count, 1)
         std = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean**2, 1e-12))
-        skipped = [dict(split=s, **x) for s in self.splits for k in range(self.layout(s).num_shards) for x in self.read_commit(s, k).skipped]
+        skipped = [dict(split=s, **x) for s in self.splits for k in range(self.layout(s).num_shards)
+                   for x in self.read_commit(s, k).skipped]
         stats = {"split": stat_split, "mean": mean.tolist(), "std": std.tolist(), "values_per_channel": int(count[0])}
         self.set_attrs(latent_stats=stats, skipped=skipped, num_actions=action_max + 1, complete=True)
         return stats
@@ -265,7 +269,8 @@ class LatentStore:
                 problems.append(f"{where}: shard file {path} is missing")
                 continue
             if _sha256(data) != digest:
-                problems.append(f"{where}: checksum mismatch in {path} ({len(data)} bytes): the file was changed or truncated")
+                problems.append(f"{where}: checksum mismatch in {path} ({len(data)} bytes): "
+                                f"the file was changed or truncated")
         if problems:
             return problems
         lengths = self.array(split, "length")[lo:hi]
@@ -291,8 +296,9 @@ class LatentStore:
     # ---------------------------------------------------------------- info
     def info(self) -> dict:
         """Summary for `minisora store info` (sizes computed from the files on disk)."""
-        out = {"url": self.url, "schema_version": self.attrs.get("schema_version"), "complete": bool(self.attrs.get("complete")),
-               "vae": self.attrs.get("vae"), "source": self.attrs.get("source"), "latent_stats": self.attrs.get("latent_stats"),
+        out = {"url": self.url, "schema_version": self.attrs.get("schema_version"),
+               "complete": bool(self.attrs.get("complete")), "vae": self.attrs.get("vae"),
+               "source": self.attrs.get("source"), "latent_stats": self.attrs.get("latent_stats"),
                "skipped": self.attrs.get("skipped", []), "manifest_skipped": self.attrs.get("manifest_skipped", []),
                "chunk_checksum": self.attrs.get("chunk_checksum"), "splits": {}}
         total_bytes = 0
@@ -320,9 +326,10 @@ class LatentStore:
         """Shard k of the arrays `names`, checked against its commit marker before use.
 
         Each shard file is read once as raw bytes (the files in parallel threads), hashed, compared
-        with the marker's sha256 and decoded by zarr from memory, so the check adds no I/O. A shard without a readable marker,
-        with a missing or changed file, or whose marker disagrees with `lengths` (the split's
-        length array at [start, stop)) raises StoreError. Returns ({name: (n, ...) array}, bytes read).
+        with the marker's sha256 and decoded by zarr from memory, so the check adds no I/O. A shard
+        without a readable marker, with a missing or changed file, or whose marker disagrees with
+        `lengths` (the split's length array at [start, stop)) raises StoreError. Returns
+        ({name: (n, ...) array}, bytes read).
         """
         hint = f"; run `minisora store verify {self.url}` to check the whole store, then re-encode it"
         marker = self._marker_path(split, k)

@@ -112,7 +112,7 @@ def _same_plan(store: LatentStore, attrs: dict, layouts: dict[str, SplitLayout])
             have, want = ({k: v for k, v in d.items() if k not in _IDENTITY} for d in (have, want))
         if have != want:
             diffs.append(key)
-    if store.attrs.get("splits") != {s: asdict(l) for s, l in layouts.items()}:
+    if store.attrs.get("splits") != {s: asdict(lay) for s, lay in layouts.items()}:
         diffs.append("splits/geometry")
     if (store.attrs.get("encode") or {}).get("dtype") != attrs["encode"]["dtype"]:
         diffs.append("dtype")
@@ -138,8 +138,9 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
             recorded = (store.attrs.get("vae") or {}).get("weights_sha256")
             if recorded is not None and recorded != vae.info.weights_sha256:
                 now = str(vae.info.weights_sha256)[:16]
-                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, but {cfg.vae} now has weights "
-                                  f"{now} (same name and config, other weights); pass --overwrite to re-encode "
+                raise EncodeError(f"{cfg.out} was encoded by VAE weights {recorded[:16]}, "
+                                  f"but {cfg.vae} now has weights {now} (same name and config, other weights); "
+                                  f"pass --overwrite to re-encode "
                                   "everything with this VAE, or choose another --out")
             if recorded is None:
                 print0(f"warning: {cfg.out} records no VAE weights digest (encoded by an older minisora); resuming "
@@ -191,7 +192,8 @@ def _read(manifest: Manifest, clip: ManifestClip, stride: int, used: int):
 @torch.no_grad()
 def encode_clip(vae: VideoVAE, frames: np.ndarray, cfg: EncodeConfig, device: torch.device, dtype: torch.dtype):
     """uint8 (T, H, W, 3) frames -> posterior mean, logvar (T', C, h, w) float32 numpy."""
-    pixels = frames_to_pixels(torch.from_numpy(frames).to(device))  # (T, 3, H, W) in [-1, 1]; uint8 crosses to the device
+    # (T, 3, H, W) in [-1, 1]; uint8 crosses to the device
+    pixels = frames_to_pixels(torch.from_numpy(frames).to(device))
     if cfg.size and pixels.shape[-2:] != (cfg.size, cfg.size):
         pixels = F.interpolate(pixels, size=(cfg.size, cfg.size), mode="bilinear", antialias=True, align_corners=False)
     pixels = pixels.to(dtype)
@@ -238,7 +240,7 @@ def main(cfg: EncodeConfig) -> dict:
     pending = [w for w, done in zip(work, committed) if not done]
     mine = pending[rank::world]
     n_clips = sum(layouts[s].shard_range(k)[1] - layouts[s].shard_range(k)[0] for s, k in mine)
-    print0(f"encode: {len(work)} shards in {', '.join(f'{s}: {l.num_shards}' for s, l in layouts.items())}; "
+    print0(f"encode: {len(work)} shards in {', '.join(f'{s}: {lay.num_shards}' for s, lay in layouts.items())}; "
            f"{len(work) - len(pending)} already committed; {world} process(es); rank 0 encodes {n_clips} clips")
     stats = _encode_shards(cfg, manifest, vae, store, layouts, mine, device, dtype, show=cfg.progress and rank == 0)
     barrier()
@@ -273,12 +275,14 @@ def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
     with ThreadPoolExecutor(cfg.read_workers) as readers, ThreadPoolExecutor(1) as writer:
         used = {id(c): _used_frames(c.frames, cfg.frame_stride, vae) for *_, c in clip_jobs}
         ahead = max(2 * cfg.read_workers, 4)
-        futures: list[Future] = [readers.submit(_read, manifest, c, cfg.frame_stride, used[id(c)]) for *_, c in clip_jobs[:ahead]]
+        futures: list[Future] = [readers.submit(_read, manifest, c, cfg.frame_stride, used[id(c)])
+                                 for *_, c in clip_jobs[:ahead]]
         pending_write: Future | None = None
         block = None
         for j, (split, k, idx, clip) in enumerate(clip_jobs):
             if j + ahead < len(clip_jobs):
-                futures.append(readers.submit(_read, manifest, clip_jobs[j + ahead][3], cfg.frame_stride, used[id(clip_jobs[j + ahead][3])]))
+                futures.append(readers.submit(_read, manifest, clip_jobs[j + ahead][3], cfg.frame_stride,
+                                              used[id(clip_jobs[j + ahead][3])]))
             lay = layouts[split]
             lo, hi = lay.shard_range(k)
             if block is None:
@@ -289,7 +293,8 @@ def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
             block["keys"].append(clip.path)
             if isinstance(result, ClipError):
                 if cfg.on_error != "skip":
-                    raise EncodeError(f"{result} (use --on-error skip to leave bad clips out; committed shards are kept)")
+                    raise EncodeError(f"{result} "
+                                      f"(use --on-error skip to leave bad clips out; committed shards are kept)")
                 block["skipped"].append({"index": idx, "path": clip.path, "reason": result.problem})
             else:
                 frames, actions = result
@@ -309,8 +314,8 @@ def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
             if idx == hi - 1:  # shard complete: hand it to the writer, keep encoding
                 if pending_write is not None:
                     pending_write.result()
-                pending_write = writer.submit(store.write_shard, split, k, block["mean"], block["logvar"], block["actions"],
-                                              block["lengths"], block["keys"], block["skipped"])
+                pending_write = writer.submit(store.write_shard, split, k, block["mean"], block["logvar"],
+                                              block["actions"], block["lengths"], block["keys"], block["skipped"])
                 block = None
         if pending_write is not None:
             pending_write.result()
@@ -319,7 +324,8 @@ def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
 
 def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:
     shape = (n, lay.frames, lay.channels, lay.height, lay.width)
-    return {"mean": np.full(shape, np.nan, np.float16), "logvar": None if deterministic else np.full(shape, np.nan, np.float16),
+    return {"mean": np.full(shape, np.nan, np.float16),
+            "logvar": None if deterministic else np.full(shape, np.nan, np.float16),
             "actions": np.full((n, lay.frames), -1, ACTION_DTYPE), "lengths": np.zeros(n, np.int32),
             "keys": [], "skipped": []}
 

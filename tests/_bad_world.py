@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -55,11 +54,6 @@ def build_world(base: Path) -> World:
                            warmup=1, ckpt_every=2, log_every=1, device="cpu"))
     return World(base, base / "data", str(base / "manifest.json"), str(base / "vae"), str(base / "vae2"),
                  str(base / "store"), str(base / "store2"), str(base / "run"))
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> World:
-    return build_world(tmp_path_factory.mktemp("bad"))
 
 
 # ---------------------------------------------------------------------------- cases

@@ -26,7 +26,8 @@ def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_
             actions[i, :n] = rng.integers(0, num_actions, n)
         data[split] = (mean, None if deterministic else logvar, actions)
         clips += [{"split": split, "path": f"{split}/{i:05d}.npz"} for i in range(len(lens))]
-    attrs = {"vae": {"class_name": "test", "temporal_compression": 1}, "source": {"kind": "dmlab", "resolution": [16, 16]}}
+    attrs = {"vae": {"class_name": "test", "temporal_compression": 1},
+             "source": {"kind": "dmlab", "resolution": [16, 16]}}
     store = LatentStore.create(str(url), attrs, layouts, deterministic, json.dumps({"kind": "dmlab", "clips": clips}),
                                chunk_checksum=chunk_checksum)
     for split, lay in layouts.items():
@@ -34,7 +35,7 @@ def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_
         lens = np.array(lengths[split])
         for k in range(lay.num_shards):
             lo, hi = lay.shard_range(k)
-            store.write_shard(split, k, mean[lo:hi], None if logvar is None else logvar[lo:hi], actions[lo:hi], lens[lo:hi],
-                              [f"{split}/{i:05d}.npz" for i in range(lo, hi)], [])
+            store.write_shard(split, k, mean[lo:hi], None if logvar is None else logvar[lo:hi], actions[lo:hi],
+                              lens[lo:hi], [f"{split}/{i:05d}.npz" for i in range(lo, hi)], [])
     store.finalize()
     return store, data

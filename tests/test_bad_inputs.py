@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from _bad_world import (Case, World, encode_args, file_at, not_waiting_for_the_hub, run_case, store_copy,  # noqa: F401
-                        swap_weights, user_dir, world)
+from _bad_world import (Case, World, encode_args, file_at, not_waiting_for_the_hub, run_case, store_copy,
+                        swap_weights, user_dir)
 from cli.main import app
 from minisora.store import LatentStore
 

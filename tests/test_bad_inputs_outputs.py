@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from _bad_world import (Case, World, eval_args, file_at, flip_byte, not_waiting_for_the_hub, run_case,  # noqa: F401
-                        sample_args, store_copy, swap_weights, train_args, user_dir, world)
+from _bad_world import (Case, World, eval_args, file_at, flip_byte, not_waiting_for_the_hub, run_case,
+                        sample_args, store_copy, swap_weights, train_args, user_dir)
 from cli.main import app
 from minisora.store import LatentStore
 

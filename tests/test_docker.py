@@ -67,7 +67,8 @@ def test_multi_gpu_stages_run_under_torchrun(compose):
         entrypoint = compose["services"][name]["entrypoint"]
         assert entrypoint[0] == "torchrun" and entrypoint[-2:] == ["--no-python", "minisora"]
         assert "--nproc_per_node=${NPROC:-1}" in entrypoint
-    assert compose["services"]["train"]["command"][compose["services"]["train"]["command"].index("--plugin") + 1] == "zero2"
+    train_command = compose["services"]["train"]["command"]
+    assert train_command[train_command.index("--plugin") + 1] == "zero2"
     assert "entrypoint" not in compose["services"]["minisora"]  # the image's: minisora
     assert "cache" in compose["volumes"]
 
@@ -78,7 +79,8 @@ def dockerfile() -> tuple[dict[str, str], list[tuple[str, str]]]:
                                           if not line.lstrip().startswith("#")))
     instructions = [tuple(line.strip().split(None, 1)) for line in text.splitlines() if line.strip()]
     args = dict(a.split("=", 1) for op, a in instructions if op == "ARG" and "=" in a)
-    return args, [(op, re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest)) for op, rest in instructions]
+    return args, [(op, re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest))
+                  for op, rest in instructions]
 
 
 def pip_installs(instructions) -> list[list[str]]:
@@ -109,12 +111,14 @@ def test_dockerfile_installs_like_make_setup_and_keeps_torch():
         assert not any(re.match(r"torch\b", w) for w in words), words
     env = " ".join(rest for op, rest in instructions if op == "ENV")
     assert "PIP_CONSTRAINT=/etc/minisora/keep-torch.txt" in env  # ... and no dependency may replace it
-    assert any("'torch==' + m.version('torch')" in rest and "keep-torch.txt" in rest for op, rest in instructions if op == "RUN")
+    assert any("'torch==' + m.version('torch')" in rest and "keep-torch.txt" in rest
+               for op, rest in instructions if op == "RUN")
     assert ("ENTRYPOINT", '["minisora"]') in instructions
 
 
 def test_dockerignore_keeps_data_out_and_the_source_in():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "data", "stores", "runs", "outputs"} <= ignored
     needed = ["minisora", "cli", "stages", "data_manifests", "pyproject.toml", "README.md"]
     assert not ignored & set(needed) and all((REPO / n).exists() for n in needed)

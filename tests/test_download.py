@@ -99,7 +99,8 @@ def clip_tree(root: Path) -> Path:
     for i, (rel, frames) in enumerate(CLIPS.items()):
         rng = np.random.default_rng(i)
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(root / rel, video=rng.integers(0, 256, (frames, 8, 8, 3), dtype=np.uint8), actions=np.arange(frames) % 6)
+        np.savez(root / rel, video=rng.integers(0, 256, (frames, 8, 8, 3), dtype=np.uint8),
+                 actions=np.arange(frames) % 6)
     return root
 
 
@@ -189,9 +190,11 @@ def test_full_download_unpack_manifest_then_rerun_fetches_nothing(site, source, 
     report = run(site, out)
 
     parts = archive_parts("dmlab", site.base)
-    assert [(p.name, p.bytes, p.fetched) for p in report.parts] == [(p.name, len(b), len(b)) for p, b in zip(parts, pieces)]
+    assert ([(p.name, p.bytes, p.fetched) for p in report.parts]
+            == [(p.name, len(b), len(b)) for p, b in zip(parts, pieces)])
     assert all(p.check == "size, md5, sha1 match the archive's file list" for p in report.parts)
-    assert [(s.range, s.status, s.sent) for p in parts for s in site.served(urlpath(p.url))] == [(None, 200, len(b)) for b in pieces]
+    assert ([(s.range, s.status, s.sent) for p in parts for s in site.served(urlpath(p.url))]
+            == [(None, 200, len(b)) for b in pieces])
     assert [(out / PARTS_DIR / p.name).read_bytes() for p in parts] == pieces
     for rel in CLIPS:
         assert (out / "dmlab" / rel).read_bytes() == (source / rel).read_bytes()
@@ -234,7 +237,8 @@ def test_complete_part_file_is_not_fetched_again(site, source, tmp_path):
     (out / PARTS_DIR).mkdir(parents=True)
     (out / PARTS_DIR / f"{parts[0].name}.part").write_bytes(pieces[0])  # stopped after the download, before the rename
     report = run(site, out)
-    assert [(s.range, s.status, s.sent) for s in site.served(urlpath(parts[0].url))] == [(f"bytes={len(pieces[0])}-", 416, 0)]
+    assert ([(s.range, s.status, s.sent) for s in site.served(urlpath(parts[0].url))]
+            == [(f"bytes={len(pieces[0])}-", 416, 0)])
     assert (report.parts[0].fetched, report.clips) == (0, len(CLIPS))
     assert report.parts[0].check.startswith(f"size {len(pieces[0])} matches Content-Length; no checksum available")
 
@@ -242,7 +246,8 @@ def test_complete_part_file_is_not_fetched_again(site, source, tmp_path):
 def test_truncated_archive_is_an_error(site, source, tmp_path):
     archive = dmlab_archive(source)
     publish(site, archive[:3000])
-    with pytest.raises(DownloadError, match=r"dmlab.tar.partaa .. dmlab.tar.partac: not a complete tar archive: .* after 3000 of 3000 bytes"):
+    with pytest.raises(DownloadError, match=r"dmlab.tar.partaa .. dmlab.tar.partac: not a complete tar archive: "
+                                            r".* after 3000 of 3000 bytes"):
         run(site, tmp_path / "data")
 
 
@@ -276,7 +281,8 @@ def test_checksum_mismatch_names_the_file_and_unpacks_nothing(site, source, tmp_
     bad = out / PARTS_DIR / f"{parts[1].name}.bad"
     with pytest.raises(DownloadError) as e:
         run(site, out)
-    assert str(e.value) == (f"{out / PARTS_DIR / parts[1].name}: md5 is {hashlib.md5(pieces[1]).hexdigest()} but the archive's "
+    assert str(e.value) == (f"{out / PARTS_DIR / parts[1].name}: md5 is {hashlib.md5(pieces[1]).hexdigest()} "
+                            f"but the archive's "
                             f"file list says {'0' * 32}; nothing was unpacked; the download is kept as {bad} "
                             "(delete it and run again to download afresh)")
     assert bad.read_bytes() == pieces[1]
@@ -304,7 +310,8 @@ def test_redirects_are_followed_over_http_with_the_range_header(site, source, tm
     (out / PARTS_DIR).mkdir(parents=True)
     (out / PARTS_DIR / f"{parts[0].name}.part").write_bytes(pieces[0][:100])
     run(site, out)
-    assert [(s.range, s.status, s.sent) for s in site.served("/node7" + first)] == [("bytes=100-", 206, len(pieces[0]) - 100)]
+    assert ([(s.range, s.status, s.sent) for s in site.served("/node7" + first)]
+            == [("bytes=100-", 206, len(pieces[0]) - 100)])
     assert (out / PARTS_DIR / parts[0].name).read_bytes() == pieces[0]
 
 

@@ -30,7 +30,8 @@ from minisora.vae import VideoVAE, build_vae, frames_to_pixels, tiny_vae_config
 from stages.encode import EncodeConfig, main as encode_main
 
 MINISORA = str(Path(sys.executable).parent / "minisora")
-TRAIN = ["train/0000/00000.npz", "train/0000/00001.npz", "train/0000/00002.npz", "train/0000/00003.npz", "train/0001/short.npz"]
+TRAIN = ["train/0000/00000.npz", "train/0000/00001.npz", "train/0000/00002.npz", "train/0000/00003.npz",
+         "train/0001/short.npz"]
 TEST = ["test/0000/00000.npz"]
 LENGTHS = {"train": [17, 17, 17, 17, 10], "test": [17]}
 FP16_RTOL, FP16_ATOL = 2**-11 + 1e-6, 2**-24  # float16 rounding: half an ulp (normal / subnormal)
@@ -56,7 +57,8 @@ def clips(tmp_path_factory):
 
 
 def _encode(clips, out, vae="kl", **kw):
-    cfg = EncodeConfig(manifest=clips["manifest"], vae=clips[vae], out=str(out), clips_per_shard=2, progress=False, **kw)
+    cfg = EncodeConfig(manifest=clips["manifest"], vae=clips[vae], out=str(out), clips_per_shard=2, progress=False,
+                       **kw)
     return encode_main(cfg)
 
 
@@ -149,7 +151,8 @@ def test_root_attributes(clips, ref):
     assert a["source"] == {"kind": "dmlab", "manifest_digest": Manifest.load(clips["manifest"]).digest(),
                            "root": str(clips["root"]), "resolution": [64, 64], "native_resolution": [64, 64],
                            "frame_stride": 1, "fps": None}  # the DMLab npz records no frame rate
-    assert a["splits"]["train"] == {"clips": 5, "frames": 17, "channels": 4, "height": 16, "width": 16, "clips_per_shard": 2}
+    assert a["splits"]["train"] == {"clips": 5, "frames": 17, "channels": 4, "height": 16, "width": 16,
+                                    "clips_per_shard": 2}
     assert a["num_actions"] == int(max(_source(clips, "train", i)[1].max() for i in range(5))) + 1
     # per-channel statistics over the train split of the samples z ~ N(mean, exp(logvar)): E[z], sqrt(Var[z])
     st = LatentStore(ref)
@@ -174,7 +177,8 @@ def test_store_info_numbers(ref):
         sp = info["splits"][split]
         assert sp["bytes"] == on_disk[split] and sp["latent_frames"] == sum(LENGTHS[split])
         assert sp["bytes_per_frame"] == on_disk[split] / sum(LENGTHS[split])
-        assert (sp["shards"], sp["committed_shards"], sp["latent_shape"]) == ({"train": 3, "test": 1}[split],) * 2 + ([4, 16, 16],)
+        assert ((sp["shards"], sp["committed_shards"], sp["latent_shape"])
+                == ({"train": 3, "test": 1}[split],) * 2 + ([4, 16, 16],))
     assert info["bytes"] == sum(on_disk.values()) and info["raw_pixel_bytes_per_latent_frame"] == 64 * 64 * 3
     text = _cli("store", "info", ref)
     assert text.exit_code == 0
@@ -219,8 +223,10 @@ def _popen(args, nproc=None, **kw):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(port), "--no-python", MINISORA]
-    return subprocess.Popen(launch + [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                  "--master_port", str(port), "--no-python", MINISORA]
+    return subprocess.Popen(launch + [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)
 
 
 def test_kill9_during_encode_then_rerun_is_identical(clips, ref, tmp_path):
@@ -276,7 +282,8 @@ def test_torchrun_two_processes_give_the_same_store(clips, ref, tmp_path):
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
     # round robin over shards: rank 0 takes train shards 0 and 2 (clips 0, 1 and the short clip 4)
-    assert log.count("encode: 4 shards in train: 3, test: 1; 0 already committed; 2 process(es); rank 0 encodes 3 clips") == 1
+    assert log.count("encode: 4 shards in train: 3, test: 1; 0 already committed; 2 process(es); "
+                     "rank 0 encodes 3 clips") == 1
     assert "clip/s" in log and "frames_s=" in log  # rank 0's progress bar
     _assert_same_store(out, ref)
 
@@ -296,7 +303,8 @@ def bad_root(clips, tmp_path):
 
 def test_on_error_fail_names_the_clip_and_keeps_committed_shards(clips, ref, bad_root, tmp_path):
     out = tmp_path / "store"
-    args = ["encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2", "--root", bad_root]
+    args = ["encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2",
+            "--root", bad_root]
     r = _cli(*args)
     assert r.exit_code == 1
     assert f"error: {bad_root / TRAIN[2]}: truncated or corrupt npz archive" in r.output
@@ -311,16 +319,18 @@ def test_on_error_fail_names_the_clip_and_keeps_committed_shards(clips, ref, bad
 
 def test_on_error_skip_records_bad_clips(clips, ref, bad_root, tmp_path):
     out = tmp_path / "store"
-    r = _cli("encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2", "--root", bad_root,
-             "--on-error", "skip")
+    r = _cli("encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2",
+             "--root", bad_root, "--on-error", "skip")
     assert r.exit_code == 0, r.output
     st = LatentStore(out)
     skipped = st.attrs["skipped"]
-    assert [(s["split"], s["index"], s["path"]) for s in skipped] == [("train", 2, TRAIN[2]), ("train", 3, TRAIN[3]), ("test", 0, TEST[0])]
+    assert [(s["split"], s["index"], s["path"]) for s in skipped] == [("train", 2, TRAIN[2]), ("train", 3, TRAIN[3]),
+                                                                      ("test", 0, TEST[0])]
     assert skipped[0]["reason"].startswith("truncated or corrupt npz archive")
     assert skipped[1]["reason"] == "decoded 9 frames, the manifest promised 17 (>= 17 after stride 1)"
     assert skipped[2]["reason"] == "frames are 32x32, the manifest promised 64x64"
-    assert st.array("train", "length")[:].tolist() == [17, 17, 0, 0, 10] and st.array("test", "length")[:].tolist() == [0]
+    assert (st.array("train", "length")[:].tolist() == [17, 17, 0, 0, 10]
+            and st.array("test", "length")[:].tolist() == [0])
     assert np.isnan(st.array("train", "mean")[2:4]).all() and (st.array("train", "actions")[2:4] == -1).all()
     want = LatentStore(ref)
     for i in (0, 1, 4):  # the good clips are encoded exactly as in the reference store
@@ -334,10 +344,12 @@ def test_on_error_skip_records_bad_clips(clips, ref, bad_root, tmp_path):
 # ---------------------------------------------------------------------------- options and settings
 def test_frame_stride_size_and_other_settings_refused(clips, ref, tmp_path):
     out = shutil.copytree(ref, tmp_path / "store")
-    args = ["encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2", "--frame-stride", "2", "--size", "32"]
+    args = ["encode", clips["manifest"], "--vae", clips["kl"], "--out", out, "--clips-per-shard", "2",
+            "--frame-stride", "2", "--size", "32"]
     r = _cli(*args)
     assert r.exit_code == 1
-    assert f"error: {out} exists and was encoded with other settings (source, splits/geometry differ); pass --overwrite" in r.output
+    assert (f"error: {out} exists and was encoded with other settings (source, splits/geometry differ); "
+            f"pass --overwrite") in r.output
     assert _markers(out) == _markers(ref)  # untouched
     r = _cli(*args, "--overwrite")
     assert r.exit_code == 0, r.output
@@ -350,8 +362,10 @@ def test_frame_stride_size_and_other_settings_refused(clips, ref, tmp_path):
         video, actions = _source(clips, "train", i)
         want_mean, want_logvar = _vae_encode(clips, video[::2], size=32)
         n = len(want_mean)
-        np.testing.assert_allclose(st.array("train", "mean")[i, :n].astype(np.float32), want_mean, rtol=FP16_RTOL, atol=FP16_ATOL)
-        np.testing.assert_allclose(st.array("train", "logvar")[i, :n].astype(np.float32), want_logvar, rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_allclose(st.array("train", "mean")[i, :n].astype(np.float32), want_mean,
+                                   rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_allclose(st.array("train", "logvar")[i, :n].astype(np.float32), want_logvar,
+                                   rtol=FP16_RTOL, atol=FP16_ATOL)
         np.testing.assert_array_equal(st.array("train", "actions")[i, :n], actions[::2])
     # another compute dtype is refused too: it would mix two encodings in one store
     r = _cli(*args, "--dtype", "bf16")
@@ -370,8 +384,10 @@ def test_video_vae_temporal_compression(clips, tmp_path):
         video, actions = _source(clips, "train", i)
         want_mean, want_logvar = _vae_encode(clips, video[:used], vae="wan")
         n = len(want_mean)
-        np.testing.assert_allclose(st.array("train", "mean")[i, :n].astype(np.float32), want_mean, rtol=FP16_RTOL, atol=FP16_ATOL)
-        np.testing.assert_allclose(st.array("train", "logvar")[i, :n].astype(np.float32), want_logvar, rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_allclose(st.array("train", "mean")[i, :n].astype(np.float32), want_mean,
+                                   rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_allclose(st.array("train", "logvar")[i, :n].astype(np.float32), want_logvar,
+                                   rtol=FP16_RTOL, atol=FP16_ATOL)
         # latent frame j covers pixel frames up to 4j: it carries the action of frame 4j
         np.testing.assert_array_equal(st.array("train", "actions")[i, :n], actions[np.arange(n) * 4])
         assert np.isnan(st.array("train", "mean")[i, n:]).all() and (st.array("train", "actions")[i, n:] == -1).all()
@@ -404,8 +420,8 @@ def test_clips_without_actions_and_a_deterministic_vae(clips, tmp_path):
     manifest, _ = build_manifest(root, "dmlab")
     manifest.save(tmp_path / "manifest.json")
     build_vae("tiny", tiny_vae_config("tiny", 4, 4, width=8)).model.save_pretrained(tmp_path / "tiny")
-    cfg = EncodeConfig(manifest=str(tmp_path / "manifest.json"), vae=str(tmp_path / "tiny"), out=str(tmp_path / "store"),
-                       clips_per_shard=2, progress=False)
+    cfg = EncodeConfig(manifest=str(tmp_path / "manifest.json"), vae=str(tmp_path / "tiny"),
+                       out=str(tmp_path / "store"), clips_per_shard=2, progress=False)
     encode_main(cfg)
     st = LatentStore(tmp_path / "store")
     assert st.splits == ["train"] and st.array_names() == ("mean", "actions", "length") and st.attrs["deterministic"]
@@ -414,7 +430,8 @@ def test_clips_without_actions_and_a_deterministic_vae(clips, tmp_path):
     for i in range(3):
         want, logvar = model.encode(frames_to_pixels(render_dmlab_clip(seed=i, frames=5)[0])[None])
         assert logvar is None
-        np.testing.assert_allclose(st.array("train", "mean")[i].astype(np.float32), want[0].numpy(), rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_allclose(st.array("train", "mean")[i].astype(np.float32), want[0].numpy(),
+                                   rtol=FP16_RTOL, atol=FP16_ATOL)
     assert st.verify() == []
 
 
@@ -429,10 +446,12 @@ def test_minecraft_mp4_clips_resized_with_stride_and_fps(clips, tmp_path):
     encode_main(cfg)
     st = LatentStore(tmp_path / "store")
     src = st.attrs["source"]
-    assert (src["kind"], src["fps"], src["frame_stride"], src["resolution"], src["native_resolution"]) == ("minecraft", 10.0, 2, [32, 32], [128, 128])
+    assert ((src["kind"], src["fps"], src["frame_stride"], src["resolution"], src["native_resolution"])
+            == ("minecraft", 10.0, 2, [32, 32], [128, 128]))
     assert st.array("train", "length")[:].tolist() == [5, 5]  # frames 0, 2, 4, 6, 8
     for i, c in enumerate(manifest.clips):
         frames, actions = read_clip(manifest.abspath(c), "minecraft")
         want, _ = _vae_encode(clips, frames[::2], size=32)
-        np.testing.assert_allclose(st.array("train", "mean")[i].astype(np.float32), want, rtol=FP16_RTOL, atol=FP16_ATOL)
+        np.testing.assert_allclose(st.array("train", "mean")[i].astype(np.float32), want,
+                                   rtol=FP16_RTOL, atol=FP16_ATOL)
         np.testing.assert_array_equal(st.array("train", "actions")[i], actions[::2])

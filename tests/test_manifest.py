@@ -28,7 +28,8 @@ def write_npz(path: Path, frames: int, size: int = 8, seed: int = 0) -> None:
 def dmlab_root(tmp_path):
     """TECO DMLab layout; written in reverse order so sorting is the scanner's doing."""
     root = tmp_path / "dmlab"
-    for rel, frames in reversed([("test/0/d.npz", 6), ("train/0/a.npz", 5), ("train/0/b.npz", 7), ("train/1/c.npz", 9)]):
+    for rel, frames in reversed([("test/0/d.npz", 6), ("train/0/a.npz", 5), ("train/0/b.npz", 7),
+                                 ("train/1/c.npz", 9)]):
         write_npz(root / rel, frames, seed=frames)
     return root
 
@@ -51,7 +52,8 @@ def test_dmlab_records_sorted_relative_and_measured(dmlab_root):
     assert [c.split for c in m.clips] == ["test", "train", "train", "train"]
     assert [c.frames for c in m.clips] == [6, 5, 7, 9]
     a = m.clips[1]
-    assert a == ManifestClip("train", "train/0/a.npz", 5, 8, 8, True, (dmlab_root / "train/0/a.npz").stat().st_size, None)
+    assert a == ManifestClip("train", "train/0/a.npz", 5, 8, 8, True, (dmlab_root / "train/0/a.npz").stat().st_size,
+                             None)
     assert m.split_counts() == {"test": 1, "train": 3}
     assert [c.path for c in m.by_split("test")] == ["test/0/d.npz"]
     assert m.abspath(a) == dmlab_root.resolve() / "train" / "0" / "a.npz"
@@ -211,7 +213,8 @@ def test_root_without_splits_is_a_clear_error(tmp_path):
 
 def test_cli_writes_a_manifest(dmlab_root, tmp_path):
     out = tmp_path / "manifests" / "dmlab.json"
-    result = CliRunner().invoke(app, ["data", "manifest", str(dmlab_root), "--kind", "dmlab", "--out", str(out), "--checksum"])
+    result = CliRunner().invoke(app, ["data", "manifest", str(dmlab_root), "--kind", "dmlab", "--out", str(out),
+                                      "--checksum"])
     assert result.exit_code == 0, result.output
     assert f"wrote {out}: 4 clips (test: 1, train: 3), 0 skipped" in result.stdout
     m = Manifest.load(out)

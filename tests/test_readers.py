@@ -258,7 +258,8 @@ def test_kinds_and_suffixes():
 
 def test_clip_error_survives_pickling():  # it crosses process boundaries in build_manifest(workers>1)
     e = pickle.loads(pickle.dumps(ClipError("/a/b.npz", "has 1 frames < 2 required")))
-    assert (e.path, e.problem, str(e)) == ("/a/b.npz", "has 1 frames < 2 required", "/a/b.npz: has 1 frames < 2 required")
+    assert (e.path, e.problem, str(e)) == ("/a/b.npz", "has 1 frames < 2 required",
+                                           "/a/b.npz: has 1 frames < 2 required")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -266,7 +267,8 @@ def test_dataset_card_matches_what_the_readers_read(tmp_path, kind):
     card = load_dataset_card(kind)
     clip = card["clip"]
     assert card["kind"] == kind and clip["suffix"] == clip_suffix(kind) and clip["channels"] == 3
-    assert (clip["frames"], clip["height"], clip["width"]) == {"dmlab": (300, 64, 64), "minecraft": (300, 128, 128)}[kind]
+    assert (clip["frames"], clip["height"], clip["width"]) == {"dmlab": (300, 64, 64),
+                                                               "minecraft": (300, 128, 128)}[kind]
     assert card["splits"]["train"]["clips"] == {"dmlab": 39375, "minecraft": 194051}[kind]
     items = card["download"]["items"]
     assert items[0].endswith("_aa") and len(items) == {"dmlab": 3, "minecraft": 11}[kind]

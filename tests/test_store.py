@@ -102,7 +102,8 @@ def test_memory_url_store(tmp_path):
 def test_reopened_store_writes_all_padding_shard_and_replaces_torn_files(tmp_path):
     lay = {"train": SplitLayout(2, 3, 4, 2, 2, 1)}
     LatentStore.create(str(tmp_path / "s"), {"vae": {}, "source": {}}, lay, False,
-                       json.dumps({"clips": [{"split": "train", "path": "train/a.npz"}, {"split": "train", "path": "train/b.npz"}]}))
+                       json.dumps({"clips": [{"split": "train", "path": "train/a.npz"},
+                                             {"split": "train", "path": "train/b.npz"}]}))
     st = LatentStore(tmp_path / "s", mode="a")  # reopened, as a resumed encode does
     torn = tmp_path / "s" / "train" / "mean" / "c" / "0" / "0" / "0" / "0" / "0"
     torn.parent.mkdir(parents=True)
@@ -115,4 +116,5 @@ def test_reopened_store_writes_all_padding_shard_and_replaces_torn_files(tmp_pat
     st.finalize()
     assert LatentStore(tmp_path / "s").verify() == []
     assert torn.read_bytes() != b"half a shard"
-    assert LatentStore(tmp_path / "s").attrs["skipped"] == [{"split": "train", "index": 0, "path": "train/a.npz", "reason": "bad"}]
+    assert LatentStore(tmp_path / "s").attrs["skipped"] == [{"split": "train", "index": 0, "path": "train/a.npz",
+                                                             "reason": "bad"}]

@@ -147,8 +147,8 @@ def test_sample_every_writes_validation_gifs_and_psnr(tmp_path):
     m, _ = build_manifest(tmp_path / "data", "dmlab")
     m.save(tmp_path / "manifest.json")
     build_vae("AutoencoderKL", tiny_vae_config("kl")).model.save_pretrained(tmp_path / "vae")
-    encode(EncodeConfig(manifest=str(tmp_path / "manifest.json"), vae=str(tmp_path / "vae"), out=str(tmp_path / "store"),
-                        progress=False))
+    encode(EncodeConfig(manifest=str(tmp_path / "manifest.json"), vae=str(tmp_path / "vae"),
+                        out=str(tmp_path / "store"), progress=False))
     run = tmp_path / "run"
     r = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(run), "--frames", "4",
                                  "--batch-size", "2", "--steps", "2", "--ckpt-every", "0", "--sample-every", "2"])

@@ -27,4 +27,5 @@ def load_dataset_card(kind: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: dataset card missing (is this an installed copy without data_manifests/?)") from None
+        raise FileNotFoundError(f"{path}: dataset card missing "
+                                f"(is this an installed copy without data_manifests/?)") from None

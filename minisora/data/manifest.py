@@ -94,7 +94,8 @@ class Manifest:
         if not isinstance(doc, dict) or not {"version", "kind", "root", "clips"} <= doc.keys():
             raise ManifestError(path, "not a manifest: expected an object with version, kind, root, clips")
         if doc["version"] != VERSION:
-            raise ManifestError(path, f"manifest version {doc['version']!r} is not supported (this code reads {VERSION})")
+            raise ManifestError(path, f"manifest version {doc['version']!r} is not supported "
+                                      f"(this code reads {VERSION})")
         if doc["kind"] not in KINDS:
             raise ManifestError(path, f"unknown kind {doc['kind']!r}; expected one of {', '.join(KINDS)}")
         if not isinstance(doc["clips"], list):
@@ -139,7 +140,8 @@ class Manifest:
 
 
 _FIELDS = [f.name for f in fields(ManifestClip)]
-_FIELD_TYPES = {"split": str, "path": str, "frames": int, "height": int, "width": int, "has_actions": bool, "bytes": int}
+_FIELD_TYPES = {"split": str, "path": str, "frames": int, "height": int, "width": int, "has_actions": bool,
+                "bytes": int}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -180,7 +182,8 @@ def _clip_record(path: Path, i: int, rec, kind: str) -> ManifestClip:
     if rec["split"] not in SPLITS:
         raise ManifestError(path, f"clip {i}: split {rec['split']!r} is not one of {', '.join(SPLITS)}")
     if not rec["path"].startswith(rec["split"] + "/") or not rec["path"].endswith(clip_suffix(kind)):
-        raise ManifestError(path, f"clip {i}: path {rec['path']!r} is not a {clip_suffix(kind)} file under {rec['split']}/")
+        raise ManifestError(path, f"clip {i}: path {rec['path']!r} is not a {clip_suffix(kind)} file "
+                                  f"under {rec['split']}/")
     if rec["frames"] < 1 or rec["height"] < 1 or rec["width"] < 1 or rec["bytes"] < 0:
         raise ManifestError(path, f"clip {i}: frames, height, width must be >= 1 and bytes >= 0, got {rec!r}")
     sha = rec.get("sha256")
@@ -220,7 +223,8 @@ def _scan_one(job: tuple[Path, str, str, str, bool, int]) -> ManifestClip | Clip
     return ManifestClip(split, rel, info.frames, info.height, info.width, info.has_actions, size, sha)
 
 
-def build_manifest(root, kind, checksum=False, on_error="fail", min_frames=1, workers=1) -> tuple[Manifest, list[tuple[str, str]]]:
+def build_manifest(root, kind, checksum=False, on_error="fail", min_frames=1,
+                   workers=1) -> tuple[Manifest, list[tuple[str, str]]]:
     """Scan ROOT/{train,test}/**/<name>.{npz|mp4} into a Manifest, probing every clip.
 
     Hidden files (".name.npz", e.g. macOS "._" files) are not clips.
@@ -238,7 +242,8 @@ def build_manifest(root, kind, checksum=False, on_error="fail", min_frames=1, wo
         raise ClipError(root, "not a directory")
     splits = sorted(s for s in SPLITS if (root / s).is_dir())
     if not splits:
-        raise ClipError(root, f"has no train/ or test/ directory; expected TECO layout ROOT/{{train,test}}/<subdir>/<name>{suffix}")
+        raise ClipError(root, f"has no train/ or test/ directory; "
+                              f"expected TECO layout ROOT/{{train,test}}/<subdir>/<name>{suffix}")
     jobs = []
     for split in splits:
         found = (root / split).rglob(f"*{suffix}")

@@ -60,7 +60,8 @@ def read_minecraft_clip(path, start: int = 0, length: int | None = None) -> tupl
         raise _video_error(path, e) from e
     if len(frames) != stop - start:
         raise ClipError(
-            path, f"decoded {len(frames)} frames from frame {start}, expected {stop - start} (the container says {info.frames})"
+            path, f"decoded {len(frames)} frames from frame {start}, expected {stop - start} "
+                  f"(the container says {info.frames})"
         )
     if frames.shape[1:3] != (info.height, info.width):
         raise ClipError(path, f"decoded frames are {frames.shape[1:3]}, the container says {(info.height, info.width)}")

@@ -51,13 +51,15 @@ def _read_state(path: Path, kind: str, parts: list[ArchivePart]) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DownloadError(f"{path}: unreadable download record ({e}); delete it to unpack the parts again") from None
     if state.get("kind") != kind:
-        raise DownloadError(f"{path}: this directory holds the {state.get('kind')!r} dataset, not {kind!r}; choose another DIR")
+        raise DownloadError(f"{path}: this directory holds the {state.get('kind')!r} dataset, not {kind!r}; "
+                            f"choose another DIR")
     if [p["name"] for p in state.get("parts", [])] != [p.name for p in parts]:
         return None  # the card changed: download and unpack again
     return state
 
 
-def _warn_disk_space(part: ArchivePart, published: Published | None, parts_dir: Path, log: Callable[[str], None]) -> None:
+def _warn_disk_space(part: ArchivePart, published: Published | None, parts_dir: Path,
+                     log: Callable[[str], None]) -> None:
     """Say so when a part that is still to be downloaded cannot fit (the unpacked data needs as much again)."""
     if published is None or published.size is None or (parts_dir / part.name).exists():
         return
@@ -69,14 +71,16 @@ def _warn_disk_space(part: ArchivePart, published: Published | None, parts_dir: 
 
 
 def _download_and_unpack(kind: str, parts: list[ArchivePart], directory: Path, *, keep_parts: bool, timeout: float,
-                         retries: int, retry_wait: float, progress: bool, log: Callable[[str], None]) -> tuple[list[PartResult], dict]:
+                         retries: int, retry_wait: float, progress: bool,
+                         log: Callable[[str], None]) -> tuple[list[PartResult], dict]:
     """Steps 1-3 of the module docstring; returns the parts and the download record written to DIR/download.json."""
     parts_dir = directory / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
     opener = make_opener()
     results = []
     for part in parts:
-        published, why_none = fetch_published(part, opener, timeout=timeout, retries=min(retries, 3), retry_wait=retry_wait, log=log)
+        published, why_none = fetch_published(part, opener, timeout=timeout, retries=min(retries, 3),
+                                              retry_wait=retry_wait, log=log)
         if published is None:
             log(f"{part.name}: no checksum available ({why_none}); checking the size against Content-Length only")
         _warn_disk_space(part, published, parts_dir, log)
@@ -85,7 +89,8 @@ def _download_and_unpack(kind: str, parts: list[ArchivePart], directory: Path, *
         log(f"{part.name}: {results[-1].bytes} bytes; {results[-1].check}")
     members = unpack_parts([Path(r.path) for r in results], directory, progress=progress)
     root = find_clip_root(directory)
-    state = {"kind": kind, "root": os.path.relpath(root, directory), "members": members, "parts": [asdict(r) for r in results]}
+    state = {"kind": kind, "root": os.path.relpath(root, directory), "members": members,
+             "parts": [asdict(r) for r in results]}
     tmp = directory / f".{STATE_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, directory / STATE_FILE)
@@ -100,7 +105,8 @@ def _download_and_unpack(kind: str, parts: list[ArchivePart], directory: Path, *
 
 def download_dataset(kind: str, directory, *, base_url: str | None = None, manifest=None, keep_parts: bool = True,
                      on_error: str = "fail", workers: int = 1, timeout: float = 60.0, retries: int = 5,
-                     retry_wait: float = 1.0, progress: bool = True, log: Callable[[str], None] = log_stderr) -> DownloadReport:
+                     retry_wait: float = 1.0, progress: bool = True,
+                     log: Callable[[str], None] = log_stderr) -> DownloadReport:
     """Download, verify and unpack `kind`'s archive into `directory`, then write its clip manifest.
 
     `base_url` replaces https://archive.org/download (a mirror); the manifest goes to `manifest`
@@ -111,12 +117,13 @@ def download_dataset(kind: str, directory, *, base_url: str | None = None, manif
     parts = archive_parts(kind, base_url)
     state = _read_state(directory / STATE_FILE, kind, parts)
     if state is None:
-        results, state = _download_and_unpack(kind, parts, directory, keep_parts=keep_parts, timeout=timeout, retries=retries,
-                                              retry_wait=retry_wait, progress=progress, log=log)
+        results, state = _download_and_unpack(kind, parts, directory, keep_parts=keep_parts, timeout=timeout,
+                                              retries=retries, retry_wait=retry_wait, progress=progress, log=log)
         members = state["members"]
     else:
         log(f"{directory / STATE_FILE}: the archive was downloaded and unpacked before; building the manifest")
-        results = [PartResult(p["name"], p["path"] if p["path"] and Path(p["path"]).exists() else "", p["bytes"], 0, p["check"])
+        results = [PartResult(p["name"], p["path"] if p["path"] and Path(p["path"]).exists() else "", p["bytes"], 0,
+                              p["check"])
                    for p in state["parts"]]
         members = 0
     root = (directory / state["root"]).resolve()

@@ -59,7 +59,8 @@ def parse_files_xml(data: bytes, name: str, source: str) -> Published | None:
     except ET.ParseError as e:
         raise DownloadError(f"{source}: not an Internet Archive file list ({e})") from None
     if root.tag != "files":
-        raise DownloadError(f"{source}: not an Internet Archive file list (root element <{root.tag}>, expected <files>)")
+        raise DownloadError(f"{source}: not an Internet Archive file list "
+                            f"(root element <{root.tag}>, expected <files>)")
     for entry in root.findall("file"):
         if entry.get("name") != name:
             continue

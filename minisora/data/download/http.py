@@ -132,7 +132,8 @@ def _append_body(response, url: str, partial: Path, offset: int, limit: int | No
             try:
                 f.write(chunk)
             except OSError as e:
-                raise DownloadError(f"{partial}: cannot write ({e.strerror or e}) after {size - len(chunk)} bytes") from None
+                raise DownloadError(f"{partial}: cannot write ({e.strerror or e}) "
+                                    f"after {size - len(chunk)} bytes") from None
             hashes.update(chunk)
             bar.update(len(chunk))
     return size
@@ -166,14 +167,16 @@ def _fetch_rest(opener, url: str, partial: Path, hashes: _Hashes, expected: int 
             hashes.reset()
             bar.reset(total=expected)
         if expected is not None and total is not None and total != expected:
-            raise DownloadError(f"{url}: the server announces {total} bytes but the archive's file list says {expected}")
+            raise DownloadError(f"{url}: the server announces {total} bytes "
+                                f"but the archive's file list says {expected}")
         size = _append_body(response, url, partial, start, expected if expected is not None else total, hashes, bar)
     if total is not None and size < total:  # http.client ends a cut-short body quietly: make it an error to retry
         raise ConnectionError(f"connection closed after {size} of {total} bytes")
     return total
 
 
-def _verify(partial: Path, final: Path, hashes: _Hashes, published: Published | None, total: int | None, why_none: str) -> str:
+def _verify(partial: Path, final: Path, hashes: _Hashes, published: Published | None, total: int | None,
+            why_none: str) -> str:
     """Compare the downloaded bytes with what is published; rename to `final`, or move to .bad and raise."""
     size = partial.stat().st_size
     expected = published.size if published and published.size is not None else total
@@ -188,7 +191,8 @@ def _verify(partial: Path, final: Path, hashes: _Hashes, published: Published | 
             from_list = what != "size" or (published is not None and published.size is not None)
             source = "the archive's file list" if from_list else "Content-Length"
             raise DownloadError(f"{final}: {what} is {got} but {source} says {want}; "
-                                f"nothing was unpacked; the download is kept as {bad} (delete it and run again to download afresh)")
+                                f"nothing was unpacked; the download is kept as {bad} "
+                                f"(delete it and run again to download afresh)")
     os.replace(partial, final)
     if published is not None and (published.md5 or published.sha1):
         return f"{', '.join(what for what, _, _ in checks)} match the archive's file list"
@@ -208,7 +212,8 @@ def download_part(part: ArchivePart, parts_dir: Path, opener, *, published: Publ
     if final.exists():  # renamed from .part only after it passed its checks
         size = final.stat().st_size
         if expected is not None and size != expected:
-            raise DownloadError(f"{final}: {size} bytes but the archive's file list says {expected}; delete it and run again")
+            raise DownloadError(f"{final}: {size} bytes but the archive's file list says {expected}; "
+                                f"delete it and run again")
         return PartResult(part.name, str(final), size, 0, "verified when it was downloaded")
     hashes = _Hashes(partial)  # a resumed download's checksum covers the bytes already there
     start = partial.stat().st_size if partial.exists() else 0
@@ -217,8 +222,9 @@ def download_part(part: ArchivePart, parts_dir: Path, opener, *, published: Publ
     with tqdm(total=expected, initial=start, desc=part.name, unit="B", unit_scale=True, unit_divisor=1024,
               file=sys.stderr, disable=not progress, leave=False) as bar:
         try:
-            total = retrying(part.url, lambda: _fetch_rest(opener, part.url, partial, hashes, expected, bar, timeout, log),
-                              retries, retry_wait, log)
+            total = retrying(part.url,
+                             lambda: _fetch_rest(opener, part.url, partial, hashes, expected, bar, timeout, log),
+                             retries, retry_wait, log)
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{part.url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:

@@ -65,10 +65,12 @@ def unpack_parts(paths: list[Path], dest: Path, *, progress: bool = True) -> int
                         tar.extract(member, dest, filter="data")
                     except tarfile.FilterError as e:
                         raise DownloadError(f"{names}: refused tar member {member.name!r} ({e}); "
-                                            f"the unpack stopped there, {members} earlier member(s) are in {dest}") from None
+                                            f"the unpack stopped there, {members} earlier member(s) "
+                                            f"are in {dest}") from None
                     members += 1
         except (tarfile.ReadError, EOFError) as e:
-            raise DownloadError(f"{names}: not a complete tar archive: {e} after {concatenated.consumed} of {total} bytes") from None
+            raise DownloadError(f"{names}: not a complete tar archive: {e} "
+                                f"after {concatenated.consumed} of {total} bytes") from None
     return members
 
 
@@ -82,7 +84,8 @@ def find_clip_root(directory: Path, skip: tuple[str, ...] = (PARTS_DIR,), depth:
         if found:
             raise DownloadError(f"{directory}: several folders hold train/ or test/: {', '.join(map(str, found))}; "
                                 f"run `minisora data manifest` on the one you want")
-        level = sorted(c for d in level for c in d.iterdir() if c.is_dir() and c.name not in skip and c.name not in SPLITS)
+        level = sorted(c for d in level for c in d.iterdir()
+                       if c.is_dir() and c.name not in skip and c.name not in SPLITS)
     raise DownloadError(f"{directory}: the unpacked archive has no train/ or test/ folder within {depth} levels")
 
 
