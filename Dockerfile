@@ -8,8 +8,9 @@
 #   docker run --gpus all --shm-size 16g -v $PWD/data:/data minisora data download dmlab /data/dmlab
 #
 # The base is the -devel flavour, not -runtime: ColossalAI compiles its fused CUDA/C++ optimizer
-# kernels (HybridAdam, used by --plugin zero1/zero2/gemini) with nvcc on first use. For --plugin ddp
-# only, `--build-arg BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime` gives a smaller image.
+# kernels (HybridAdam, which --plugin gemini needs; ddp, zero1 and zero2 step torch's AdamW) with nvcc
+# on first use. Without Gemini, `--build-arg BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime`
+# gives a smaller image.
 # torch 2.5.1 is the newest torch colossalai 0.5.0 declares support for.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
 FROM ${BASE_IMAGE}
