@@ -20,6 +20,9 @@ def evaluate(
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
+    precision: str = typer.Option("auto", help="Transformer dtype: auto (bf16 only where the device computes it "
+                                  "natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32, bf16, "
+                                  "fp16. The VAE stays fp32."),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame and VAE reconstruction."""
@@ -29,7 +32,7 @@ def evaluate(
 
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
-                     device=device, out=out)
+                     device=device, precision=precision, out=out)
     try:
         report = main(cfg)
     except (SampleError, StoreError, ValueError, FileNotFoundError) as e:

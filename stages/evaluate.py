@@ -20,7 +20,7 @@ import torch
 from minisora.metrics import I3DFeatures, frames_to_unit, fvd, lpips_available, summarize_seeds, video_metrics
 from minisora.store import LatentStore
 from minisora.dist import resolve_device
-from stages.sample import clip_frames, load_pipeline
+from stages.sample import clip_frames, load_pipeline, precision_dtype
 
 
 @dataclass
@@ -40,6 +40,7 @@ class EvalConfig:
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
 
 
 def _clip_mean(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -51,7 +52,7 @@ def main(cfg: EvalConfig) -> dict:
     if not 1 <= cfg.context_frames < cfg.frames:
         raise ValueError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.checkpoint, device)
+    pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
     store.require_complete()
