@@ -211,7 +211,10 @@ def test_vae_train_channels_last_is_the_same_model_and_the_precision_is_printed_
         models[layout] = VideoVAE.load(str(out))
     x = _pixels(1, 2, size=64, seed=5)
     (m0, _), (m1, _) = models["--channels-last"].encode(x), models["--no-channels-last"].encode(x)
-    torch.testing.assert_close(m0, m1, rtol=1e-4, atol=1e-4)  # a memory layout, not another model
+    torch.manual_seed(0)  # the untrained model both runs started from (vae train seeds torch, then builds)
+    (start, _) = build_vae("kl", tiny_vae_config("kl", 4, 4, 8)).encode(x)
+    moved, apart = (m0 - start).abs().max().item(), (m0 - m1).abs().max().item()
+    assert moved > 0.01 and apart < 0.1 * moved, (apart, moved)  # a memory layout (rounding order), not another model
 
     auto = CliRunner().invoke(app, ["vae", "train", "--manifest", str(manifest), "--out", str(tmp_path / "auto"),
                                     "--steps", "1", "--width", "8", "--device", "cpu"])
