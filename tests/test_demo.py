@@ -26,6 +26,7 @@ def test_demo_runs_every_step_then_reuses_them_and_a_fresh_run_gives_the_same_nu
     assert r.exit_code == 0, r.output
     assert re.search(r"minisora demo on cpu, CPU capability \w+", r.output)
     assert "precision fp32: asked for on CPU capability" in r.output
+    assert r.output.count("sampling precision fp32: asked for") == 3  # the choice reaches sample (x2) and eval
     assert re.search(r"Total wall time \d+\.\d min \(\d+s\) with fp32 on CPU capability", r.output)
     for step in range(1, 9):
         assert f"==> {step}/8" in r.output
