@@ -31,8 +31,9 @@ def demo(
 ):
     """Run data synth -> manifest -> vae train -> encode -> store verify -> train -> sample -> eval.
 
-    Prints the CPU capability and the precision first and the total wall time last; the sizes are
-    planned to fit `make demo` in 20 minutes on a 2-core AVX2-only CPU in fp32 (docs/benchmarks.md).
+    Prints the CPU's model, capability and the precision first, and the total wall time last.
+
+    Sized for `make demo` within 20 minutes on a 2-core AVX2-only CPU in fp32 (docs/benchmarks.md).
     """
     from stages.demo import main
 
