@@ -20,6 +20,7 @@ def demo(
                                   "the same seed gives the same VAE on any machine)."),
     vae_width: int = typer.Option(D.vae_width, min=8, help="Channels of the VAE's first level (multiple of 8)."),
     train_steps: int = typer.Option(D.train_steps, min=1, help="DiT training steps."),
+    batch_size: int = typer.Option(D.batch_size, min=1, help="DiT training windows per step."),
     window: int = typer.Option(D.window, min=2, help="Latent frames per DiT training window."),
     patch_size: int = typer.Option(D.patch_size, min=1, help="DiT spatial patch size (4: 16 tokens per 16x16 "
                                    "latent frame)."),
@@ -42,5 +43,6 @@ def demo(
     if vae_width % 8:
         raise typer.BadParameter(f"{vae_width} is not a multiple of 8", param_hint="--vae-width")
     main(DemoConfig(out=out, clips=clips, test_clips=test_clips, eval_clips=min(eval_clips or test_clips, test_clips),
-                    frames=frames, vae_steps=vae_steps, vae_width=vae_width, train_steps=train_steps,
+                    frames=frames, vae_steps=vae_steps, vae_width=vae_width,
+                    train_steps=train_steps, batch_size=batch_size,
                     window=window, patch_size=patch_size, model=model, precision=precision, seed=seed))
