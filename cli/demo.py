@@ -4,18 +4,45 @@ from __future__ import annotations
 
 import typer
 
+from stages.demo import DemoConfig
+
+D = DemoConfig()  # the defaults live in one place (stages/demo.py, planned in docs/benchmarks.md)
+
 
 def demo(
-    out: str = typer.Option("outputs/demo", help="Where every step writes; re-running reuses finished steps."),
-    clips: int = typer.Option(48, min=2, help="Synthetic DMLab training clips."),
-    test_clips: int = typer.Option(16, min=1, help="Held-out synthetic clips: sampling continues the first, eval uses them all."),
-    frames: int = typer.Option(300, min=16, help="Frames per clip (TECO: 300)."),
-    vae_minutes: float = typer.Option(3.0, help="Time budget of the VAE training step, in minutes."),
-    train_steps: int = typer.Option(5000, min=1, help="DiT training steps (~11 min on 2 CPU cores)."),
-    model: str = typer.Option("tiny", help="DiT preset."),
-    seed: int = typer.Option(0, help="Seed of data, VAE, DiT and samples."),
+    out: str = typer.Option(D.out, help="Where every step writes; re-running reuses finished steps."),
+    clips: int = typer.Option(D.clips, min=2, help="Synthetic DMLab training clips."),
+    test_clips: int = typer.Option(D.test_clips, min=1, help="Held-out synthetic clips: sampling continues the "
+                                   "first, eval uses the first EVAL_CLIPS of them."),
+    eval_clips: int = typer.Option(None, min=1, help="Held-out clips evaluated (default: all TEST_CLIPS)."),
+    frames: int = typer.Option(D.frames, min=16, help="Frames per clip (TECO: 300)."),
+    vae_steps: int = typer.Option(D.vae_steps, min=1, help="VAE training steps (a step count, never minutes: "
+                                  "the same seed gives the same VAE on any machine)."),
+    vae_width: int = typer.Option(D.vae_width, min=8, help="Channels of the VAE's first level (multiple of 8)."),
+    train_steps: int = typer.Option(D.train_steps, min=1, help="DiT training steps."),
+    batch_size: int = typer.Option(D.batch_size, min=1, help="DiT training windows per step."),
+    window: int = typer.Option(D.window, min=2, help="Latent frames per DiT training window."),
+    patch_size: int = typer.Option(D.patch_size, min=1, help="DiT spatial patch size (4: 16 tokens per 16x16 "
+                                   "latent frame)."),
+    model: str = typer.Option(D.model, help="DiT preset."),
+    precision: str = typer.Option(D.precision, help="auto (bf16 only where the hardware computes it natively: "
+                                  "CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32 or bf16; "
+                                  "every stage uses the one choice, printed at the start."),
+    seed: int = typer.Option(D.seed, help="Seed of data, VAE, DiT and samples."),
 ):
-    """Run data synth -> manifest -> vae train -> encode -> store verify -> train -> sample -> eval."""
-    from stages.demo import DemoConfig, main
+    """Run data synth -> manifest -> vae train -> encode -> store verify -> train -> sample -> eval.
 
-    main(DemoConfig(out=out, clips=clips, test_clips=test_clips, eval_clips=test_clips, frames=frames, vae_minutes=vae_minutes, train_steps=train_steps, model=model, seed=seed))
+    Prints the CPU's model, capability and the precision first, and the total wall time last.
+
+    Sized for `make demo` within 20 minutes on a 2-core AVX2-only CPU in fp32 (docs/benchmarks.md).
+    """
+    from stages.demo import main
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise typer.BadParameter(f"{precision!r}: choose auto, fp32 or bf16", param_hint="--precision")
+    if vae_width % 8:
+        raise typer.BadParameter(f"{vae_width} is not a multiple of 8", param_hint="--vae-width")
+    main(DemoConfig(out=out, clips=clips, test_clips=test_clips, eval_clips=min(eval_clips or test_clips, test_clips),
+                    frames=frames, vae_steps=vae_steps, vae_width=vae_width,
+                    train_steps=train_steps, batch_size=batch_size,
+                    window=window, patch_size=patch_size, model=model, precision=precision, seed=seed))

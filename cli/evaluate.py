@@ -32,6 +32,9 @@ def evaluate(
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
                                      "as for full-attention models (for comparison; slow)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
+    precision: str = typer.Option("auto", help="Transformer dtype: auto (bf16 only where the device computes it "
+                                  "natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32, bf16, "
+                                  "fp16. The VAE stays fp32."),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame, latent copy and VAE
@@ -42,7 +45,7 @@ def evaluate(
 
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
-                     context_noise=context_noise, sampler=sampler,
+                     context_noise=context_noise, sampler=sampler, precision=precision,
                      device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache)
     try:
         report = main(cfg)

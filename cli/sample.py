@@ -14,6 +14,9 @@ def sample(
     shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise (default: the pipeline's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same checkpoint: same video)."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in bf16, the VAE in fp32."),
+    precision: str = typer.Option("auto", help="Transformer dtype: auto (bf16 only where the device computes it "
+                                  "natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32, bf16, "
+                                  "fp16. The VAE stays fp32."),
     context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
     context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
     actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
@@ -40,7 +43,8 @@ def sample(
     if bad:
         raise typer.BadParameter(f"unknown format(s) {bad}; use mp4, gif, npz", param_hint="--format")
     cfg = SampleConfig(checkpoint=checkpoint, out=out, num_videos=num_videos, frames=frames, steps=steps, shift=shift,
-                       seed=seed, device=device, context=context, context_frames=context_frames, actions=actions,
+                       seed=seed, device=device, precision=precision,
+                       context=context, context_frames=context_frames, actions=actions,
                        guidance=guidance, formats=formats, chunk=chunk, fps=fps,
                        kv_cache="off" if no_kv_cache else kv_cache)
     try:

@@ -30,9 +30,16 @@ def train(
     kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both summed per frame, as in LDM)."),
     loss: Loss = typer.Option(Loss.l1, help="Reconstruction loss."),
     device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option("auto", help="Autocast of the training step: auto (bf16 only where the device "
+                                  "computes it natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), "
+                                  "fp32, bf16, fp16."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last",
+                                       help="NHWC activations and weights (oneDNN's native conv layout on CPU)."),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: one per core); use 1 when other jobs share the cores (oversubscribed threads are many times slower)."),
     seed: int = typer.Option(0, help="Seed of initialisation and frame sampling."),
-    max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even if STEPS are not done."),
+    max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even "
+                                      "if STEPS are not done. Off by default: with it the model depends on the "
+                                      "machine's speed and load, not only on the seed."),
     pool_clips: int = typer.Option(16, min=1, help="Whole training clips held in RAM to draw frames from."),
     refresh_every: int = typer.Option(20, min=1, help="Steps between swapping one clip in RAM for another training clip."),
     eval_frames: int = typer.Option(256, min=1, help="Held-out frames for PSNR, spread evenly over the test clips."),
@@ -53,7 +60,8 @@ def train(
         raise typer.BadParameter("must be a multiple of 8", param_hint="--width")
     cfg = VAETrainConfig(manifest=str(manifest), out=str(out), steps=steps, batch_size=batch_size,
                          latent_channels=latent_channels, downsample=downsample, width=width, lr=lr,
-                         kl_weight=kl_weight, loss=loss.value, device=device, threads=threads, seed=seed, max_minutes=max_minutes,
+                         kl_weight=kl_weight, loss=loss.value, device=device, precision=precision,
+                         channels_last=channels_last, threads=threads, seed=seed, max_minutes=max_minutes,
                          pool_clips=pool_clips, refresh_every=refresh_every, eval_frames=eval_frames,
                          eval_every=eval_every, overwrite=overwrite)
     try:

@@ -2,6 +2,11 @@
 
 `make demo` (or `minisora demo`) runs it. Every step writes under OUT and is skipped (or resumed)
 when its output is already there, so a second run reuses what the first one did.
+
+Every training step is bounded by a step count, never by minutes, so the printed numbers depend
+only on the seed, the torch version and the precision (printed first: `--precision auto` picks
+bf16 only on hardware that computes it natively, fp32 elsewhere). The sizes are planned for a
+2-core AVX2-only CPU in fp32 (docs/benchmarks.md, "The demo's budget").
 """
 
 from __future__ import annotations
@@ -15,21 +20,21 @@ from pathlib import Path
 @dataclass
 class DemoConfig:
     out: str = "outputs/demo"
-    clips: int = 48  # training clips of synthetic DMLab
+    clips: int = 32  # training clips of synthetic DMLab
     test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
     frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames: 0.7-0.8 dB lower)
     seed: int = 0
-    vae_steps: int = 1500
-    vae_minutes: float = 3.0
+    vae_steps: int = 600
+    vae_width: int = 16  # channels of the VAE's first level
     model: str = "tiny"
     patch_size: int = 4  # 16 tokens per 16x16 latent frame: 4x cheaper steps than patch 2 on 2 CPU cores
     window: int = 8  # latent frames per training window
-    train_steps: int = 5000
-    batch_size: int = 8
+    train_steps: int = 2800
+    batch_size: int = 4  # at equal compute, 2800 steps of 4 beat 1400 of 8 by 1.0 dB (docs/design-notes.md)
     context_frames: int = 4
     eval_clips: int = 16
-    precision: str = "bf16"  # autocast, on CPU too (AMX): 10.5 steps/s against 6.8 in fp32, same eval PSNR
+    precision: str = "auto"  # minisora.hardware.resolve_precision: bf16 only where computed natively
     workers: int = 2
 
 
@@ -45,10 +50,18 @@ def _done(t0: float, what: str) -> None:
 def main(cfg: DemoConfig) -> dict:
     from minisora.data.manifest import build_manifest
     from minisora.data.synthetic import write_synthetic_dataset
+    from minisora.dist import resolve_device
+    from minisora.hardware import cpu_facts, resolve_precision
 
+    t_start = time.time()
+    device = resolve_device("auto")  # where the VAE, sampling and eval run (train picks the same)
+    choice = resolve_precision(cfg.precision, device)
+    print(f"minisora demo on {device.type}, {cpu_facts().describe()} ({_cpu_model()}), torch {_torch_version()}\n"
+          f"{choice.line()}", flush=True)
+    precision = choice.precision  # the concrete value every stage gets: fp32 or bf16
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg) | {"resolved_precision": precision}, indent=2))
     data, manifest_path, vae_dir = out / "data", out / "manifest.json", out / "vae"
     store_path, run = out / "store", out / "run"
     results: dict = {}
@@ -70,7 +83,8 @@ def main(cfg: DemoConfig) -> dict:
         from stages.vae_train import VAETrainConfig, main as vae_main
 
         info = vae_main(VAETrainConfig(manifest=str(manifest_path), out=str(vae_dir), steps=cfg.vae_steps,
-                                       max_minutes=cfg.vae_minutes, seed=cfg.seed))
+                                       width=cfg.vae_width, precision=precision, eval_every=cfg.vae_steps,
+                                       seed=cfg.seed))
         _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB (mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
 
     t0 = _step(f"4/8 encode every frame once -> {store_path}")
@@ -101,7 +115,7 @@ def main(cfg: DemoConfig) -> dict:
     res = train_main(TrainConfig(store=str(store_path), out=str(run), model=cfg.model, patch_size=cfg.patch_size,
                                  frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, warmup=100,
                                  lr=1e-3, ckpt_every=250, keep_last=2, seed=cfg.seed, log_every=25, ema_decay=0.995,
-                                 use_actions=True, flow=flow, precision=cfg.precision))
+                                 use_actions=True, flow=flow, precision=precision))
     _done(t0, f"step {res['step']}, loss {res['loss']:.4f}")
 
     t0 = _step("7/8 sample: a continuation of a held-out clip and an unconditional video")
@@ -109,9 +123,11 @@ def main(cfg: DemoConfig) -> dict:
 
     cont = sample_main(SampleConfig(checkpoint=str(run), out=str(out / "samples" / "continuation"),
                                     context=f"{store_path}:test:0", context_frames=cfg.context_frames,
-                                    frames=3 * cfg.window, actions="context", seed=cfg.seed))
+                                    frames=3 * cfg.window, actions="context", seed=cfg.seed,
+                                    precision=precision))
     uncond = sample_main(SampleConfig(checkpoint=str(run), out=str(out / "samples" / "unconditional"),
-                                      num_videos=2, frames=2 * cfg.window, seed=cfg.seed))
+                                      num_videos=2, frames=2 * cfg.window, seed=cfg.seed,
+                                      precision=precision))
     results["samples"] = cont["written"] + uncond["written"]
     _done(t0, f"{len(results['samples'])} files")
 
@@ -123,7 +139,8 @@ def main(cfg: DemoConfig) -> dict:
     else:
         report = eval_main(EvalConfig(checkpoint=str(run), store=str(store_path), split="test",
                                       context_frames=cfg.context_frames, frames=2 * cfg.window,
-                                      num_clips=cfg.eval_clips, seeds=2, out=str(out / "eval.json")))
+                                      num_clips=cfg.eval_clips, seeds=2, out=str(out / "eval.json"),
+                                      precision=precision))
         print(format_table(report))
         results["eval"] = str(out / "eval.json")
         _done(t0, "report written")
@@ -132,4 +149,27 @@ def main(cfg: DemoConfig) -> dict:
     for k in ("data", "manifest.json", "vae", "store", "run", "samples", "eval.json"):
         if (out / k).exists():
             print(f"  {out / k}")
+    total = time.time() - t_start
+    print(f"Total wall time {total / 60:.1f} min ({total:.0f}s) with {choice.precision} on {cpu_facts().describe()}")
+    results["seconds"] = total
     return results
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform.processor() elsewhere) and its core count."""
+    import os
+    import platform
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -33,7 +33,7 @@ from minisora.metrics import (I3DFeatures, exact_repeat_share, frame_errors, fra
                               lpips_available, psnr_of_mean_mse, summarize_seeds)
 from minisora.store import LatentStore
 from minisora.store_guard import check_vae
-from stages.sample import clip_frames, load_pipeline, rollout_line
+from stages.sample import clip_frames, load_pipeline, precision_dtype, rollout_line
 
 
 class EvalError(MinisoraError, ValueError):
@@ -60,6 +60,7 @@ class EvalConfig:
     i3d: str | None = None
     device: str = "auto"
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
 
 
 COPY_BASELINES = ("repeat_last_context_frame", "latent_copy")  # to beat; vae_reconstruction is a ceiling
@@ -118,7 +119,7 @@ def main(cfg: EvalConfig) -> dict:
         raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
     check_writable(cfg.out)  # before minutes of sampling, not after
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.checkpoint, device)
+    pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
     store.require_complete()

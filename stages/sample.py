@@ -37,6 +37,7 @@ class SampleConfig:
     shift: float | None = None
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
     context: str | None = None  # clip file or STORE:SPLIT:INDEX
     context_frames: int = 4  # latent frames of context
     actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
@@ -102,6 +103,15 @@ def pipeline_kwargs(meta: dict) -> dict:
     return {"latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
             "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
             "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution")}
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The transformer's dtype for `--precision` on `device` (the hardware rule); prints the choice once."""
+    from minisora.hardware import resolve_precision
+
+    choice = resolve_precision(precision, device)
+    print(f"sampling {choice.line()}", flush=True)
+    return choice.autocast_dtype or torch.float32
 
 
 def sampling_dtype(device: torch.device) -> torch.dtype:
@@ -252,7 +262,7 @@ def write_video(path: Path, frames: np.ndarray, formats, fps: float, arrays: dic
 def main(cfg: SampleConfig) -> dict:
     torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.checkpoint, device)
+    pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     total = cfg.frames or pipe.config.window_frames
     if cfg.context and total <= cfg.context_frames:
         raise SampleError(f"--frames {total}{'' if cfg.frames else ' (the training window)'} must exceed "

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from minisora.data.clips import read_clip
 from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import resolve_device
+from minisora.hardware import PrecisionChoice, autocast, resolve_precision
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames, tiny_vae_config
 
 
@@ -50,9 +51,11 @@ class VAETrainConfig:
     kl_weight: float = 1e-6
     loss: str = "l1"  # "l1" or "mse" reconstruction term
     device: str = "auto"
+    precision: str = "auto"  # autocast of the training step: minisora.hardware.resolve_precision
+    channels_last: bool = True  # NHWC activations: oneDNN's native conv layout on CPU
     threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
     seed: int = 0
-    max_minutes: float | None = None  # stop early (and save) after this much training time
+    max_minutes: float | None = None  # opt-in wall-clock stop: the result then depends on the machine's speed
     pool_clips: int = 16  # whole clips held in RAM
     refresh_every: int = 20  # steps between swapping one pooled clip for another
     eval_frames: int = 256  # held-out frames for PSNR, spread evenly over the test clips
@@ -123,11 +126,15 @@ def _check_data(cfg: VAETrainConfig, manifest: Manifest) -> list[ManifestClip]:
     return train
 
 
-def _step(model, pixels: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """One loss evaluation on pixels (B, 3, H, W); returns the loss and the batch's PSNR in dB."""
-    posterior = model.encode(pixels).latent_dist
-    recon = model.decode(posterior.sample(generator=gen)).sample  # (B, 3, H, W)
-    err = recon - pixels
+def _step(model, pixels: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator,
+          precision: PrecisionChoice) -> tuple[torch.Tensor, float]:
+    """One loss evaluation on pixels (B, 3, H, W); returns the loss and the batch's PSNR in dB.
+
+    The encoder and decoder run under the precision's autocast; the loss is computed in fp32."""
+    with autocast(pixels.device, precision):
+        posterior = model.encode(pixels).latent_dist
+        recon = model.decode(posterior.sample(generator=gen)).sample  # (B, 3, H, W)
+    err = recon.float() - pixels
     rec = err.abs().mean() if cfg.loss == "l1" else err.pow(2).mean()
     kl = posterior.kl().mean() / pixels[0].numel()  # kl() sums over (C, h, w)
     mse = err.detach().clamp(-2, 2).pow(2).mean().item()  # pixels span 2: PSNR = 10 log10(2^2 / mse)
@@ -146,6 +153,7 @@ def main(cfg: VAETrainConfig) -> dict:
     manifest = Manifest.load(cfg.manifest)
     train_clips = _check_data(cfg, manifest)
     device = resolve_device(cfg.device)
+    choice = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -153,6 +161,8 @@ def main(cfg: VAETrainConfig) -> dict:
     gen = torch.Generator(device).manual_seed(cfg.seed)
 
     model = AutoencoderKL(**tiny_vae_config("kl", cfg.latent_channels, cfg.downsample, cfg.width)).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     vae = VideoVAE.from_model(model, source=str(out))
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -160,7 +170,7 @@ def main(cfg: VAETrainConfig) -> dict:
     eval_frames, eval_split = held_out_frames(manifest, cfg.eval_frames)
     print(f"AutoencoderKL: {n_params / 1e6:.2f}M parameters, {cfg.downsample}x down, {cfg.latent_channels} latent "
           f"channels; {len(train_clips)} train clips ({len(pool.pool)} in RAM), {len(eval_frames)} {eval_split} frames "
-          f"held out; device {device}")
+          f"held out; device {device}, {choice.line()}")
 
     history, test_psnr, step, t0 = [], float("nan"), 0, time.perf_counter()
     model.train().requires_grad_(True)  # from_model froze it for inference
@@ -168,8 +178,8 @@ def main(cfg: VAETrainConfig) -> dict:
     while step < cfg.steps:
         if step and step % cfg.refresh_every == 0:
             pool.refresh()
-        pixels = frames_to_pixels(pool.batch(cfg.batch_size)).to(device)  # (B, 3, H, W)
-        loss, batch_psnr = _step(model, pixels, cfg, gen)
+        pixels = frames_to_pixels(pool.batch(cfg.batch_size)).to(device, memory_format=fmt)  # (B, 3, H, W)
+        loss, batch_psnr = _step(model, pixels, cfg, gen, choice)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,7 +198,7 @@ def main(cfg: VAETrainConfig) -> dict:
     bar.close()
     seconds = time.perf_counter() - t0
 
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)  # safetensors wants contiguous
     model.register_to_config(scaling_factor=float(1 / means.std().clamp_min(1e-6)))  # means of the last eval
     baseline = psnr(eval_frames, np.broadcast_to(eval_frames.mean(0), eval_frames.shape))
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +215,7 @@ def main(cfg: VAETrainConfig) -> dict:
         "frame_size": list(eval_frames.shape[1:3]),
         "train_clips": len(train_clips),
         "device": str(device),
+        "precision": choice.precision,
         "history": history,
         "config": asdict(cfg),
     }

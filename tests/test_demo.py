@@ -1,22 +1,39 @@
-"""`minisora demo` end to end on a miniature of the embedded default, and the re-run that reuses every step."""
+"""`minisora demo` end to end on a miniature of the embedded default: two fresh runs give the same
+numbers, and a re-run reuses every step."""
 
 import json
+import re
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from cli.main import app
+from stages.evaluate import format_table
 
-ARGS = ["--clips", "8", "--test-clips", "1", "--frames", "24", "--vae-minutes", "0.02", "--train-steps", "3"]
+ARGS = ["--clips", "8", "--test-clips", "1", "--frames", "24", "--vae-steps", "4", "--train-steps", "3",
+        "--precision", "fp32"]
 
 
-def test_demo_runs_every_step_then_reuses_them(tmp_path):
+def _eval_numbers(report: dict) -> dict:
+    """Everything in an eval report that a run computes: all but the config and the clips' paths."""
+    return {k: v for k, v in report.items() if k not in ("config", "clips")} | {
+        "clip_names": [Path(c).name for c in report["clips"]]}
+
+
+def test_demo_runs_every_step_then_reuses_them_and_a_fresh_run_gives_the_same_numbers(tmp_path):
     out = tmp_path / "demo"
     r = CliRunner().invoke(app, ["demo", "--out", str(out), *ARGS])
     assert r.exit_code == 0, r.output
+    assert re.search(r"minisora demo on cpu, CPU capability \w+", r.output)
+    assert "precision fp32: asked for on CPU capability" in r.output
+    assert r.output.count("sampling precision fp32: asked for") == 3  # the choice reaches sample (x2) and eval
+    assert re.search(r"Total wall time \d+\.\d min \(\d+s\) with fp32 on CPU capability", r.output)
     for step in range(1, 9):
         assert f"==> {step}/8" in r.output
     assert "ok: 8 train clips" in r.output  # store verify
     assert (out / "vae" / "config.json").exists() and (out / "store" / "zarr.json").exists()
+    vae_info = json.loads((out / "vae" / "train_info.json").read_text())
+    assert vae_info["steps"] == 4 and vae_info["precision"] == "fp32" and vae_info["config"]["max_minutes"] is None
     assert (out / "run" / "checkpoints" / "step-00000003" / "pipeline").is_dir()
     for name in ("continuation.gif", "continuation-vs-truth.gif", "continuation.mp4", "unconditional-00.gif"):
         assert (out / "samples" / name).stat().st_size > 0
@@ -25,7 +42,17 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path):
     assert report["rollout"]["window"] == 8 and report["rollout"]["chunk"] == 1 and report["use_actions"] is True
     assert "model vs repeat-last-frame:" in r.output and f"{report['psnr_gain_over_repeat_db']:+.2f} dB PSNR" in r.output
     cfg = json.loads((out / "demo_config.json").read_text())
-    assert cfg["frame_stride"] == 1 and cfg["test_clips"] == 1
+    assert cfg["frame_stride"] == 1 and cfg["test_clips"] == 1 and cfg["resolved_precision"] == "fp32"
+    assert "vae_minutes" not in cfg  # no wall-clock budget anywhere
+
+    # a second fresh directory: the same seed, torch and precision give the same model and numbers
+    other = tmp_path / "again"
+    r2 = CliRunner().invoke(app, ["demo", "--out", str(other), *ARGS])
+    assert r2.exit_code == 0, r2.output
+    assert json.loads((other / "vae" / "train_info.json").read_text())["test_psnr"] == vae_info["test_psnr"]
+    report2 = json.loads((other / "eval.json").read_text())
+    assert _eval_numbers(report2) == _eval_numbers(report)  # every number, at full float precision
+    assert format_table(report) in r.output and format_table(report2) in r2.output  # the printed tables match
 
     last = out / "run" / "checkpoints" / "step-00000003" / "state.json"
     written = last.stat().st_mtime_ns

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,7 +153,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
-def test_vae_train_cli_beats_the_mean_frame_and_writes_a_loadable_model(tmp_path):
+def _square_manifest(tmp_path: Path) -> Path:
     from minisora.data.manifest import build_manifest
 
     rng = np.random.default_rng(0)
@@ -163,6 +164,11 @@ def test_vae_train_cli_beats_the_mean_frame_and_writes_a_loadable_model(tmp_path
             np.savez(path, video=_square_clip(rng, 12), actions=rng.integers(0, 6, 12))
     manifest, _ = build_manifest(tmp_path / "data", "dmlab")
     manifest.save(tmp_path / "m.json")
+    return tmp_path / "m.json"
+
+
+def test_vae_train_cli_beats_the_mean_frame_and_writes_a_loadable_model(tmp_path):
+    _square_manifest(tmp_path)
     out = tmp_path / "vae"
     args = ["vae", "train", "--manifest", str(tmp_path / "m.json"), "--out", str(out), "--steps", "30",
             "--batch-size", "8", "--width", "8", "--eval-every", "30", "--device", "cpu"]
@@ -223,3 +229,42 @@ def test_local_looking_sources_never_reach_the_hub(tmp_path, source, local):
         with pytest.raises(VAEError, match="no such directory, and not a Hub id .*the Hub is not asked"):
             read_vae_config(source)
         assert time.perf_counter() - t0 < 1.0
+
+def test_vae_train_channels_last_is_the_same_model_and_the_precision_is_printed_and_recorded(tmp_path):
+    manifest = _square_manifest(tmp_path)
+    models = {}
+    for layout in ("--channels-last", "--no-channels-last"):
+        out = tmp_path / layout.strip("-")
+        args = ["vae", "train", "--manifest", str(manifest), "--out", str(out), "--steps", "3", "--width", "8",
+                "--device", "cpu", "--precision", "fp32", layout]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "precision fp32: asked for on CPU capability" in result.output
+        info = json.loads((out / "train_info.json").read_text())
+        assert info["precision"] == "fp32" and info["steps"] == 3
+        assert info["config"]["channels_last"] == (layout == "--channels-last")
+        models[layout] = VideoVAE.load(str(out))
+    x = _pixels(1, 2, size=64, seed=5)
+    (m0, _), (m1, _) = models["--channels-last"].encode(x), models["--no-channels-last"].encode(x)
+    torch.manual_seed(0)  # the untrained model both runs started from (vae train seeds torch, then builds)
+    (start, _) = build_vae("kl", tiny_vae_config("kl", 4, 4, 8)).encode(x)
+    moved, apart = (m0 - start).abs().max().item(), (m0 - m1).abs().max().item()
+    assert moved > 0.01 and apart < 0.1 * moved, (apart, moved)  # a memory layout (rounding order), not another model
+
+    auto = CliRunner().invoke(app, ["vae", "train", "--manifest", str(manifest), "--out", str(tmp_path / "auto"),
+                                    "--steps", "1", "--width", "8", "--device", "cpu"])
+    assert auto.exit_code == 0, auto.output
+    line = re.search(r"precision (fp32|bf16): auto: CPU capability \S+", auto.output)
+    assert line, auto.output  # auto is the default; it says what it picked and why
+    assert json.loads((tmp_path / "auto" / "train_info.json").read_text())["precision"] == line.group(1)
+    bad = CliRunner().invoke(app, ["vae", "train", "--manifest", str(manifest), "--out", str(tmp_path / "bad"),
+                                   "--steps", "1", "--precision", "fp64"])
+    assert bad.exit_code == 1 and "unknown precision 'fp64'; choose one of auto, fp32, bf16, fp16" in bad.output
+
+
+def test_tiny_vae_config_first_width_narrows_only_the_full_resolution_level():
+    assert tiny_vae_config("kl", 4, 4, 16)["block_out_channels"] == [16, 32, 64]
+    assert tiny_vae_config("kl", 4, 4, 16, first_width=8)["block_out_channels"] == [8, 32, 64]
+    assert tiny_vae_config("kl", 4, 8, 16, first_width=8)["block_out_channels"] == [8, 32, 64, 64]
+    with pytest.raises(ValueError, match="first_width must be a positive multiple of 8, got 12"):
+        tiny_vae_config("kl", 4, 4, 16, first_width=12)
