@@ -27,8 +27,10 @@ class OnError(str, Enum):
 
 @app.command()
 def synth(
-    kind: Kind = typer.Option(Kind.dmlab, help="dmlab: 64x64 first-person maze (.npz); minecraft: 128x128 blocky world (.mp4 + actions .npz)."),
-    out: Path = typer.Option(..., help="Root directory to write, in TECO layout: OUT/{train,test}/<subdir>/<name>.{npz,mp4}."),
+    kind: Kind = typer.Option(Kind.dmlab, help="dmlab: 64x64 first-person maze (.npz); "
+                              "minecraft: 128x128 blocky world (.mp4 + actions .npz)."),
+    out: Path = typer.Option(..., help="Root directory to write, in TECO layout: "
+                             "OUT/{train,test}/<subdir>/<name>.{npz,mp4}."),
     clips: int = typer.Option(64, min=1, help="Number of training clips."),
     test_clips: int = typer.Option(None, min=0, help="Number of test clips (default: max(1, clips // 8))."),
     frames: int = typer.Option(300, min=2, help="Frames per clip (TECO uses 300)."),
@@ -55,11 +57,14 @@ def synth(
 
 @app.command()
 def manifest(
-    root: Path = typer.Argument(..., exists=True, file_okay=False, help="A TECO-layout root: ROOT/{train,test}/<subdir>/<name>.{npz,mp4}."),
-    kind: Kind = typer.Option(..., help="Dataset kind: dmlab (.npz with video+actions) or minecraft (.mp4 + sibling actions .npz)."),
+    root: Path = typer.Argument(..., exists=True, file_okay=False,
+                                help="A TECO-layout root: ROOT/{train,test}/<subdir>/<name>.{npz,mp4}."),
+    kind: Kind = typer.Option(..., help="Dataset kind: dmlab (.npz with video+actions) "
+                              "or minecraft (.mp4 + sibling actions .npz)."),
     out: Path = typer.Option(..., help="Manifest file to write (JSON)."),
     checksum: bool = typer.Option(False, "--checksum", help="Also record each file's sha256 (reads every byte)."),
-    on_error: OnError = typer.Option(OnError.fail, help="fail: stop at the first bad clip, naming it; skip: leave bad clips out, list them and go on."),
+    on_error: OnError = typer.Option(OnError.fail, help="fail: stop at the first bad clip, naming it; "
+                                     "skip: leave bad clips out, list them and go on."),
     min_frames: int = typer.Option(1, min=1, help="Clips with fewer frames are bad input."),
     workers: int = typer.Option(1, min=1, help="Worker processes for probing clips."),
 ):
@@ -77,14 +82,20 @@ def manifest(
 
 @app.command()
 def download(
-    kind: Kind = typer.Argument(..., metavar="KIND", help="Which TECO dataset: dmlab (~54 GB, 3 parts) or minecraft (~210 GB, 11 parts)."),
-    directory: Path = typer.Argument(..., metavar="DIR", help="Where to download (DIR/parts/) and unpack; needs about twice the dataset size."),
-    base_url: str = typer.Option(None, help="Mirror serving <item>/<file> like https://archive.org/download (default: the dataset card's URLs)."),
+    kind: Kind = typer.Argument(..., metavar="KIND", help="Which TECO dataset: dmlab (~54 GB, 3 parts) "
+                                "or minecraft (~210 GB, 11 parts)."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="Where to download (DIR/parts/) and unpack; "
+                                     "needs about twice the dataset size."),
+    base_url: str = typer.Option(None, help="Mirror serving <item>/<file> like https://archive.org/download "
+                                 "(default: the dataset card's URLs)."),
     manifest: Path = typer.Option(None, help="Manifest file to write (default: DIR/manifest.json)."),
-    keep_parts: bool = typer.Option(True, "--keep-parts/--delete-parts", help="Keep the archive parts after a successful unpack, or delete them."),
-    on_error: OnError = typer.Option(OnError.fail, help="Manifest step: fail at the first bad clip, or skip bad clips and list them."),
+    keep_parts: bool = typer.Option(True, "--keep-parts/--delete-parts",
+                                    help="Keep the archive parts after a successful unpack, or delete them."),
+    on_error: OnError = typer.Option(OnError.fail, help="Manifest step: fail at the first bad clip, "
+                                     "or skip bad clips and list them."),
     workers: int = typer.Option(1, min=1, help="Worker processes for probing clips in the manifest step."),
-    retries: int = typer.Option(5, min=0, help="Retries per part after a dropped connection or a 5xx answer (each resumes where it stopped)."),
+    retries: int = typer.Option(5, min=0, help="Retries per part after a dropped connection or a 5xx answer "
+                                "(each resumes where it stopped)."),
     timeout: float = typer.Option(60.0, min=1.0, help="Seconds without data before a connection counts as dropped."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (bytes) on stderr."),
 ):
@@ -100,6 +111,7 @@ def download(
     for path, reason in report.skipped:
         typer.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
     fetched = sum(p.fetched for p in report.parts)
-    typer.echo(f"{kind.value}: {len(report.parts)} parts ({fetched} bytes fetched now), {report.members} tar members unpacked; "
+    typer.echo(f"{kind.value}: {len(report.parts)} parts ({fetched} bytes fetched now), "
+               f"{report.members} tar members unpacked; "
                f"clips under {report.root}")
     typer.echo(f"wrote {report.manifest}: {report.clips} clips, {len(report.skipped)} skipped")

@@ -145,7 +145,8 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
 def _held_context(
     name: str, noise: Tensor, context: Tensor | None, context_mask: Tensor | None, context_t: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Check a sampler's arguments; (context values to hold (B, T, C, H, W), context_mask (B, T), keep (B, T, 1, 1, 1))."""
+    """Check a sampler's arguments; (context values to hold (B, T, C, H, W), context_mask (B, T), \
+keep (B, T, 1, 1, 1))."""
     _check_latents("noise", noise)
     if (context is None) != (context_mask is None):
         raise ValueError(f"{name}: give both context and context_mask, or neither")

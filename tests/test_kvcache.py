@@ -216,7 +216,8 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     assert "rollout: causal attention, KV cache (rolling), window 4, chunk 1" in r.output
     rep = json.loads(report.read_text())
     assert rep["rollout"]["kv_cache"] == "rolling"
-    curves = {"model": rep["model"]["per_horizon"], "repeat": rep["baselines"]["repeat_last_context_frame"]["per_horizon"]}
+    curves = {"model": rep["model"]["per_horizon"],
+              "repeat": rep["baselines"]["repeat_last_context_frame"]["per_horizon"]}
     for per_index in curves.values():  # quality per generated-frame index: 5 generated frames
         assert len(per_index["psnr"]) == len(per_index["ssim"]) == 5
     assert np.mean(curves["model"]["psnr"]) == pytest.approx(rep["model"]["psnr"]["mean"], abs=1e-9)

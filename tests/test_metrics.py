@@ -43,7 +43,8 @@ def test_psnr_constant_offset_gives_known_value():
     expected = torch.tensor([20.0, 40.0, 10 * math.log10(1 / 0.0025)], dtype=torch.float64)
     torch.testing.assert_close(got, expected.expand(2, 3), atol=1e-9, rtol=0)
     # data range 2 (pixels in [-1, 1]) adds 20 log10(2) dB
-    torch.testing.assert_close(psnr_per_frame(pred, target, data_range=2.0), got + 20 * math.log10(2), atol=1e-9, rtol=0)
+    torch.testing.assert_close(psnr_per_frame(pred, target, data_range=2.0), got + 20 * math.log10(2), atol=1e-9,
+                               rtol=0)
 
 
 def test_psnr_identical_frames_hit_the_mse_floor():

@@ -46,7 +46,8 @@ def horizontal_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 10) -> int:
     """The s for which b[:, x] best matches a[:, x - s] (content moved right by s pixels)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     w = a.shape[1]
-    errs = {s: np.abs(b[:, max_shift + s : w - max_shift + s] - a[:, max_shift : w - max_shift]).mean() for s in range(-max_shift, max_shift + 1)}
+    errs = {s: np.abs(b[:, max_shift + s : w - max_shift + s] - a[:, max_shift : w - max_shift]).mean()
+            for s in range(-max_shift, max_shift + 1)}
     return min(errs, key=errs.get)
 
 
@@ -58,7 +59,8 @@ def vertical_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 10) -> int:
 
 
 @pytest.mark.parametrize(
-    "render, size, n_actions", [(render_dmlab_clip, 64, len(DMLAB_ACTIONS)), (render_minecraft_clip, 128, len(MINECRAFT_ACTIONS))]
+    "render, size, n_actions",
+    [(render_dmlab_clip, 64, len(DMLAB_ACTIONS)), (render_minecraft_clip, 128, len(MINECRAFT_ACTIONS))],
 )
 def test_clip_shapes_dtypes_and_determinism(render, size, n_actions):
     frames, actions = render(7, 12)
@@ -206,7 +208,8 @@ def test_dmlab_dataset_layout_content_and_reuse(tmp_path):
         "kind": "dmlab", "clips": 4, "train": 3, "test": 1, "frames": 32, "written": 4, "reused": 0,
     }
     files = sorted(p.relative_to(tmp_path / "d").as_posix() for p in (tmp_path / "d").rglob("*") if p.is_file())
-    assert files == ["synthetic.json", "test/0000/00000.npz", "train/0000/00000.npz", "train/0000/00001.npz", "train/0000/00002.npz"]
+    assert files == ["synthetic.json", "test/0000/00000.npz", "train/0000/00000.npz", "train/0000/00001.npz",
+                     "train/0000/00002.npz"]
     with np.load(tmp_path / "d/train/0000/00001.npz", allow_pickle=False) as z:
         assert sorted(z.files) == ["actions", "video"]
         video, actions = z["video"], z["actions"]
@@ -230,8 +233,10 @@ def test_dmlab_dataset_layout_content_and_reuse(tmp_path):
 
 
 def test_minecraft_dataset_mp4_plus_actions_and_workers_do_not_change_bytes(tmp_path):
-    one = write_synthetic_dataset("minecraft", tmp_path / "w1", clips=2, test_clips=1, frames=10, seed=2, workers=1, progress=False)
-    two = write_synthetic_dataset("minecraft", tmp_path / "w2", clips=2, test_clips=1, frames=10, seed=2, workers=2, progress=False)
+    one = write_synthetic_dataset("minecraft", tmp_path / "w1", clips=2, test_clips=1, frames=10, seed=2, workers=1,
+                                  progress=False)
+    two = write_synthetic_dataset("minecraft", tmp_path / "w2", clips=2, test_clips=1, frames=10, seed=2, workers=2,
+                                  progress=False)
     assert one["clips"] == two["clips"] == 3 and one["frames"] == 30
     names = sorted(p.relative_to(tmp_path / "w1").as_posix() for p in (tmp_path / "w1").rglob("*.*"))
     assert names == [
@@ -260,7 +265,8 @@ def test_bad_arguments_are_named():
 
 def test_cli_data_synth(tmp_path):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["data", "synth", "--kind", "dmlab", "--out", str(out), "--clips", "2", "--test-clips", "1", "--frames", "6"])
+    result = CliRunner().invoke(app, ["data", "synth", "--kind", "dmlab", "--out", str(out), "--clips", "2",
+                                      "--test-clips", "1", "--frames", "6"])
     assert result.exit_code == 0, result.output
     assert f"wrote 3 dmlab clips (18 frames) to {out}" in result.output
     assert sorted(p.name for p in Path(out).rglob("*.npz")) == ["00000.npz", "00000.npz", "00001.npz"]

@@ -162,7 +162,8 @@ def write_synthetic_dataset(
         raise ValueError(f"unknown motion {motion!r} for synthetic kind {kind!r}; "
                          f"dmlab has {MOTIONS}, minecraft walk only")
     if clips < 0 or test_clips < 0 or frames < 2 or workers < 1:
-        raise ValueError(f"need clips >= 0, test_clips >= 0, frames >= 2, workers >= 1; got {clips}, {test_clips}, {frames}, {workers}")
+        raise ValueError(f"need clips >= 0, test_clips >= 0, frames >= 2, workers >= 1; "
+                         f"got {clips}, {test_clips}, {frames}, {workers}")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
@@ -192,4 +193,5 @@ def write_synthetic_dataset(
         partial.rmdir()
     seconds = time.perf_counter() - start
     n = len(jobs)
-    return {"kind": kind, "clips": n, "train": clips, "test": test_clips, "frames": n * frames, "written": written, "reused": n - written, "seconds": seconds}
+    return {"kind": kind, "clips": n, "train": clips, "test": test_clips, "frames": n * frames, "written": written,
+            "reused": n - written, "seconds": seconds}

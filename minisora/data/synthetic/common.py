@@ -19,7 +19,8 @@ def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
 def turn_to_open_side(clearance, angle: float, rng: np.random.Generator, left: int, right: int, tie: float) -> int:
     """The turn action towards the side with the longest clear view within 90 degrees (random when the
     two sides differ by less than `tie`). clearance(angle) -> distance to the first obstacle."""
-    space = {a: max(clearance(angle + sign * np.radians(deg)) for deg in (30, 60, 90)) for a, sign in ((left, 1), (right, -1))}
+    space = {a: max(clearance(angle + sign * np.radians(deg)) for deg in (30, 60, 90))
+             for a, sign in ((left, 1), (right, -1))}
     if abs(space[left] - space[right]) < tie:
         return int(rng.choice([left, right]))
     return max(space, key=space.get)

@@ -20,7 +20,8 @@ MAZE_TURN = np.radians(6.0)  # per frame
 MAZE_RADIUS = 0.2  # the camera keeps this far from every wall cell
 MAZE_STOP, MAZE_OPEN = 0.4, 1.0  # the walk turns when less than STOP is free ahead, until OPEN is
 _MAZE_PALETTE = np.array(
-    [[200, 60, 55], [60, 150, 70], [60, 90, 190], [210, 170, 50], [150, 70, 170], [50, 170, 175], [220, 120, 40], [200, 200, 200]],
+    [[200, 60, 55], [60, 150, 70], [60, 90, 190], [210, 170, 50], [150, 70, 170], [50, 170, 175], [220, 120, 40],
+     [200, 200, 200]],
     np.float32,
 ) / 255
 _SKY_TOP, _SKY_HORIZON = np.array([70, 110, 190], np.float32) / 255, np.array([175, 200, 230], np.float32) / 255
@@ -80,7 +81,8 @@ def make_maze(rng: np.random.Generator, cells: int = 7, loops: float = 0.2,
     walls[2 * stack[0][0] + 1, 2 * stack[0][1] + 1] = False
     while stack:
         cx, cy = stack[-1]
-        nbrs = [(cx + dx, cy + dy) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)) if 0 <= cx + dx < cells and 0 <= cy + dy < cells and not seen[cx + dx, cy + dy]]
+        nbrs = [(cx + dx, cy + dy) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                if 0 <= cx + dx < cells and 0 <= cy + dy < cells and not seen[cx + dx, cy + dy]]
         if not nbrs:
             stack.pop()
             continue
@@ -156,7 +158,8 @@ def dmlab_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.nd
             hold = int(rng.integers(*durations[action]))
         nxt = move_in_maze(maze, pose, action)
         if action == forward and (maze_clearance(maze, pose.x, pose.y, pose.angle) < MAZE_STOP or nxt == pose):
-            action = turn_to_open_side(lambda a: maze_clearance(maze, pose.x, pose.y, a), pose.angle, rng, left, right, tie=0.3)
+            action = turn_to_open_side(lambda a: maze_clearance(maze, pose.x, pose.y, a), pose.angle, rng, left, right,
+                                       tie=0.3)
             hold, until_open = int(2 * np.pi / MAZE_TURN), True  # at most a full circle
             nxt = move_in_maze(maze, pose, action)
         pose, hold = nxt, hold - 1

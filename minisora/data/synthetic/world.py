@@ -101,7 +101,8 @@ def _world_passable(world: World, p: Player, angle: float) -> bool:
     """A step along `angle` neither runs into blocks more than one above the feet nor into water."""
     n = world.height.shape[0]
     for off, reach in ((0.0, 0.55), (0.6, 0.4), (-0.6, 0.4)):
-        i, j = int(np.floor(p.x + reach * np.cos(angle + off))) % n, int(np.floor(p.y + reach * np.sin(angle + off))) % n
+        i, j = (int(np.floor(p.x + reach * np.cos(angle + off))) % n,
+                int(np.floor(p.y + reach * np.sin(angle + off))) % n)
         if world.height[i, j] > p.feet + 1.0 or world.water[i, j]:
             return False
     return True
@@ -116,7 +117,8 @@ def move_in_world(world: World, p: Player, action: int) -> Player:
     elif name in ("turn_left", "turn_right"):
         angle += WORLD_TURN if name == "turn_left" else -WORLD_TURN
     elif name in ("look_up", "look_down"):
-        pitch = float(np.clip(pitch + (WORLD_LOOK if name == "look_up" else -WORLD_LOOK), -WORLD_MAX_PITCH, WORLD_MAX_PITCH))
+        pitch = float(np.clip(pitch + (WORLD_LOOK if name == "look_up" else -WORLD_LOOK), -WORLD_MAX_PITCH,
+                              WORLD_MAX_PITCH))
     ground = _ground(world, x, y)
     on_ground = p.feet <= _ground(world, p.x, p.y) and p.vz == 0
     if name == "jump" and on_ground:
@@ -178,7 +180,8 @@ def minecraft_walk(world: World, rng: np.random.Generator, frames: int) -> tuple
     return players, actions
 
 
-def _render_world_chunk(world: World, pos: np.ndarray, angle: np.ndarray, eye: np.ndarray, pitch: np.ndarray, n: int) -> np.ndarray:
+def _render_world_chunk(world: World, pos: np.ndarray, angle: np.ndarray, eye: np.ndarray, pitch: np.ndarray,
+                        n: int) -> np.ndarray:
     """Float RGB frames (t, n, n, 3) for poses pos (t, 2), angle, eye height, pitch (t,)."""
     t, size, depth = len(pos), world.height.shape[0], len(WORLD_DEPTHS)
     cam = (np.arange(n) + 0.5) * 2 / n - 1  # (n,) screen x in [-1, 1], left to right
@@ -212,10 +215,12 @@ def _render_world_chunk(world: World, pos: np.ndarray, angle: np.ndarray, eye: n
 
     # sky (only rows above the highest horizon): a gradient, plus a flat layer of blocky clouds
     top_rows = int(np.clip(np.ceil(horizon.max()), 0, n))
-    elev = ((horizon[:, None] - (np.arange(top_rows) + 0.5)) / focal).astype(np.float32)  # (t, rows') tangent of elevation
+    # (t, rows') tangent of elevation
+    elev = ((horizon[:, None] - (np.arange(top_rows) + 0.5)) / focal).astype(np.float32)
     sky = _MC_SKY_HORIZON + (_MC_SKY_TOP - _MC_SKY_HORIZON) * np.clip(elev * 2, 0, 1)[..., None]  # (t, rows', 3)
     dist = (CLOUD_HEIGHT - eye[:, None]).astype(np.float32) / np.maximum(elev, 1e-3)  # (t, rows') to the cloud layer
-    cx = pos[:, 0, None, None].astype(np.float32) + dist[..., None] * ray[:, None, :, 0].astype(np.float32)  # (t, rows', n)
+    # (t, rows', n)
+    cx = pos[:, 0, None, None].astype(np.float32) + dist[..., None] * ray[:, None, :, 0].astype(np.float32)
     cy = pos[:, 1, None, None].astype(np.float32) + dist[..., None] * ray[:, None, :, 1].astype(np.float32)
     m = world.clouds.shape[0]
     cloud = world.clouds[(cx // CLOUD_BLOCK).astype(np.int64) % m, (cy // CLOUD_BLOCK).astype(np.int64) % m]
@@ -225,7 +230,8 @@ def _render_world_chunk(world: World, pos: np.ndarray, angle: np.ndarray, eye: n
     return out
 
 
-def render_world(world: World, players: list[Player], size: int = 128, supersample: int = 1, chunk: int = 25) -> np.ndarray:
+def render_world(world: World, players: list[Player], size: int = 128, supersample: int = 1,
+                 chunk: int = 25) -> np.ndarray:
     """uint8 frames (T, size, size, 3) seen by each player (eye WORLD_EYE above the feet)."""
     pos = np.array([[p.x, p.y] for p in players], np.float64).reshape(-1, 2)
     angle = np.array([p.angle for p in players], np.float64)
