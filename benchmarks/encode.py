@@ -131,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as the encode stage does, so that both sides compute alike
+    torch.set_flush_denormal(True)  # as the minisora CLI does, so that both sides compute alike
 
     manifest_path = make_data(args.data, args.clips, args.frames)
     print(f"data: {args.clips} synthetic DMLab clips x {args.frames} frames, 64x64 ({args.data}); "

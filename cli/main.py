@@ -31,6 +31,10 @@ class _ReportingGroup(TyperGroup):
 
         warnings.showwarning = one_line
         try:
+            if ctx.invoked_subcommand is not None:  # a command runs (not --help): the process-wide CPU setting
+                from minisora.hardware import flush_denormals
+
+                flush_denormals()
             return super().invoke(ctx)
         except (MinisoraError, OSError) as e:
             if debug_enabled():

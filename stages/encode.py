@@ -209,7 +209,6 @@ def encode_clip(vae: VideoVAE, frames: np.ndarray, cfg: EncodeConfig, device: to
 
 
 def main(cfg: EncodeConfig) -> dict:
-    torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     init_distributed()
     rank, world, _ = dist_info()
     device = resolve_device(cfg.device)

@@ -114,7 +114,6 @@ def write_horizon_plot(report: dict, path: Path) -> Path:
 
 
 def main(cfg: EvalConfig) -> dict:
-    torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     if not 1 <= cfg.context_frames < cfg.frames:
         raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
     check_writable(cfg.out)  # before minutes of sampling, not after

@@ -260,7 +260,6 @@ def write_video(path: Path, frames: np.ndarray, formats, fps: float, arrays: dic
 
 # ------------------------------------------------------------------------------ main
 def main(cfg: SampleConfig) -> dict:
-    torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     total = cfg.frames or pipe.config.window_frames

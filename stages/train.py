@@ -294,7 +294,6 @@ def validate(run: Run, validator: Validator | None, step: int, logger: Logger, b
 
 # ---------------------------------------------------------------------------------------- main
 def main(cfg: TrainConfig) -> dict:
-    torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     check_config(cfg)
     device = plugins.launch(cfg.device)
     rank, world, _ = dist_info()

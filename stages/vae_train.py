@@ -142,7 +142,6 @@ def _step(model, pixels: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator
 
 
 def main(cfg: VAETrainConfig) -> dict:
-    torch.set_flush_denormal(True)  # denormal floats make CPU convs/matmuls ~30x slower (seen in vae train)
     from diffusers import AutoencoderKL
 
     if cfg.loss not in ("l1", "mse"):

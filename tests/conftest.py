@@ -3,8 +3,11 @@ import os
 import pytest
 import torch
 
+from minisora.hardware import flush_denormals
+
 # Two CPU cores: keep each test process to one intra-op thread unless a test asks otherwise.
 torch.set_num_threads(int(os.environ.get("MINISORA_TEST_THREADS", "1")))
+flush_denormals()  # as the CLI does for every command; tests also call stage mains directly
 
 
 def pytest_collection_modifyitems(config, items):
