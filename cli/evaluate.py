@@ -7,24 +7,29 @@ import typer
 
 def evaluate(
     checkpoint: str = typer.Option(..., help="Run, checkpoint or pipeline directory."),
-    store: str = typer.Option(..., help="Latent store with the evaluation split (context latents, actions, source clips)."),
+    store: str = typer.Option(..., help="Latent store with the evaluation split (context latents, actions, source "
+                              "clips)."),
     split: str = typer.Option("test", help="Split to evaluate on."),
     context_frames: int = typer.Option(4, min=1, help="K: latent frames of ground truth given as context."),
-    frames: int = typer.Option(16, min=2, help="N: latent frames per video, context included; metrics use frames K..N-1."),
+    frames: int = typer.Option(16, min=2, help="N: latent frames per video, context included; metrics use frames "
+                               "K..N-1."),
     num_clips: int = typer.Option(16, min=1, help="M: the first M clips of the split that have N latent frames "
                                    "(fewer there: a warning, and the report records the number used)."),
     seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
     steps: int = typer.Option(20, min=1, help="Euler steps per window."),
     shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
-    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - chunk frames before them (1: frame by frame)."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the clips' recorded actions (1: plain conditional; models trained with actions)."),
+    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - "
+                              "chunk frames before them (1: frame by frame)."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the clips' recorded actions (1: plain "
+                                   "conditional; models trained with actions)."),
     context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Noise level t at which known (context and "
                                         "already generated) frames are shown to the model; a model trained with "
                                         "--context-noise continues better from a small one (0: clean)."),
     sampler: str = typer.Option("euler", help="euler, or heun (second order: 2 x steps - 1 model calls per window; "
                                 "compare with euler at that many steps)."),
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
-    i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped without it."),
+    i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped "
+                            "without it."),
     kv_cache: str = typer.Option(
         "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
         "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
@@ -44,7 +49,8 @@ def evaluate(
     from stages.sample import SampleError
 
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
-                     num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance, batch_size=batch_size, i3d=i3d,
+                     num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance,
+                     batch_size=batch_size, i3d=i3d,
                      context_noise=context_noise, sampler=sampler, precision=precision,
                      device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache)
     try:

@@ -6,29 +6,40 @@ import typer
 
 
 def sample(
-    checkpoint: str = typer.Option(..., help="A run directory (newest checkpoint), a checkpoint directory, or a pipeline directory."),
-    out: str = typer.Option(..., help="Output path without or with extension (OUT.mp4 / OUT.gif); several videos get -00, -01 ..."),
+    checkpoint: str = typer.Option(..., help="A run directory (newest checkpoint), a checkpoint directory, or a "
+                                   "pipeline directory."),
+    out: str = typer.Option(..., help="Output path without or with extension (OUT.mp4 / OUT.gif); several videos get "
+                            "-00, -01 ..."),
     num_videos: int = typer.Option(1, min=1, help="Videos generated in one batch."),
-    frames: int = typer.Option(None, min=1, help="Latent frames per video, context included (= video frames for image VAEs); more than the training window rolls out window by window (e.g. 300) (default: the training window)."),
+    frames: int = typer.Option(None, min=1, help="Latent frames per video, context included (= video frames for image "
+                               "VAEs); more than the training window rolls out window by window (e.g. 300) (default: "
+                               "the training window)."),
     steps: int = typer.Option(20, min=1, help="Euler steps of the flow ODE per window."),
-    shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise (default: the pipeline's)."),
+    shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise "
+                                "(default: the pipeline's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same checkpoint: same video)."),
-    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in bf16, the VAE in fp32."),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in "
+                               "bf16, the VAE in fp32."),
     precision: str = typer.Option("auto", help="Transformer dtype: auto (bf16 only where the device computes it "
                                   "natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32, bf16, "
                                   "fp16. The VAE stays fp32."),
-    context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
+    context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference "
+                                "STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
     context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
-    actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with `actions`, or omit for none."),
+    actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with "
+                                "`actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
-    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - chunk frames before them (1: frame by frame, the best on the demo; larger: fewer windows, faster)."),
+    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - "
+                              "chunk frames before them (1: frame by frame, the best on the demo; larger: fewer "
+                              "windows, faster)."),
     kv_cache: str = typer.Option(
         "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
         "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
         "history), window (context re-encoded once per window: identical to the recompute)."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
                                      "as for full-attention models (for comparison; slow)."),
-    format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz (unmarked frames + latents)."),
+    format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz "
+                               "(unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
 ):
     """Generate videos: unconditional, continuation of a clip, and rollouts longer than the training window.

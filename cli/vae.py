@@ -19,15 +19,19 @@ class Loss(str, Enum):
 
 @app.command()
 def train(
-    manifest: Path = typer.Option(..., exists=True, dir_okay=False, help="Clip manifest written by `minisora data manifest`; trains on its train split, reports PSNR on its test split."),
-    out: Path = typer.Option(..., help="Directory to write the model to (diffusers save_pretrained: config.json + safetensors) and train_info.json."),
+    manifest: Path = typer.Option(..., exists=True, dir_okay=False, help="Clip manifest written by `minisora data "
+                                  "manifest`; trains on its train split, reports PSNR on its test split."),
+    out: Path = typer.Option(..., help="Directory to write the model to (diffusers save_pretrained: config.json + "
+                             "safetensors) and train_info.json."),
     steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(8, min=1, help="Frames per step, drawn at random from the clips held in RAM."),
     latent_channels: int = typer.Option(4, min=1, help="Channels of the latent."),
     downsample: int = typer.Option(4, help="Spatial compression: 4 (64x64 frames -> 16x16 latents) or 8."),
-    width: int = typer.Option(16, min=8, help="Channels of the first level (multiple of 8), doubling per level up to 4x: 16 gives (16, 32, 64), 0.68M parameters at 4x."),
+    width: int = typer.Option(16, min=8, help="Channels of the first level (multiple of 8), doubling per level up to "
+                              "4x: 16 gives (16, 32, 64), 0.68M parameters at 4x."),
     lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate (constant)."),
-    kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both summed per frame, as in LDM)."),
+    kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both "
+                                    "summed per frame, as in LDM)."),
     loss: Loss = typer.Option(Loss.l1, help="Reconstruction loss."),
     device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option("auto", help="Autocast of the training step: auto (bf16 only where the device "
@@ -35,13 +39,15 @@ def train(
                                   "fp32, bf16, fp16."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last",
                                        help="NHWC activations and weights (oneDNN's native conv layout on CPU)."),
-    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: one per core); use 1 when other jobs share the cores (oversubscribed threads are many times slower)."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: one per core); use 1 when other jobs "
+                                "share the cores (oversubscribed threads are many times slower)."),
     seed: int = typer.Option(0, help="Seed of initialisation and frame sampling."),
     max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even "
                                       "if STEPS are not done. Off by default: with it the model depends on the "
                                       "machine's speed and load, not only on the seed."),
     pool_clips: int = typer.Option(16, min=1, help="Whole training clips held in RAM to draw frames from."),
-    refresh_every: int = typer.Option(20, min=1, help="Steps between swapping one clip in RAM for another training clip."),
+    refresh_every: int = typer.Option(20, min=1, help="Steps between swapping one clip in RAM for another training "
+                                      "clip."),
     eval_frames: int = typer.Option(256, min=1, help="Held-out frames for PSNR, spread evenly over the test clips."),
     eval_every: int = typer.Option(500, min=1, help="Steps between held-out PSNR measurements (also done at the end)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in OUT."),
@@ -73,8 +79,10 @@ def train(
 
 @app.command()
 def info(
-    vae: str = typer.Argument(..., help="A local diffusers model directory or a Hub id (e.g. stabilityai/sd-vae-ft-ema)."),
-    subfolder: str = typer.Option(None, "--subfolder", "--vae-subfolder", help="Subfolder of the VAE inside the directory/repo (e.g. 'vae' for a pipeline)."),
+    vae: str = typer.Argument(..., help="A local diffusers model directory or a Hub id (e.g. "
+                              "stabilityai/sd-vae-ft-ema)."),
+    subfolder: str = typer.Option(None, "--subfolder", "--vae-subfolder", help="Subfolder of the VAE inside the "
+                                  "directory/repo (e.g. 'vae' for a pipeline)."),
     revision: str = typer.Option(None, "--revision", "--vae-revision", help="Hub revision (branch, tag or commit)."),
 ):
     """Load a VAE and print what a latent store would record about it (JSON), plus its parameter count."""

@@ -157,7 +157,8 @@ def _hub_error(source: str, subfolder: str | None, revision: str | None, e: Base
             f"{what}: cannot reach the Hugging Face Hub (offline, HF_HUB_OFFLINE set, or no network) and the "
             f"model is not in the local Hub cache; there is no local directory {source!r} either. Pass a local "
             f"diffusers model directory instead: one written by `minisora vae train --out DIR`, or a copy made "
-            f"on a machine with Hub access (`hf download {source} --local-dir DIR`, then --vae DIR, with the subfolder if any)."
+            f"on a machine with Hub access (`hf download {source} --local-dir DIR`, then --vae DIR, with the subfolder "
+            "if any)."
         )
     return VAEError(f"{what}: cannot fetch from the Hugging Face Hub: {type(e).__name__}: {e}".rstrip())
 
@@ -179,19 +180,23 @@ def read_vae_config(source: str, subfolder: str | None = None, revision: str | N
         model_dir = local / subfolder if subfolder else local
         path = model_dir / "config.json"
         if not path.is_file():
-            hint = " (it has a vae/ subfolder: pass subfolder 'vae', --vae-subfolder vae)" if (local / "vae" / "config.json").is_file() else ""
-            raise VAEError(f"{path}: no config.json; expected a diffusers model directory (save_pretrained output){hint}")
+            hint = (" (it has a vae/ subfolder: pass subfolder 'vae', --vae-subfolder vae)"
+                    if (local / "vae" / "config.json").is_file() else "")
+            raise VAEError(f"{path}: no config.json; expected a diffusers model directory "
+                           f"(save_pretrained output){hint}")
         try:
             return json.loads(path.read_text()), str(local.resolve())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VAEError(f"{path}: cannot read it as JSON ({e})") from e
     if local.exists():
-        raise VAEError(f"{source}: is a file; expected a diffusers model directory or a Hub id like stabilityai/sd-vae-ft-ema")
+        raise VAEError(f"{source}: is a file; expected a diffusers model directory or a Hub id like "
+                       "stabilityai/sd-vae-ft-ema")
     if looks_local(source):
         raise VAEError(f"{source}: no such directory, and not a Hub id (it is a local path, so the Hub is not asked); "
                        "pass an existing diffusers model directory, e.g. one written by `minisora vae train --out DIR`")
     if not _HUB_ID.fullmatch(source):
-        raise VAEError(f"{source}: no such directory, and not a Hub id (expected owner/name, e.g. stabilityai/sd-vae-ft-ema)")
+        raise VAEError(f"{source}: no such directory, and not a Hub id (expected owner/name, e.g. "
+                       "stabilityai/sd-vae-ft-ema)")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -360,7 +365,8 @@ def tiny_vae_config(kind: str = "kl", latent_channels: int = 4, downsample: int 
             num_encoder_blocks=[1] * levels, num_decoder_blocks=[1] * levels, upsampling_scaling_factor=2,
         )
     if downsample < 4:
-        raise ValueError(f"a Wan VAE compresses time 4x in its two lowest stages, so needs downsample >= 4, got {downsample}")
+        raise ValueError(f"a Wan VAE compresses time 4x in its two lowest stages, so needs downsample >= 4, "
+                         f"got {downsample}")
     return dict(
         base_dim=width, z_dim=latent_channels, dim_mult=[1] + [2] * (levels - 1), num_res_blocks=1,
         temperal_downsample=[False] * (levels - 3) + [True, True],

@@ -148,7 +148,8 @@ def main(cfg: EvalConfig) -> dict:
 
     # 2. baselines (deterministic, computed once)
     repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
-    recon = np.concatenate([_decode(pipe, latents_gt[i:i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)])
+    recon = np.concatenate([_decode(pipe, latents_gt[i:i + cfg.batch_size])
+                            for i in range(0, len(chosen), cfg.batch_size)])
     copied = latents_gt.clone()
     k = cfg.context_frames
     copied[:, k:] = latents_gt[:, k - 1: k]  # the last context latent, repeated
@@ -166,7 +167,8 @@ def main(cfg: EvalConfig) -> dict:
         for i in range(0, len(chosen), cfg.batch_size):
             sl = slice(i, i + cfg.batch_size)
             out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
-                       actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift, chunk=cfg.chunk,
+                       actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift,
+                       chunk=cfg.chunk,
                        guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler,
                        generator=gen, progress=False, kv_cache=kv_mode)
             frames.append(out.frames)
@@ -220,8 +222,10 @@ def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
 def format_table(report: dict) -> str:
     """The report as a small text table (mean ± std over seeds for the model)."""
     m, b = report["model"], report["baselines"]
-    rows = [("model (continuation)", f"{m['psnr']['mean']:.2f} ± {m['psnr']['std']:.2f}", f"{m['ssim']['mean']:.4f} ± {m['ssim']['std']:.4f}"),
-            ("repeat last context frame", f"{b['repeat_last_context_frame']['psnr']:.2f}", f"{b['repeat_last_context_frame']['ssim']:.4f}"),
+    rows = [("model (continuation)", f"{m['psnr']['mean']:.2f} ± {m['psnr']['std']:.2f}",
+             f"{m['ssim']['mean']:.4f} ± {m['ssim']['std']:.4f}"),
+            ("repeat last context frame", f"{b['repeat_last_context_frame']['psnr']:.2f}",
+             f"{b['repeat_last_context_frame']['ssim']:.4f}"),
             ("VAE reconstruction (ceiling)", f"{b['vae_reconstruction']['psnr']:.2f}",
              f"{b['vae_reconstruction']['ssim']:.4f}"),
             ("copy last context latent", f"{b['latent_copy']['psnr']:.2f}", f"{b['latent_copy']['ssim']:.4f}")]

@@ -66,7 +66,8 @@ def resolve_pipeline_dir(path: str | Path) -> Path:
                       "model_index.json or minisora_pipeline.json)")
 
 
-def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> DiTPipeline:
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu",
+                  dtype: torch.dtype | None = None) -> DiTPipeline:
     """DiTPipeline from any of the directory kinds above, on `device`.
 
     The transformer runs in `dtype` (default: sampling_dtype(device), bf16 on CUDA); the VAE and
@@ -239,10 +240,12 @@ def mark_context(frames: np.ndarray, n: int, color=(255, 0, 0), width: int = 2) 
 def side_by_side(truth: np.ndarray, generated: np.ndarray, context_pixels: int) -> np.ndarray:
     t = min(len(truth), len(generated))
     gap = np.full((t, generated.shape[1], 4, 3), 255, np.uint8)
-    return np.concatenate([mark_context(truth[:t], context_pixels), gap, mark_context(generated[:t], context_pixels)], axis=2)
+    return np.concatenate([mark_context(truth[:t], context_pixels), gap, mark_context(generated[:t], context_pixels)],
+                          axis=2)
 
 
-def write_video(path: Path, frames: np.ndarray, formats, fps: float, arrays: dict[str, np.ndarray] | None = None) -> list[str]:
+def write_video(path: Path, frames: np.ndarray, formats, fps: float,
+                arrays: dict[str, np.ndarray] | None = None) -> list[str]:
     """PATH.mp4 / PATH.gif of uint8 (T, H, W, 3) frames, and PATH.npz with `frames` plus `arrays`."""
     written = []
     for fmt in formats:

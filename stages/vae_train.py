@@ -188,7 +188,8 @@ def main(cfg: VAETrainConfig) -> dict:
             model.eval()
             recon, means = reconstruct(vae, eval_frames)
             test_psnr = psnr(eval_frames, recon)
-            history.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), "test_psnr": round(test_psnr, 3)})
+            history.append({"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                            "test_psnr": round(test_psnr, 3)})
             model.train()
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.1f}", test=f"{test_psnr:.1f}")
         bar.update(1)

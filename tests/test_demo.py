@@ -40,7 +40,8 @@ def test_demo_runs_every_step_then_reuses_them_and_a_fresh_run_gives_the_same_nu
     report = json.loads((out / "eval.json").read_text())
     assert report["generated_frames_per_clip"] == 12 and len(report["clips"]) == 1
     assert report["rollout"]["window"] == 8 and report["rollout"]["chunk"] == 1 and report["use_actions"] is True
-    assert "model vs repeat-last-frame:" in r.output and f"{report['psnr_gain_over_repeat_db']:+.2f} dB PSNR" in r.output
+    assert ("model vs repeat-last-frame:" in r.output
+            and f"{report['psnr_gain_over_repeat_db']:+.2f} dB PSNR" in r.output)
     cfg = json.loads((out / "demo_config.json").read_text())
     assert cfg["frame_stride"] == 1 and cfg["test_clips"] == 1 and cfg["resolved_precision"] == "fp32"
     assert "vae_minutes" not in cfg  # no wall-clock budget anywhere

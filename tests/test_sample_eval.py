@@ -85,7 +85,8 @@ def test_sample_actions_and_guidance_change_the_video(trained, tmp_path):
     common = ["--checkpoint", trained.run, "--context", f"{trained.store}:test:0", "--context-frames", K,
               "--frames", N, "--steps", 2, "--format", "npz"]
     videos = {}
-    for name, extra in {"none": [], "g1": ["--actions", "context"], "g3": ["--actions", "context", "--guidance", 3]}.items():
+    for name, extra in {"none": [], "g1": ["--actions", "context"],
+                        "g3": ["--actions", "context", "--guidance", 3]}.items():
         r = sample(*common, "--out", tmp_path / name, *extra)
         assert r.exit_code == 0, r.output
         with np.load(tmp_path / f"{name}.npz") as f:
@@ -158,13 +159,17 @@ KN = ["--context-frames", "2", "--frames", "6"]
     (["--context", "{store}:test:7", *KN], "index 7 out of range, test has 2 clips"),
     (["--context", "{store}:val:0", *KN], "no split 'val' (has train, test)"),
     (["--context", "{root}/manifest.json", *KN], "context clips must be .npz (DMLab) or .mp4 (Minecraft)"),
-    (["--context", "{store}:test:0", "--context-frames", "20", "--frames", "24"], "clip has 12 latent frames < 20 context frames"),
+    (["--context", "{store}:test:0", "--context-frames", "20", "--frames", "24"],
+     "clip has 12 latent frames < 20 context frames"),
     (["--context", "{data}/{clip}", "--context-frames", "13", "--frames", "14"], "12 frames < 13 needed"),
-    (["--context", "{store}:test:0", "--context-frames", "6", "--frames", "6"], "--frames 6 must exceed --context-frames 6"),
-    (["--context", "{store}:test:0", "--context-frames", "4"], "--frames 4 (the training window) must exceed --context-frames 4"),
+    (["--context", "{store}:test:0", "--context-frames", "6", "--frames", "6"],
+     "--frames 6 must exceed --context-frames 6"),
+    (["--context", "{store}:test:0", "--context-frames", "4"],
+     "--frames 4 (the training window) must exceed --context-frames 4"),
     (["--actions", "context"], "--actions context needs a --context clip that has recorded actions"),
     (["--actions", "{root}/nothing.npy"], "no such file"),
-    (["--context", "{store}:test:0", "--actions", "context", "--context-frames", "2", "--frames", "13"], "12 actions < 13 latent frames"),
+    (["--context", "{store}:test:0", "--actions", "context", "--context-frames", "2", "--frames", "13"],
+     "12 actions < 13 latent frames"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
 ])
 def test_sample_errors_name_the_problem(trained, tmp_path, args, message):
@@ -204,9 +209,9 @@ def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
     from stages.sample import clip_frames, load_pipeline
 
     report_path = tmp_path / "rep.json"
-    r = CliRunner().invoke(app, ["eval", "--checkpoint", trained.run, "--store", trained.store, "--context-frames", str(K),
-                                 "--frames", str(N), "--num-clips", "2", "--seeds", "2", "--steps", "2",
-                                 "--out", str(report_path)])
+    r = CliRunner().invoke(app, ["eval", "--checkpoint", trained.run, "--store", trained.store,
+                                 "--context-frames", str(K), "--frames", str(N), "--num-clips", "2", "--seeds", "2",
+                                 "--steps", "2", "--out", str(report_path)])
     assert r.exit_code == 0, r.output
     rep = json.loads(report_path.read_text())
     assert rep["clips"] == held_out_clips(trained) and rep["use_actions"] is True
@@ -217,7 +222,8 @@ def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
     for m in ("psnr", "ssim"):
         seeds = [s[m] for s in rep["per_seed"]]
         assert rep["model"][m] == pytest.approx({"mean": np.mean(seeds), "std": np.std(seeds), "n": 2})
-    assert rep["psnr_gain_over_repeat_db"] == pytest.approx(rep["model"]["psnr"]["mean"] - rep["baselines"]["repeat_last_context_frame"]["psnr"])
+    assert rep["psnr_gain_over_repeat_db"] == pytest.approx(
+        rep["model"]["psnr"]["mean"] - rep["baselines"]["repeat_last_context_frame"]["psnr"])
 
     # the baselines, recomputed here on frames K..N-1 only: per-frame PSNR/SSIM, mean over time, then over clips
     pipe = load_pipeline(trained.run)
@@ -241,8 +247,10 @@ def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
         assert lines[seed] == f"seed {seed}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}"
     assert lines[2].split() == ["PSNR", "(dB)", "SSIM"]
     m, base = rep["model"], rep["baselines"]["repeat_last_context_frame"]
-    assert lines[3].startswith("model (continuation)") and f"{m['psnr']['mean']:.2f} ± {m['psnr']['std']:.2f}" in lines[3]
-    assert lines[4].startswith("repeat last context frame") and lines[4].split()[-2:] == [f"{base['psnr']:.2f}", f"{base['ssim']:.4f}"]
+    assert (lines[3].startswith("model (continuation)")
+            and f"{m['psnr']['mean']:.2f} ± {m['psnr']['std']:.2f}" in lines[3])
+    assert (lines[4].startswith("repeat last context frame")
+            and lines[4].split()[-2:] == [f"{base['psnr']:.2f}", f"{base['ssim']:.4f}"])
     assert lines[5].startswith("VAE reconstruction (ceiling)")
     assert f"over 2 clips x {N - K} generated frames, 2 seeds" in r.output
     assert "FVD: skipped" in r.output and f"report: {report_path}" in r.output

@@ -118,7 +118,8 @@ def test_load_subfolder_and_bad_directories(tmp_path):
         VideoVAE.load(str(tmp_path / "pipe"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(VAEError, match="_class_name='UNet2DModel'; supported: AutoencoderKL, AutoencoderTiny, AutoencoderKLWan"):
+    with pytest.raises(VAEError, match="_class_name='UNet2DModel'; supported: AutoencoderKL, AutoencoderTiny, "
+                                       "AutoencoderKLWan"):
         VideoVAE.load(str(tmp_path / "unet"))
     vae.model.save_pretrained(tmp_path / "pickled", safe_serialization=False)  # .bin weights: refused
     with pytest.raises(VAEError, match="cannot load AutoencoderTiny from it \\(weights must be safetensors\\)"):
@@ -129,7 +130,8 @@ def test_load_subfolder_and_bad_directories(tmp_path):
 
 def test_offline_hub_id_says_so_and_asks_for_a_local_directory(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "vae", "info", "made-up-org/no-such-vae", "--subfolder", "vae"],
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "vae", "info", "made-up-org/no-such-vae",
+                           "--subfolder", "vae"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     err = " ".join(proc.stderr.split())
@@ -181,7 +183,8 @@ def test_vae_train_cli_beats_the_mean_frame_and_writes_a_loadable_model(tmp_path
     assert info["steps"] == 30 and info["parameters"] == sum(p.numel() for p in vae.model.parameters())
 
     # recompute the held-out PSNR from the files, and the best constant frame's PSNR
-    test = np.concatenate([np.load(p, allow_pickle=False)["video"] for p in sorted((tmp_path / "data" / "test").rglob("*.npz"))])
+    test = np.concatenate([np.load(p, allow_pickle=False)["video"]
+                           for p in sorted((tmp_path / "data" / "test").rglob("*.npz"))])
     mean, _ = vae.encode(frames_to_pixels(test)[None])
     ours = _psnr(test, pixels_to_frames(vae.decode(mean)[0]))
     baseline = _psnr(test, np.broadcast_to(test.mean(0), test.shape))
