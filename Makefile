@@ -26,6 +26,7 @@ demo: setup
 	$(VENV)/bin/minisora demo --out $(DEMO_DIR)
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q tests
 
 test-fast: setup

@@ -85,7 +85,8 @@ def main(cfg: DemoConfig) -> dict:
         info = vae_main(VAETrainConfig(manifest=str(manifest_path), out=str(vae_dir), steps=cfg.vae_steps,
                                        width=cfg.vae_width, precision=precision, eval_every=cfg.vae_steps,
                                        seed=cfg.seed))
-        _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB (mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
+        _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB "
+                  f"(mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
 
     t0 = _step(f"4/8 encode every frame once -> {store_path}")
     from minisora.store import LatentStore
@@ -132,18 +133,15 @@ def main(cfg: DemoConfig) -> dict:
     _done(t0, f"{len(results['samples'])} files")
 
     t0 = _step("8/8 evaluate continuations on held-out clips (TECO protocol)")
-    try:
-        from stages.evaluate import EvalConfig, main as eval_main, format_table
-    except ImportError:
-        print("    not yet: `minisora eval` arrives with the sampling/eval issue")
-    else:
-        report = eval_main(EvalConfig(checkpoint=str(run), store=str(store_path), split="test",
-                                      context_frames=cfg.context_frames, frames=2 * cfg.window,
-                                      num_clips=cfg.eval_clips, seeds=2, out=str(out / "eval.json"),
-                                      precision=precision))
-        print(format_table(report))
-        results["eval"] = str(out / "eval.json")
-        _done(t0, "report written")
+    from stages.evaluate import EvalConfig, format_table, main as eval_main
+
+    report = eval_main(EvalConfig(checkpoint=str(run), store=str(store_path), split="test",
+                                  context_frames=cfg.context_frames, frames=2 * cfg.window,
+                                  num_clips=cfg.eval_clips, seeds=2, out=str(out / "eval.json"),
+                                  precision=precision))
+    print(format_table(report))
+    results["eval"] = str(out / "eval.json")
+    _done(t0, "report written")
 
     print(f"\nDone. Outputs in {out}/:")
     for k in ("data", "manifest.json", "vae", "store", "run", "samples", "eval.json"):
