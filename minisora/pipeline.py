@@ -66,13 +66,18 @@ class DiTPipeline(DiffusionPipeline):
         std = torch.tensor(self.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
         return mean, std
 
+    def normalize_latents(self, raw: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, T', C, h, w) -> what the transformer sees: (raw - mean_c) / std_c, float32, with the
+        per-channel statistics of the store it was trained on. decode_latents undoes it."""
+        mu, sd = self._stats(raw)
+        return (raw.float() - mu) / sd
+
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) frames -> normalised latents (B, T', C, h, w) (posterior means)."""
         pixels = frames_to_pixels(frames).to(self.device, self.vae.dtype)  # (B, T, 3, H, W)
         mean, _ = self.video_vae.encode(pixels)
-        mu, sd = self._stats(mean)
-        return (mean.float() - mu) / sd
+        return self.normalize_latents(mean)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, chunk: int = 32) -> torch.Tensor:

@@ -263,6 +263,13 @@ class VideoVAE:
         """Latent frames that `frames` frames give (1 + (T - 1) // 4 for Wan, T for image VAEs)."""
         return 0 if frames < 1 else 1 + (frames - 1) // self.info.temporal_compression
 
+    def latent_actions(self, actions: np.ndarray, n: int) -> np.ndarray:
+        """Per-frame actions (T,) -> one per latent frame (n,): latent frame j covers the pixel frames ending at
+        j * temporal_compression, so it gets that frame's action (the last one past the clip's end)."""
+        if self.info.temporal_compression == 1:
+            return actions[:n]
+        return actions[np.minimum(np.arange(n) * self.info.temporal_compression, len(actions) - 1)]
+
     def pixel_frames(self, latent_frames: int) -> int:
         """Pixel frames that `latent_frames` latent frames decode to (1 + 4 (n - 1) for Wan, n for image VAEs)."""
         return 0 if latent_frames < 1 else 1 + (latent_frames - 1) * self.info.temporal_compression

@@ -304,7 +304,7 @@ def _run_jobs(cfg, manifest, vae, store, layouts, clip_jobs, device, dtype, bar)
                 if logvar is not None:
                     block["logvar"][i, :n] = narrow(logvar, block["logvar"].dtype, f"{where}: latent logvar")
                 if actions is not None:
-                    lat = _latent_actions(actions, n, vae.info.temporal_compression)
+                    lat = vae.latent_actions(actions, n)
                     block["actions"][i, :n] = narrow(lat, block["actions"].dtype, f"{where}: actions")
                 block["lengths"][i] = n
                 frames_done += len(frames)
@@ -328,10 +328,3 @@ def _new_block(lay: SplitLayout, n: int, deterministic: bool) -> dict:
             "actions": np.full((n, lay.frames), -1, ACTION_DTYPE), "lengths": np.zeros(n, np.int32),
             "keys": [], "skipped": []}
 
-
-def _latent_actions(actions: np.ndarray, n: int, temporal_compression: int) -> np.ndarray:
-    """Actions aligned with latent frames: latent frame j covers pixel frames ending at j * tc."""
-    if temporal_compression == 1:
-        return actions[:n]
-    idx = np.minimum(np.arange(n) * temporal_compression, len(actions) - 1)
-    return actions[idx]

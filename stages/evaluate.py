@@ -113,6 +113,67 @@ def write_horizon_plot(report: dict, path: Path) -> Path:
     return line_panels_png(path, {t: {m: c[k] for m, c in methods.items()} for k, t in titles.items()})
 
 
+def _load_clips(cfg: EvalConfig, pipe, store: LatentStore, n_pix: int):
+    """The first M clips of the split long enough for N latent frames: (chosen, their manifest paths, ground-truth
+    pixels (M, N_pix, H, W, 3) uint8 from the source clips, normalised posterior means (M, N, C, h, w), actions)."""
+    chosen = select_clips(store.array(cfg.split, "length")[:], cfg.frames, cfg.num_clips, cfg.split)
+    manifest = store.manifest_json()
+    split_clips = [c for c in manifest["clips"] if c["split"] == cfg.split]
+    truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / split_clips[i]["path"], manifest["kind"])[0][:n_pix]
+                      for i in chosen])  # (M, N_pix, H, W, 3) uint8
+    means = torch.from_numpy(store.read(cfg.split, "mean", (chosen, slice(0, cfg.frames))).astype(np.float32))
+    acts = store.read(cfg.split, "actions", (chosen, slice(0, cfg.frames))).astype(np.int64)
+    return chosen, [split_clips[i]["path"] for i in chosen], truth, pipe.normalize_latents(means), acts
+
+
+def _decode_all(pipe, latents: torch.Tensor, batch_size: int) -> np.ndarray:
+    return np.concatenate([_decode(pipe, latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
+
+
+def _baselines(cfg: EvalConfig, pipe, truth: np.ndarray, latents_gt: torch.Tensor, target: torch.Tensor,
+               k_pix: int) -> dict:
+    """Deterministic baselines on the generated frames: repeat the last context frame, decode the last context
+    latent repeated, and the VAE reconstruction of the ground truth (the ceiling)."""
+    n_pix = truth.shape[1]
+    repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
+    copied = latents_gt.clone()
+    k = cfg.context_frames
+    copied[:, k:] = latents_gt[:, k - 1: k]  # the last context latent, repeated
+    copy, recon = (_decode_all(pipe, x, cfg.batch_size)[:, k_pix:] for x in (copied, latents_gt))
+    return {"repeat_last_context_frame": score(frame_errors(frames_to_unit(repeat), target)),
+            "latent_copy": score(frame_errors(frames_to_unit(copy), target)),
+            "vae_reconstruction": score(frame_errors(frames_to_unit(recon), target))}
+
+
+def _generate(cfg: EvalConfig, pipe, latents_gt: torch.Tensor, acts: np.ndarray | None, seed: int, n_pix: int,
+              kv_mode: str) -> np.ndarray:
+    """The model's continuations of every chosen clip for one seed: uint8 (M, N_pix, H, W, 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = []
+    for i in range(0, len(latents_gt), cfg.batch_size):
+        sl = slice(i, i + cfg.batch_size)
+        out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
+                   actions=None if acts is None else torch.from_numpy(acts[sl]), steps=cfg.steps, shift=cfg.shift,
+                   chunk=cfg.chunk, guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler,
+                   generator=gen, progress=False, kv_cache=kv_mode)
+        frames.append(out.frames)
+    return np.concatenate(frames)[:, :n_pix]
+
+
+def _fvd(cfg: EvalConfig, device, truth: np.ndarray, videos_by_seed: list[np.ndarray], k_pix: int):
+    """FVD on full videos with the ground-truth context copied in (TECO), or why it was skipped."""
+    if not cfg.i3d:
+        return "skipped: pass --i3d PATH (StyleGAN-V's i3d_torchscript.pt) to compute FVD"
+    i3d = I3DFeatures(cfg.i3d, device=device)
+    real = i3d(truth)
+    scores = []
+    for videos in videos_by_seed:
+        full = videos.copy()
+        full[:, :k_pix] = truth[:, :k_pix]
+        scores.append(fvd(real, i3d(full)))
+    return summarize_seeds(scores)
+
+
 def main(cfg: EvalConfig) -> dict:
     if not 1 <= cfg.context_frames < cfg.frames:
         raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
@@ -126,60 +187,26 @@ def main(cfg: EvalConfig) -> dict:
               f"the pipeline's VAE ({pipe.video_vae.info.source})")
     store.layout(cfg.split)  # a missing split is a StoreError naming the ones there are
     k_pix, n_pix = pipe.video_vae.pixel_frames(cfg.context_frames), pipe.video_vae.pixel_frames(cfg.frames)
-
-    # 1. clips: the first M of the split long enough for N latent frames, ground truth from the source clips
-    chosen = select_clips(store.array(cfg.split, "length")[:], cfg.frames, cfg.num_clips, cfg.split)
-    manifest = store.manifest_json()
-    split_clips = [c for c in manifest["clips"] if c["split"] == cfg.split]
-    truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / split_clips[i]["path"], manifest["kind"])[0][:n_pix]
-                      for i in chosen])  # (M, N_pix, H, W, 3) uint8
-    st = store.attrs["latent_stats"]
-    mu, sd = (torch.tensor(st[x]).view(1, 1, -1, 1, 1) for x in ("mean", "std"))
-    means = torch.from_numpy(store.read(cfg.split, "mean", (chosen, slice(0, cfg.frames))).astype(np.float32))
-    latents_gt = (means - mu) / sd  # (M, N, C, h, w) normalised posterior means
-    acts = store.read(cfg.split, "actions", (chosen, slice(0, cfg.frames))).astype(np.int64)
-    use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
-
-    gt_unit = frames_to_unit(truth)
     kv_mode = pipe.kv_cache_mode(cfg.kv_cache)
     if cfg.context_noise > 0 and cfg.kv_cache == "auto":
         kv_mode = "off"  # the cache holds clean frames; noised context needs the window recompute
-    gen_slice = slice(k_pix, n_pix)  # metrics on generated frames only
 
-    # 2. baselines (deterministic, computed once)
-    repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
-    recon = np.concatenate([_decode(pipe, latents_gt[i:i + cfg.batch_size])
-                            for i in range(0, len(chosen), cfg.batch_size)])
-    copied = latents_gt.clone()
-    k = cfg.context_frames
-    copied[:, k:] = latents_gt[:, k - 1: k]  # the last context latent, repeated
-    copy = np.concatenate([_decode(pipe, copied[i:i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)])
-    target = gt_unit[:, gen_slice]
-    baselines = {"repeat_last_context_frame": score(frame_errors(frames_to_unit(repeat), target)),
-                 "latent_copy": score(frame_errors(frames_to_unit(copy[:, gen_slice]), target)),
-                 "vae_reconstruction": score(frame_errors(frames_to_unit(recon[:, gen_slice]), target))}
+    # 1. clips and ground truth; 2. baselines (deterministic, computed once), on generated frames only
+    chosen, paths, truth, latents_gt, acts = _load_clips(cfg, pipe, store, n_pix)
+    use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
+    target = frames_to_unit(truth)[:, k_pix:n_pix]
+    baselines = _baselines(cfg, pipe, truth, latents_gt, target, k_pix)
 
     # 3. the model, once per seed
     seed_errors, videos_by_seed = [], []
     for seed in range(cfg.seeds):
-        gen = torch.Generator().manual_seed(seed)
-        frames = []
-        for i in range(0, len(chosen), cfg.batch_size):
-            sl = slice(i, i + cfg.batch_size)
-            out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
-                       actions=torch.from_numpy(acts[sl]) if use_actions else None, steps=cfg.steps, shift=cfg.shift,
-                       chunk=cfg.chunk,
-                       guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler,
-                       generator=gen, progress=False, kv_cache=kv_mode)
-            frames.append(out.frames)
-        frames = np.concatenate(frames)[:, :n_pix]
-        seed_errors.append(frame_errors(frames_to_unit(frames[:, gen_slice]), target))
-        videos_by_seed.append(frames)
+        videos_by_seed.append(_generate(cfg, pipe, latents_gt, acts if use_actions else None, seed, n_pix, kv_mode))
+        seed_errors.append(frame_errors(frames_to_unit(videos_by_seed[-1][:, k_pix:n_pix]), target))
         s = score(seed_errors[-1])
         print(f"    seed {seed}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}", flush=True)
 
     model, per_seed = model_summary(seed_errors)
-    report = {"config": asdict(cfg), "clips": [split_clips[i]["path"] for i in chosen],
+    report = {"config": asdict(cfg), "clips": paths,
               "num_clips_requested": cfg.num_clips, "num_clips_used": len(chosen),
               "target_exact_repeat_share": exact_repeat_share(truth[:, : n_pix], k_pix),
               "generated_frames_per_clip": n_pix - k_pix, "context_frames_pixels": k_pix,
@@ -190,21 +217,9 @@ def main(cfg: EvalConfig) -> dict:
               "psnr_mse_gain_over_latent_copy_db": model["psnr_mse"]["mean"] - baselines["latent_copy"]["psnr_mse"],
               "use_actions": bool(use_actions),
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
-                          "how": rollout_line(pipe, kv_mode)}}
-
-    # 4. FVD on full videos with the ground-truth context copied in (TECO)
-    if cfg.i3d:
-        i3d = I3DFeatures(cfg.i3d, device=device)
-        real = i3d(truth)
-        scores = []
-        for videos in videos_by_seed:
-            full = videos.copy()
-            full[:, :k_pix] = truth[:, :k_pix]
-            scores.append(fvd(real, i3d(full)))
-        report["fvd"] = summarize_seeds(scores)
-    else:
-        report["fvd"] = "skipped: pass --i3d PATH (StyleGAN-V's i3d_torchscript.pt) to compute FVD"
-    report["lpips"] = "skipped: no local LPIPS weights" if not lpips_available() else "available but not computed"
+                          "how": rollout_line(pipe, kv_mode)},
+              "fvd": _fvd(cfg, device, truth, videos_by_seed, k_pix),  # 4. FVD (TECO)
+              "lpips": "skipped: no local LPIPS weights" if not lpips_available() else "available but not computed"}
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,6 @@ def clip_frames(pipe: DiTPipeline, path: Path, kind: str) -> tuple[np.ndarray, n
 
 def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
     """Context latents (first k latent frames), ground truth and actions from a clip or a store."""
-    tc = pipe.video_vae.info.temporal_compression
     parts = source.rsplit(":", 2)
     if len(parts) == 3 and parts[2].isdigit() and not Path(source).exists():
         url, split, idx = parts[0], parts[1], int(parts[2])
@@ -172,14 +171,12 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
         if lay.channels != channels:
             raise SampleError(f"{source}: the store has {lay.channels} latent channels, the model {channels}")
         mean = torch.from_numpy(store.read(split, "mean", (idx, slice(0, k))).astype(np.float32))[None]
-        st = store.attrs["latent_stats"]
-        mu, sd = (torch.tensor(st[x]).view(1, 1, -1, 1, 1) for x in ("mean", "std"))
         actions = store.read(split, "actions", (idx, slice(0, n))).astype(np.int64)
         manifest = store.manifest_json()
         clip = [c for c in manifest["clips"] if c["split"] == split][idx]
         path = Path(manifest["root"]) / clip["path"]
         truth = clip_frames(pipe, path, manifest["kind"])[0] if path.exists() else None
-        return Context((mean - mu) / sd, truth, actions if (actions >= 0).all() else None, f"{split}-{idx}")
+        return Context(pipe.normalize_latents(mean), truth, actions if (actions >= 0).all() else None, f"{split}-{idx}")
     path = Path(source)
     if not path.exists():
         raise SampleError(f"context {source}: no such file, and not a STORE:SPLIT:INDEX reference")
@@ -189,8 +186,8 @@ def load_context(pipe: DiTPipeline, source: str, k: int) -> Context:
         raise SampleError(f"{path}: {len(frames)} frames < {pix} needed for {k} context latent frames")
     latents = pipe.encode_frames(frames[None, :pix])
     lat_actions = None
-    if actions is not None:  # one per latent frame, as the encode stage stores them: latent j <- frame j * tc
-        lat_actions = actions[np.minimum(np.arange(pipe.video_vae.latent_frames(len(frames))) * tc, len(actions) - 1)]
+    if actions is not None:  # one per latent frame, as the encode stage stores them
+        lat_actions = pipe.video_vae.latent_actions(actions, pipe.video_vae.latent_frames(len(frames)))
     return Context(latents, frames, lat_actions, path.stem)
 
 
