@@ -141,6 +141,67 @@ def _step(model, pixels: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator
     return rec + cfg.kl_weight * kl, 10 * math.log10(4 / max(mse, 1e-12))
 
 
+def _train(cfg: VAETrainConfig, model, vae: VideoVAE, opt, pool: FramePool, eval_frames: np.ndarray, fmt,
+           gen: torch.Generator, choice, device):
+    """The training loop, bounded by cfg.steps (and by cfg.max_minutes when given, which makes the result
+    machine-dependent); returns (history, last held-out PSNR, steps done, last eval's latent means, seconds)."""
+    history, test_psnr, step, t0 = [], float("nan"), 0, time.perf_counter()
+    model.train().requires_grad_(True)  # from_model froze it for inference
+    bar = tqdm(total=cfg.steps, desc="vae train", dynamic_ncols=True)
+    while step < cfg.steps:
+        if step and step % cfg.refresh_every == 0:
+            pool.refresh()
+        pixels = frames_to_pixels(pool.batch(cfg.batch_size)).to(device, memory_format=fmt)  # (B, 3, H, W)
+        loss, batch_psnr = _step(model, pixels, cfg, gen, choice)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            model.eval()
+            recon, means = reconstruct(vae, eval_frames)
+            test_psnr = psnr(eval_frames, recon)
+            history.append({"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                            "test_psnr": round(test_psnr, 3)})
+            model.train()
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.1f}", test=f"{test_psnr:.1f}")
+        bar.update(1)
+        if out_of_time:
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return history, test_psnr, step, means, seconds
+
+
+def _save(cfg: VAETrainConfig, model, out: Path, eval_frames: np.ndarray, eval_split: str, means: torch.Tensor,
+          facts: dict) -> dict:
+    """Save the model (scaling factor from the last eval's latent means) and OUT/train_info.json; return the info."""
+    model.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)  # safetensors wants contiguous
+    model.register_to_config(scaling_factor=float(1 / means.std().clamp_min(1e-6)))  # means of the last eval
+    baseline = psnr(eval_frames, np.broadcast_to(eval_frames.mean(0), eval_frames.shape))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    info = {
+        "test_psnr": facts["test_psnr"],
+        "eval_split": eval_split,
+        "eval_frames": len(eval_frames),
+        "mean_frame_baseline_psnr": baseline,  # PSNR of the held-out frames' own mean frame
+        "parameters": facts["parameters"],
+        "steps": facts["steps"],
+        "seconds": facts["seconds"],
+        "scaling_factor": model.config.scaling_factor,
+        "frame_size": list(eval_frames.shape[1:3]),
+        "train_clips": facts["train_clips"],
+        "device": facts["device"],
+        "precision": facts["precision"],
+        "history": facts["history"],
+        "config": asdict(cfg),
+    }
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
 def main(cfg: VAETrainConfig) -> dict:
     from diffusers import AutoencoderKL
 
@@ -171,55 +232,13 @@ def main(cfg: VAETrainConfig) -> dict:
           f"channels; {len(train_clips)} train clips ({len(pool.pool)} in RAM), {len(eval_frames)} {eval_split} frames "
           f"held out; device {device}, {choice.line()}")
 
-    history, test_psnr, step, t0 = [], float("nan"), 0, time.perf_counter()
-    model.train().requires_grad_(True)  # from_model froze it for inference
-    bar = tqdm(total=cfg.steps, desc="vae train", dynamic_ncols=True)
-    while step < cfg.steps:
-        if step and step % cfg.refresh_every == 0:
-            pool.refresh()
-        pixels = frames_to_pixels(pool.batch(cfg.batch_size)).to(device, memory_format=fmt)  # (B, 3, H, W)
-        loss, batch_psnr = _step(model, pixels, cfg, gen, choice)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes
-        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            model.eval()
-            recon, means = reconstruct(vae, eval_frames)
-            test_psnr = psnr(eval_frames, recon)
-            history.append({"step": step, "seconds": round(time.perf_counter() - t0, 1),
-                            "test_psnr": round(test_psnr, 3)})
-            model.train()
-        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.1f}", test=f"{test_psnr:.1f}")
-        bar.update(1)
-        if out_of_time:
-            break
-    bar.close()
-    seconds = time.perf_counter() - t0
+    history, test_psnr, step, means, seconds = _train(cfg, model, vae, opt, pool, eval_frames, fmt, gen, choice,
+                                                      device)
 
-    model.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)  # safetensors wants contiguous
-    model.register_to_config(scaling_factor=float(1 / means.std().clamp_min(1e-6)))  # means of the last eval
-    baseline = psnr(eval_frames, np.broadcast_to(eval_frames.mean(0), eval_frames.shape))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    info = {
-        "test_psnr": test_psnr,
-        "eval_split": eval_split,
-        "eval_frames": len(eval_frames),
-        "mean_frame_baseline_psnr": baseline,  # PSNR of the held-out frames' own mean frame
-        "parameters": n_params,
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "scaling_factor": model.config.scaling_factor,
-        "frame_size": list(eval_frames.shape[1:3]),
-        "train_clips": len(train_clips),
-        "device": str(device),
-        "precision": choice.precision,
-        "history": history,
-        "config": asdict(cfg),
-    }
-    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = _save(cfg, model, out, eval_frames, eval_split, means, dict(
+        test_psnr=test_psnr, parameters=n_params, steps=step, seconds=round(seconds, 1),
+        train_clips=len(train_clips), device=str(device), precision=choice.precision, history=history))
+    baseline = info["mean_frame_baseline_psnr"]
     print(f"saved {out}: {eval_split} PSNR {test_psnr:.2f} dB (mean-frame baseline {baseline:.2f} dB) "
           f"after {step} steps in {seconds:.0f}s")
     return info
