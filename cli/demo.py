@@ -25,6 +25,8 @@ def demo(
     patch_size: int = typer.Option(D.patch_size, min=1, help="DiT spatial patch size (4: 16 tokens per 16x16 "
                                    "latent frame)."),
     model: str = typer.Option(D.model, help="DiT preset."),
+    attention: str = typer.Option(D.attention, help="DiT attention: causal (a frame sees itself and earlier "
+                                  "frames; sampling uses a KV cache) or full (bidirectional in the window)."),
     precision: str = typer.Option(D.precision, help="auto (bf16 only where the hardware computes it natively: "
                                   "CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32 or bf16; "
                                   "every stage uses the one choice, printed at the start."),
@@ -40,9 +42,12 @@ def demo(
 
     if precision not in ("auto", "fp32", "bf16"):
         raise typer.BadParameter(f"{precision!r}: choose auto, fp32 or bf16", param_hint="--precision")
+    if attention not in ("causal", "full"):
+        raise typer.BadParameter(f"{attention!r}: choose causal or full", param_hint="--attention")
     if vae_width % 8:
         raise typer.BadParameter(f"{vae_width} is not a multiple of 8", param_hint="--vae-width")
     main(DemoConfig(out=out, clips=clips, test_clips=test_clips, eval_clips=min(eval_clips or test_clips, test_clips),
                     frames=frames, vae_steps=vae_steps, vae_width=vae_width,
                     train_steps=train_steps, batch_size=batch_size,
-                    window=window, patch_size=patch_size, model=model, precision=precision, seed=seed))
+                    window=window, patch_size=patch_size, model=model, attention=attention, precision=precision,
+                    seed=seed))

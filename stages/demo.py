@@ -28,6 +28,7 @@ class DemoConfig:
     vae_steps: int = 600
     vae_width: int = 16  # channels of the VAE's first level
     model: str = "tiny"
+    attention: str = "causal"  # frame-causal, rolled out with a KV cache (docs/design-notes.md: why the default)
     patch_size: int = 4  # 16 tokens per 16x16 latent frame: 4x cheaper steps than patch 2 on 2 CPU cores
     window: int = 8  # latent frames per training window
     train_steps: int = 2800
@@ -113,7 +114,8 @@ def main(cfg: DemoConfig) -> dict:
     from stages.train import TrainConfig, main as train_main
 
     flow = FlowConfig(p_full=0.2, p_prefix=0.6, p_independent=0.2)  # the demo is about continuation
-    res = train_main(TrainConfig(store=str(store_path), out=str(run), model=cfg.model, patch_size=cfg.patch_size,
+    res = train_main(TrainConfig(store=str(store_path), out=str(run), model=cfg.model, attention=cfg.attention,
+                                 patch_size=cfg.patch_size,
                                  frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, warmup=100,
                                  lr=1e-3, ckpt_every=250, keep_last=2, seed=cfg.seed, log_every=25, ema_decay=0.995,
                                  use_actions=True, flow=flow, precision=precision))
