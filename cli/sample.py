@@ -30,8 +30,8 @@ def sample(
                                 "`actions`, or omit for none."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
     chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - "
-                              "chunk frames before them (1: frame by frame, the best on the demo; larger: fewer "
-                              "windows, faster)."),
+                              "chunk frames before them (1: frame by frame; larger: fewer windows, faster; "
+                              "docs/design-notes.md compares them)."),
     kv_cache: str = typer.Option(
         "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
         "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "

@@ -175,8 +175,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
         nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
         if self.action_embed is not None:
-            # near the scale of a trained timestep embedding (norm ~5-8), not DiT's 0.02 for class labels: with
-            # 0.02 the demo model still ignored its actions after 4000 steps, and its eval PSNR was 0.8 dB lower
+            # near the scale of a trained timestep embedding (norm ~5-8), not DiT's 0.02 for class labels, so the
+            # actions are not drowned out by the time signal (the experiment: docs/design-notes.md)
             nn.init.normal_(self.action_embed.weight, std=0.5)
         for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(block.adaLN_modulation[-1].weight)

@@ -23,7 +23,7 @@ class DemoConfig:
     clips: int = 32  # training clips of synthetic DMLab
     test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
-    frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames: 0.7-0.8 dB lower)
+    frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames)
     seed: int = 0
     vae_steps: int = 600
     vae_width: int = 16  # channels of the VAE's first level
@@ -32,7 +32,7 @@ class DemoConfig:
     patch_size: int = 4  # 16 tokens per 16x16 latent frame: 4x cheaper steps than patch 2 on 2 CPU cores
     window: int = 8  # latent frames per training window
     train_steps: int = 2800
-    batch_size: int = 4  # at equal compute, 2800 steps of 4 beat 1400 of 8 by 1.0 dB (docs/design-notes.md)
+    batch_size: int = 4  # more, smaller steps at equal compute (the comparison: docs/design-notes.md)
     context_frames: int = 4
     eval_clips: int = 16
     precision: str = "auto"  # minisora.hardware.resolve_precision: bf16 only where computed natively
