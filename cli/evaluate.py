@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from cli import options
+
 
 def evaluate(
     checkpoint: str = typer.Option(..., help="Run, checkpoint or pipeline directory."),
@@ -30,16 +32,10 @@ def evaluate(
     batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped "
                             "without it."),
-    kv_cache: str = typer.Option(
-        "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
-        "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
-        "history), window (context re-encoded once per window: identical to the recompute)."),
-    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
-                                     "as for full-attention models (for comparison; slow)."),
+    kv_cache: str = options.kv_cache(),
+    no_kv_cache: bool = options.no_kv_cache(),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
-    precision: str = typer.Option("auto", help="Transformer dtype: auto (bf16 only where the device computes it "
-                                  "natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32, bf16, "
-                                  "fp16. The VAE stays fp32."),
+    precision: str = options.transformer_precision(),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame, latent copy and VAE

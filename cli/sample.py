@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from cli import options
+
 
 def sample(
     checkpoint: str = typer.Option(..., help="A run directory (newest checkpoint), a checkpoint directory, or a "
@@ -20,9 +22,7 @@ def sample(
     seed: int = typer.Option(0, help="Noise seed (same seed, same checkpoint: same video)."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in "
                                "bf16, the VAE in fp32."),
-    precision: str = typer.Option("auto", help="Transformer dtype: auto (bf16 only where the device computes it "
-                                  "natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), fp32, bf16, "
-                                  "fp16. The VAE stays fp32."),
+    precision: str = options.transformer_precision(),
     context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference "
                                 "STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
     context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
@@ -32,12 +32,8 @@ def sample(
     chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - "
                               "chunk frames before them (1: frame by frame; larger: fewer windows, faster; "
                               "docs/design-notes.md compares them)."),
-    kv_cache: str = typer.Option(
-        "auto", "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each new frame's "
-        "keys/values computed once and kept for window - chunk frames: fastest, sliding-window attention over the "
-        "history), window (context re-encoded once per window: identical to the recompute)."),
-    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, "
-                                     "as for full-attention models (for comparison; slow)."),
+    kv_cache: str = options.kv_cache(),
+    no_kv_cache: bool = options.no_kv_cache(),
     format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz "
                                "(unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
