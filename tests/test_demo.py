@@ -15,8 +15,8 @@ ARGS = ["--clips", "8", "--test-clips", "1", "--frames", "24", "--vae-steps", "4
 
 
 def _eval_numbers(report: dict) -> dict:
-    """Everything in an eval report that a run computes: all but the config and the clips' paths."""
-    return {k: v for k, v in report.items() if k not in ("config", "clips")} | {
+    """Everything in an eval report that a run computes: all but the config, the clips' and the plot's paths."""
+    return {k: v for k, v in report.items() if k not in ("config", "clips", "horizon_plot")} | {
         "clip_names": [Path(c).name for c in report["clips"]]}
 
 
