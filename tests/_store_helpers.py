@@ -1,8 +1,10 @@
-"""Build small latent stores straight from arrays (no VAE), for store and dataset tests."""
+"""Build small latent stores for tests: straight from arrays (no VAE), or encoded from synthetic clips."""
 
 from __future__ import annotations
 
 import json
+
+from pathlib import Path
 
 import numpy as np
 
@@ -39,3 +41,24 @@ def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_
                               lens[lo:hi], [f"{split}/{i:05d}.npz" for i in range(lo, hi)], [])
     store.finalize()
     return store, data
+
+
+def synthetic_store(root, clips: int, test_clips: int, frames: int = 12) -> None:
+    """ROOT/data: synthetic DMLab clips (seed 0), ROOT/manifest.json, ROOT/vae: a tiny random AutoencoderKL
+    (torch seed 0), and ROOT/store: every clip encoded at 16x16, 2 clips per shard."""
+    import torch
+
+    from minisora.data.manifest import build_manifest
+    from minisora.data.synthetic import write_synthetic_dataset
+    from minisora.vae import build_vae, tiny_vae_config
+    from stages.encode import EncodeConfig, main as encode_main
+
+    root = Path(root)
+    write_synthetic_dataset("dmlab", root / "data", clips=clips, test_clips=test_clips, frames=frames, seed=0,
+                            progress=False)
+    manifest, _ = build_manifest(root / "data", "dmlab")
+    manifest.save(root / "manifest.json")
+    torch.manual_seed(0)
+    build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
+    encode_main(EncodeConfig(manifest=str(root / "manifest.json"), vae=str(root / "vae"), out=str(root / "store"),
+                             size=16, clips_per_shard=2, progress=False, device="cpu"))

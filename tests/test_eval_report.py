@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from _store_helpers import synthetic_store
 from cli.main import app
 from minisora.metrics import exact_repeat_share, frame_errors, horizon_curves, psnr_of_mean_mse
 from minisora.plots import line_panels_png
@@ -131,20 +132,10 @@ K, N = 2, 6
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """4 train + 2 test synthetic DMLab clips of 12 frames, a tiny random VAE, a store at 16x16, 10 training steps."""
-    from minisora.data.manifest import build_manifest
-    from minisora.data.synthetic import write_synthetic_dataset
-    from minisora.vae import build_vae, tiny_vae_config
-    from stages.encode import EncodeConfig, main as encode_main
     from stages.train import TrainConfig, main as train_main
 
     root = tmp_path_factory.mktemp("evalrep")
-    write_synthetic_dataset("dmlab", root / "data", clips=4, test_clips=2, frames=12, seed=0, progress=False)
-    manifest, _ = build_manifest(root / "data", "dmlab")
-    manifest.save(root / "manifest.json")
-    torch.manual_seed(0)
-    build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
-    encode_main(EncodeConfig(manifest=str(root / "manifest.json"), vae=str(root / "vae"), out=str(root / "store"),
-                             size=16, clips_per_shard=2, progress=False, device="cpu"))
+    synthetic_store(root, clips=4, test_clips=2)
     train_main(TrainConfig(store=str(root / "store"), out=str(root / "run"), frames=4, batch_size=2, steps=10, warmup=1,
                            lr=1e-3, ckpt_every=10, log_every=10, use_actions=True, ema_decay=0.5, device="cpu"))
     return root

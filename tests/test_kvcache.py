@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from _store_helpers import synthetic_store
 from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
 from minisora.pipeline import DiTPipeline
@@ -168,19 +169,9 @@ def causal_run(tmp_path_factory):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from minisora.data.manifest import build_manifest
-    from minisora.data.synthetic import write_synthetic_dataset
-    from stages.encode import EncodeConfig
-    from stages.encode import main as encode_main
 
     root = tmp_path_factory.mktemp("causal")
-    write_synthetic_dataset("dmlab", root / "data", clips=3, test_clips=2, frames=12, seed=0, progress=False)
-    manifest, _ = build_manifest(root / "data", "dmlab")
-    manifest.save(root / "manifest.json")
-    torch.manual_seed(0)
-    build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
-    encode_main(EncodeConfig(manifest=str(root / "manifest.json"), vae=str(root / "vae"), out=str(root / "store"),
-                             size=16, clips_per_shard=2, progress=False, device="cpu"))
+    synthetic_store(root, clips=3, test_clips=2)
     r = CliRunner().invoke(app, ["train", "--store", str(root / "store"), "--out", str(root / "run"), "--attention",
                                  "causal", "--frames", "4", "--batch-size", "2", "--steps", "4", "--warmup", "1",
                                  "--ckpt-every", "4", "--use-actions", "--device", "cpu"])
