@@ -38,6 +38,19 @@ class OutputPathError(MinisoraError, ValueError):
     """An output path that cannot be written (under a file, a directory where a file goes, read-only)."""
 
 
+def unwritable_reason(start: str) -> str | None:
+    """Why nothing can be created at or below the local path `start`, judged by its nearest existing ancestor
+    ("cannot be created, X is a file" / "cannot write there (X is not writable)"), or None when it can."""
+    parent = start
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created, {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write there ({parent} is not writable)"
+    return None
+
+
 def check_writable(path, option: str = "--out", file: bool = True) -> None:
     """Refuse, before any work is done, an output path that cannot be written.
 
@@ -46,10 +59,5 @@ def check_writable(path, option: str = "--out", file: bool = True) -> None:
     full = os.path.abspath(os.path.expanduser(str(path)))
     if file and os.path.isdir(full):
         raise OutputPathError(f"{option} {path}: is a directory; give a file path")
-    parent = os.path.dirname(full)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputPathError(f"{option} {path}: cannot be created, {parent} is a file; choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{option} {path}: cannot write there ({parent} is not writable); choose another path")
+    if (reason := unwritable_reason(os.path.dirname(full))) is not None:
+        raise OutputPathError(f"{option} {path}: {reason}; choose another path")

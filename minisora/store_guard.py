@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 
-from minisora.errors import MinisoraWarning
+from minisora.errors import MinisoraWarning, unwritable_reason
 from minisora.store import ARRAYS_5D, StoreError, _fs_and_root
 
 SPLIT_ENTRIES = ("zarr.json", *ARRAYS_5D, "actions", "length", "_commits")
@@ -58,13 +58,8 @@ def check_out(url: str) -> None:
     if local:
         if os.path.isfile(root):
             raise StoreError(f"{url}: is an existing file; --out must be a new or empty directory or a latent store")
-        parent = root
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise StoreError(f"{url}: cannot be created, {parent} is a file; choose another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise StoreError(f"{url}: cannot write there ({parent} is not writable); choose another --out")
+        if (reason := unwritable_reason(root)) is not None:
+            raise StoreError(f"{url}: {reason}; choose another --out")
     if not fs.isdir(root):
         return
     names = _names(fs, root)
