@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from minisora.data.synthetic.common import DMLAB_ACTIONS, turn_to_open_side
-from minisora.data.synthetic.maze import (MAZE_OPEN, MAZE_STOP, Maze, MazeLook, MazePose, make_maze, maze_clearance,
-                                          move_in_maze, render_maze)
+from minisora.data.synthetic.maze import (MAZE_STOP, Maze, MazeLook, MazePose, make_maze, maze_clearance,
+                                          move_in_maze, render_maze, turned_to_open)
 
 CALM_SPEED = 0.05  # grid units per frame
 CALM_TURN = np.radians(2.5)  # per frame
@@ -63,9 +63,7 @@ def calm_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.nda
             pos[t], angles[t], actions[t] = (pose.x, pose.y), pose.angle, noop
             continue
         if until_open:  # stop turning once the way ahead is open and would only narrow with more turning
-            turn = CALM_TURN if action == left else -CALM_TURN
-            ahead = maze_clearance(maze, pose.x, pose.y, pose.angle)
-            if ahead > MAZE_OPEN and maze_clearance(maze, pose.x, pose.y, pose.angle + turn) <= ahead:
+            if turned_to_open(maze, pose, CALM_TURN if action == left else -CALM_TURN):
                 hold, until_open = 0, False
         if hold == 0:
             if t == 0 or rng.random() >= CALM_STICKY:  # sticky: otherwise the same action again

@@ -133,6 +133,12 @@ def maze_clearance(maze: Maze, x: float, y: float, angle: float, reach: float = 
     return reach
 
 
+def turned_to_open(maze: Maze, pose: MazePose, turn: float) -> bool:
+    """True once the view ahead is open and turning by `turn` more would only narrow it: a turn can stop."""
+    ahead = maze_clearance(maze, pose.x, pose.y, pose.angle)
+    return ahead > MAZE_OPEN and maze_clearance(maze, pose.x, pose.y, pose.angle + turn) <= ahead
+
+
 def dmlab_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A smooth random walk: (positions (T, 2) float64, angles (T,), actions (T,) int64).
 
@@ -149,9 +155,7 @@ def dmlab_walk(maze: Maze, rng: np.random.Generator, frames: int) -> tuple[np.nd
     action, hold, until_open = noop, 0, False
     for t in range(frames):
         if until_open:  # stop turning once the way ahead is open and would only narrow with more turning
-            turn = MAZE_TURN if action == left else -MAZE_TURN
-            ahead = maze_clearance(maze, pose.x, pose.y, pose.angle)
-            if ahead > MAZE_OPEN and maze_clearance(maze, pose.x, pose.y, pose.angle + turn) <= ahead:
+            if turned_to_open(maze, pose, MAZE_TURN if action == left else -MAZE_TURN):
                 hold, until_open = 0, False
         if hold == 0:
             action = int(rng.choice(4, p=[0.78, 0.09, 0.09, 0.04]))
