@@ -71,6 +71,10 @@ def train(
     context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Context frames get their own noise level "
                                         "t ~ U(0, this) instead of 0 (still out of the loss); sample with a small "
                                         "eval --context-noise then (0: clean context)."),
+    teacher_forcing: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of steps trained with teacher "
+                                          "forcing (--attention causal): each noisy frame, at its own t, attends to "
+                                          "a clean copy of the frames before it, as in a chunk-1 rollout; the rest "
+                                          "use the --p-* mix."),
     logit_mean: float = typer.Option(0.0, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts more of the "
                                      "loss at high noise, < 0 at low noise."),
     cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in "
@@ -92,7 +96,7 @@ def train(
 
     try:
         flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent, context_noise=context_noise,
-                          logit_mean=logit_mean)
+                          logit_mean=logit_mean, teacher_forcing=teacher_forcing)
         cfg = TrainConfig(store=store, out=out, model=model, attention=attention,
                           patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
                           lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,

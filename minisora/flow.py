@@ -18,6 +18,11 @@ continue from slightly corrupted context, as it meets its own outputs in a rollo
 `euler_sample(context_t=s)` holds the context at x_s = (1 - s) x0 + s e (its e from `noise`) with t = s.
 Both are 0 by default: clean context at t = 0.
 
+Teacher forcing (FlowConfig.teacher_forcing = share of steps, causal models): the model sees a clean
+copy of the whole window before its noisy copy, and every noisy frame, at its own t, attends to the
+clean frames before it (`VideoDiT(..., clean=x0)`). That is the chunk-1 rollout exactly, for every
+frame of the window in one pass, where a prefix window trains it for one frame.
+
 Pure tensors: no I/O, no logging, no distributed code, no host synchronisation in the loss.
 """
 
@@ -41,6 +46,7 @@ class FlowConfig:
     logit_std: float = 1.0
     max_context: int | None = None  # cap on the prefix length k
     context_noise: float = 0.0  # context frames get t ~ U(0, context_noise) instead of 0 (still out of the loss)
+    teacher_forcing: float = 0.0  # share of steps that show a clean copy of the window as context (causal models)
 
     def __post_init__(self) -> None:
         probs = (self.p_full, self.p_prefix, self.p_independent)
@@ -55,6 +61,8 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.max_context must be >= 1 or None, got {self.max_context}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"FlowConfig.context_noise must be in [0, 1), got {self.context_noise}")
+        if not 0.0 <= self.teacher_forcing <= 1.0:
+            raise ValueError(f"FlowConfig.teacher_forcing must be in [0, 1], got {self.teacher_forcing}")
 
 
 def logit_normal(
@@ -93,6 +101,17 @@ def sample_times(
         t_ctx = torch.zeros_like(t)
     t = torch.where(context, t_ctx, t)
     return t, context
+
+
+def teacher_forcing_times(
+    batch: int, frames: int, cfg: FlowConfig, generator: torch.Generator | None = None, device=None
+) -> tuple[Tensor, Tensor]:
+    """Times of a teacher-forcing step: t (B, T) of the noisy frames, each its own logit-normal draw (all in
+    the loss), and t_clean (B, T) of the clean copy they see as context: 0, or U(0, cfg.context_noise)."""
+    t = logit_normal((batch, frames), cfg.logit_mean, cfg.logit_std, generator, device)
+    if cfg.context_noise > 0:
+        return t, cfg.context_noise * torch.rand(batch, frames, generator=generator, device=device)
+    return t, torch.zeros_like(t)
 
 
 def _check_latents(name: str, x: Tensor) -> None:

@@ -42,6 +42,24 @@ class FrameMask:
             self.flex = create_block_mask(lambda b, h, q, kv: k_frame[kv] <= q_frame[q], B=None, H=None,
                                           Q_LEN=len(q_frame), KV_LEN=len(k_frame), device=device)
 
+    @classmethod
+    def teacher_forcing(cls, frames: int, tokens: int, device: torch.device) -> "FrameMask":
+        """The mask of a teacher-forcing pass over 2 * frames frames: a clean copy of the window first,
+        then its noisy copy. Clean frame i sees clean frames <= i (as a causal pass at t = 0); noisy
+        frame i sees clean frames < i and itself, exactly what a chunk-1 rollout with the KV cache shows it."""
+        mask = cls.__new__(cls)
+        frame = torch.arange(frames, device=device).repeat_interleave(tokens).repeat(2)  # (2 N,) frame of a token
+        clean = torch.arange(2 * frames * tokens, device=device) < frames * tokens  # (2 N,) in the clean copy
+        earlier = frame[None, :] < frame[:, None]  # (2N, 2N): key frame before query frame
+        same = frame[None, :] == frame[:, None]
+        mask.sdpa = (clean[None, :] & (earlier | (same & clean[:, None]))) | (~clean[None, :] & ~clean[:, None] & same)
+        mask.flex = None
+        if device.type == "cuda" and create_block_mask is not None:  # untested here
+            allowed = mask.sdpa
+            mask.flex = create_block_mask(lambda b, h, q, kv: allowed[q, kv], B=None, H=None,
+                                          Q_LEN=len(frame), KV_LEN=len(frame), device=device)
+        return mask
+
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: FrameMask | None) -> Tensor:
     """Attention of q (B, heads, Nq, d) over k, v (B, heads, Nk, d) under `mask` (None: all keys)."""

@@ -212,7 +212,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         return c + self.action_embed(actions)
 
     def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None,
-                kv_cache: KVCache | None = None, update_cache: bool = False) -> Tensor:
+                kv_cache: KVCache | None = None, update_cache: bool = False, clean: Tensor | None = None,
+                clean_timesteps: Tensor | None = None) -> Tensor:
         """Velocity (B, T, C, H, W) for latents (B, T, C, H, W) at times (B, T) in [0, 1].
 
         actions (B, T) int in [0, num_actions), or None / negative entries for the learned null action
@@ -222,6 +223,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
         kv_cache (causal models only): these frames follow the cached clean frames, at absolute frame
         positions kv_cache.position on, and attend to them; update_cache=True appends these frames'
         keys and values to the cache (give it clean frames, t = 0). See minisora.kv_cache.
+
+        clean (B, T, C, H, W), causal models only: teacher forcing. The pass runs over 2T frames, this
+        clean copy of the window (at clean_timesteps, default 0) first, and returns the velocity of the
+        noisy frames only; noisy frame i attends to clean frames < i and to itself, as in a chunk-1
+        rollout (FrameMask.teacher_forcing).
         """
         cfg = self.config
         if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
@@ -235,20 +241,32 @@ class VideoDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"timesteps {tuple(timesteps.shape)} must be (B, T) = {(batch, frames)}, "
                              "one per latent frame")
         t_, h_, w_ = frames // pt, height // p, width // p
+        if (kv_cache is not None or update_cache or clean is not None) and cfg.attention != "causal":
+            what = "a KV cache needs" if clean is None else "teacher forcing (clean=...) needs"
+            raise ValueError(f"{what} a causal model; this one has attention={cfg.attention!r}")
+        if update_cache and kv_cache is None:
+            raise ValueError("update_cache=True needs a kv_cache")
+        if clean is not None:  # teacher forcing: the clean copy first, then the noisy frames -> (B, 2T, ...)
+            if clean.shape != latents.shape or kv_cache is not None:
+                raise ValueError(f"clean {tuple(clean.shape)} must match latents {tuple(latents.shape)}, "
+                                 "without a kv_cache")
+            clean_t = torch.zeros_like(timesteps) if clean_timesteps is None else clean_timesteps
+            latents, timesteps = torch.cat([clean, latents], 1), torch.cat([clean_t, timesteps], 1)
+            actions = None if actions is None else torch.cat([actions, actions], 1)
 
-        c = self.condition(timesteps, actions)  # (B, T, D)
+        c = self.condition(timesteps, actions)  # (B, T, D), or (B, 2T, D) with teacher forcing
         c = rearrange(c, "b (t pt) d -> b t pt d", pt=pt).mean(dim=2)  # (B, T/pt, D): a temporal patch shares it
         x = rearrange(latents.to(self.dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
         x = self.patch_embed(x)  # (B, T/pt, h*w, D)
-        if (kv_cache is not None or update_cache) and cfg.attention != "causal":
-            raise ValueError(f"a KV cache needs a causal model; this one has attention={cfg.attention!r}")
-        if update_cache and kv_cache is None:
-            raise ValueError("update_cache=True needs a kv_cache")
         first, offset = (0, 0) if kv_cache is None else (kv_cache.frames, kv_cache.position)
         angles = rope_angles(t_, h_, w_, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, frame_offset=offset,
                              device=x.device)
-        cos, sin = angles.cos(), angles.sin()  # (T/pt*h*w, head_dim/2)
-        mask = FrameMask(first, t_, h_ * w_, x.device) if cfg.attention == "causal" else None
+        if clean is not None:  # both copies of frame i sit at frame position i
+            angles = torch.cat([angles, angles], 0)
+            mask = FrameMask.teacher_forcing(t_, h_ * w_, x.device)
+        else:
+            mask = FrameMask(first, t_, h_ * w_, x.device) if cfg.attention == "causal" else None
+        cos, sin = angles.cos(), angles.sin()  # (T/pt*h*w, head_dim/2), doubled with teacher forcing
 
         for i, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -257,6 +275,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
                 x = block(x, c, cos, sin, mask, kv_cache, i, update_cache)
         if update_cache:
             kv_cache.advance(t_, h_ * w_)
+        if clean is not None:  # only the noisy copy's velocity
+            x, c = x[:, t_:], c[:, t_:]
         x = self.final_layer(x, c)  # (B, T/pt, h*w, pt*p*p*C)
         return rearrange(x, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=h_, pt=pt, ph=p, pw=p)
 

@@ -26,7 +26,7 @@ from minisora import plugins
 from minisora.dataset import LatentWindows, WindowLoader, WindowSampler, sample_latents
 from minisora.dist import barrier, dist_info, print0
 from minisora.ema import EMA
-from minisora.flow import FlowConfig, flow_loss, noisy, sample_times
+from minisora.flow import FlowConfig, flow_loss, noisy, sample_times, teacher_forcing_times
 from minisora.hardware import PRECISIONS, enable_tf32, resolve_precision
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
 from minisora.store import LatentStore
@@ -94,7 +94,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank) % (2**63)
 
 
+def is_teacher_forcing_step(cfg: TrainConfig, step: int) -> bool:
+    """Whether `step` trains with teacher forcing (a share cfg.flow.teacher_forcing of the steps); the same
+    answer on every rank, and again after a resume."""
+    p = cfg.flow.teacher_forcing
+    if p <= 0 or p >= 1:
+        return p >= 1
+    return torch.rand((), generator=torch.Generator().manual_seed(step_seed(cfg.seed, step, 0))).item() < p
+
+
 def check_config(cfg: TrainConfig) -> None:
+    if cfg.flow.teacher_forcing > 0 and cfg.attention != "causal":
+        raise ValueError(f"--teacher-forcing {cfg.flow.teacher_forcing} needs --attention causal (a full-attention "
+                         "model has no frame order to force)")
     if cfg.model not in DIT_MODEL_SPECS:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_MODEL_SPECS)}")
     if cfg.precision not in PRECISIONS:
@@ -238,15 +250,25 @@ def train_step(run: Run, loader: WindowLoader, step: int, stats: tuple[torch.Ten
     gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
     dtype = plugins.autocast_dtype(c, run.precision)
     loss_sum = torch.zeros((), device=device)
+    teacher = is_teacher_forcing_step(cfg, step)
     for micro in range(cfg.grad_accum):
         batch = next(loader).to(device)  # non_blocking: overlaps the copy when the loader pinned the batch
         x0 = sample_latents(batch, *stats, gen)  # (B, F, C, h, w) normalised latents
-        t, context = sample_times(x0.shape[0], x0.shape[1], cfg.flow, generator=gen, device=device)
-        t = plugins.time_as_seen(c, run.precision, t)  # (B, F) fp32, exactly what the model is given
+        actions = batch.actions if cfg.use_actions else None
+        if teacher:  # every frame noisy (own t), seeing a clean copy of the window before it
+            t, t_clean = teacher_forcing_times(x0.shape[0], x0.shape[1], cfg.flow, generator=gen, device=device)
+            t, t_clean = plugins.time_as_seen(c, run.precision, t), plugins.time_as_seen(c, run.precision, t_clean)
+            context = None
+            clean = x0 if cfg.flow.context_noise == 0 else noisy(x0, torch.randn(x0.shape, generator=gen,
+                                                                                device=device), t_clean)
+        else:
+            t, context = sample_times(x0.shape[0], x0.shape[1], cfg.flow, generator=gen, device=device)
+            t = plugins.time_as_seen(c, run.precision, t)  # (B, F) fp32, exactly what the model is given
+            clean = t_clean = None
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with plugins.micro_step(run.booster, run.model, run.optimizer, c, last=micro == cfg.grad_accum - 1):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                v = run.model(noisy(x0, noise, t), t, batch.actions if cfg.use_actions else None)
+                v = run.model(noisy(x0, noise, t), t, actions, clean=clean, clean_timesteps=t_clean)
             loss = flow_loss(v.float(), x0, noise, context) / cfg.grad_accum
             run.booster.backward(loss, run.optimizer)
         loss_sum += loss.detach()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minisora.flow import FlowConfig, euler_sample, flow_loss, logit_normal, noisy, sample_times, time_grid
+from minisora.flow import (FlowConfig, euler_sample, flow_loss, logit_normal, noisy, sample_times,
+                          teacher_forcing_times, time_grid)
 
 SHAPE = (2, 5, 3, 4, 4)  # (B, T, C, H, W)
 
@@ -215,6 +216,34 @@ def test_train_and_eval_expose_the_context_noise_options():
     train_help = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
     eval_help = CliRunner().invoke(app, ["eval", "--help"], terminal_width=200).output
     assert "--context-noise" in train_help and "--logit-mean" in train_help and "--context-noise" in eval_help
+    assert "--teacher-forcing" in train_help
+
+
+def test_teacher_forcing_times_are_per_frame_and_the_clean_copy_follows_context_noise():
+    t, t_clean = teacher_forcing_times(512, 6, FlowConfig(), generator=torch.Generator().manual_seed(0))
+    assert t.shape == t_clean.shape == (512, 6) and (t_clean == 0).all()
+    assert ((t > 0) & (t < 1)).all() and abs(t.mean().item() - 0.5) < 0.02  # logit-normal(0, 1) around 1/2
+    assert (t[:, 1:] != t[:, :1]).all()  # every frame its own time
+    low, _ = teacher_forcing_times(512, 6, FlowConfig(logit_mean=-1.0), generator=torch.Generator().manual_seed(0))
+    assert low.mean() < t.mean() - 0.1
+    _, noisy_clean = teacher_forcing_times(512, 6, FlowConfig(context_noise=0.2),
+                                           generator=torch.Generator().manual_seed(0))
+    assert (noisy_clean >= 0).all() and (noisy_clean < 0.2).all() and abs(noisy_clean.mean().item() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="teacher_forcing must be in \\[0, 1\\], got 1.5"):
+        FlowConfig(teacher_forcing=1.5)
+
+
+def test_teacher_forcing_steps_are_a_fixed_share_the_same_on_every_rank():
+    from stages.train import TrainConfig, is_teacher_forcing_step
+
+    def steps(p, seed=0):
+        cfg = TrainConfig(store="s", out="o", attention="causal", seed=seed, flow=FlowConfig(teacher_forcing=p))
+        return [is_teacher_forcing_step(cfg, step) for step in range(2000)]
+
+    assert not any(steps(0.0)) and all(steps(1.0))
+    half = steps(0.5)
+    assert half == steps(0.5) and half != steps(0.5, seed=1)  # a function of (seed, step) only
+    assert abs(sum(half) / len(half) - 0.5) < 0.05
 
 
 def test_heun_is_exact_on_a_linear_field_where_euler_is_not_and_counts_its_calls():

@@ -214,3 +214,34 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     assert np.mean(curves["model"]["psnr"]) == pytest.approx(rep["model"]["psnr"]["mean"], abs=1e-9)
     assert np.mean(curves["repeat"]["ssim"]) == pytest.approx(
         rep["baselines"]["repeat_last_context_frame"]["ssim"], abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ teacher forcing
+@pytest.mark.parametrize("with_actions", [False, True])
+def test_teacher_forcing_pass_equals_a_chunk_1_recompute_for_every_frame(with_actions):
+    """One pass over (clean copy, noisy copy) gives, for noisy frame i, the velocity of the plain causal pass
+    over clean frames < i and noisy frame i, the pass a chunk-1 rollout makes."""
+    model = random_dit(depth=3, num_actions=3)
+    g = torch.Generator().manual_seed(0)
+    clean, noisy = torch.randn(2, 5, 4, 4, 4, generator=g), torch.randn(2, 5, 4, 4, 4, generator=g)
+    t = torch.rand(2, 5, generator=g)
+    actions = torch.randint(0, 3, (2, 5), generator=g) if with_actions else None
+    with torch.no_grad():
+        v = model(noisy, t, actions, clean=clean)
+        assert v.shape == noisy.shape
+        for i in range(5):
+            window = torch.cat([clean[:, :i], noisy[:, i:i + 1]], 1)  # (B, i + 1, C, H, W)
+            times = torch.cat([torch.zeros(2, i), t[:, i:i + 1]], 1)
+            ref = model(window, times, None if actions is None else actions[:, :i + 1])[:, -1]
+            torch.testing.assert_close(v[:, i], ref, atol=ATOL, rtol=0)
+        # the clean copy's times matter: at t = 0.5 the noisy frames see other keys
+        assert not torch.allclose(v, model(noisy, t, actions, clean=clean, clean_timesteps=torch.full((2, 5), 0.5)))
+
+
+def test_teacher_forcing_needs_a_causal_model_and_matching_shapes():
+    full, causal = random_dit(attention="full"), random_dit()
+    x = torch.randn(1, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"teacher forcing \(clean=...\) needs a causal model; .* attention='full'"):
+        full(x, torch.rand(1, 3), clean=x)
+    with pytest.raises(ValueError, match=r"clean \(1, 2, 4, 4, 4\) must match latents \(1, 3, 4, 4, 4\)"):
+        causal(x, torch.rand(1, 3), clean=x[:, :2])

@@ -236,3 +236,16 @@ def test_help_states_each_plugins_contract_and_the_new_options():
     for part in ("clip:", "accumulate:", "EMA:", "checkpoint:", "--branch", "--compile", "--no-compile",
                  "[default: auto]"):
         assert part in text
+
+
+def test_teacher_forcing_trains_a_causal_model_and_is_refused_for_full_attention(store, tmp_path):
+    r = _train(store, tmp_path / "tf", "--steps", "3", "--ckpt-every", "3", "--attention", "causal",
+               "--teacher-forcing", "1", "--use-actions")
+    assert r.exit_code == 0, r.output
+    losses = _losses(tmp_path / "tf")
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < 10 for v in losses.values())
+    config = json.loads((tmp_path / "tf" / "config.json").read_text())
+    assert config["flow"]["teacher_forcing"] == 1.0
+    r = _train(store, tmp_path / "full", "--steps", "1", "--teacher-forcing", "0.5")
+    assert r.exit_code != 0
+    assert "--teacher-forcing 0.5 needs --attention causal" in r.output
