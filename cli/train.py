@@ -19,9 +19,9 @@ def train(
                               "complete."),
     out: str = typer.Option(..., help="Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json."),
     model: str = typer.Option("tiny", help=f"Model size preset: {_PRESETS}."),
-    attention: str = typer.Option("full", help="full: bidirectional attention inside the window; causal: a frame "
-                                  "attends to itself and earlier frames only, so sampling reuses a KV cache (one frame "
-                                  "of tokens per Euler step instead of a window)."),
+    attention: str = typer.Option("causal", help="causal: a frame attends to itself and earlier frames only, so "
+                                  "training can teacher-force and sampling reuses a KV cache (one frame of tokens per "
+                                  "Euler step instead of a window); full: bidirectional attention inside the window."),
     patch_size: int = typer.Option(2, min=1, help="Spatial patch size on the latents: tokens per frame = h*w / patch^2 "
                                    "(4 makes a 16x16 latent 16 tokens: 4x cheaper, coarser)."),
     frames: int = typer.Option(8, min=1, help="Latent frames per training window (clips shorter than this are not "
@@ -64,17 +64,19 @@ def train(
                                      "classifier-free guidance)."),
     seed: int = typer.Option(0, help="Seed of weights, data order, noise (a resumed run repeats the same randomness)."),
     log_every: int = typer.Option(10, min=1, help="Log loss / throughput every N steps (one host sync per interval)."),
-    p_full: float = typer.Option(0.5, help="Probability of a window with one noise level for all frames (generation)."),
+    p_full: float = typer.Option(0.5, help="Steps without teacher forcing: probability of a window with one noise "
+                           "level for all frames (generation)."),
     p_prefix: float = typer.Option(0.3, help="Probability of a clean random prefix as context (continuation)."),
     p_independent: float = typer.Option(0.2, help="Probability of an independent noise level per frame (diffusion "
                                         "forcing)."),
-    context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Context frames get their own noise level "
-                                        "t ~ U(0, this) instead of 0 (still out of the loss); sample with a small "
-                                        "eval --context-noise then (0: clean context)."),
-    teacher_forcing: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of steps trained with teacher "
+    context_noise: float = typer.Option(0.1, min=0.0, max=0.99, help="Context frames (and teacher forcing's clean "
+                                        "copy) get their own noise level t ~ U(0, this) instead of 0, still out of "
+                                        "the loss, so the model learns to continue from imperfect frames as in a "
+                                        "rollout (0: clean context)."),
+    teacher_forcing: float = typer.Option(None, min=0.0, max=1.0, help="Share of steps trained with teacher "
                                           "forcing (--attention causal): each noisy frame, at its own t, attends to "
-                                          "a clean copy of the frames before it, as in a chunk-1 rollout; the rest "
-                                          "use the --p-* mix."),
+                                          "a clean copy of the frames before it, as in a chunk-1 rollout; the other "
+                                          "steps use the --p-* mix. Default: 1 for causal models, 0 for full."),
     logit_mean: float = typer.Option(0.0, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts more of the "
                                      "loss at high noise, < 0 at low noise."),
     cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in "

@@ -46,7 +46,9 @@ class FlowConfig:
     logit_std: float = 1.0
     max_context: int | None = None  # cap on the prefix length k
     context_noise: float = 0.0  # context frames get t ~ U(0, context_noise) instead of 0 (still out of the loss)
-    teacher_forcing: float = 0.0  # share of steps that show a clean copy of the window as context (causal models)
+    # share of steps that show a clean copy of the window as context (causal models); None: the train stage
+    # picks it (1 for causal models, 0 for full attention)
+    teacher_forcing: float | None = None
 
     def __post_init__(self) -> None:
         probs = (self.p_full, self.p_prefix, self.p_independent)
@@ -61,7 +63,7 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.max_context must be >= 1 or None, got {self.max_context}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"FlowConfig.context_noise must be in [0, 1), got {self.context_noise}")
-        if not 0.0 <= self.teacher_forcing <= 1.0:
+        if self.teacher_forcing is not None and not 0.0 <= self.teacher_forcing <= 1.0:
             raise ValueError(f"FlowConfig.teacher_forcing must be in [0, 1], got {self.teacher_forcing}")
 
 

@@ -113,18 +113,21 @@ class DiTPipeline(DiffusionPipeline):
     def rollout_plan(self, total: int, given: int, chunk: int) -> list[tuple[int, int, int]]:
         """Windows (start, length, first new frame) covering latent frames [given, total).
 
-        Without context the first window generates a whole training window. Every other window
-        generates the next `chunk` frames, conditioned on as many frames before them as fit in the
-        window (window - chunk), so a window may be shorter than the training window at the start.
+        Without context, a full-attention model's first window generates a whole training window; a
+        causal model's generates `chunk` frames like every other (its first frame sees no earlier one, as
+        frame 0 of a teacher-forced window does). Every other window generates the next `chunk` frames,
+        conditioned on as many frames before them as fit in the window (window - chunk), so a window may
+        be shorter than the training window at the start.
         """
         window = self.config.window_frames
+        first = chunk if self.transformer.config.attention == "causal" else window
         if not 0 <= given < total:
             raise ValueError(f"num_frames {total} must exceed the {given} context latent frames")
         if not 0 < chunk < window:
             raise ValueError(f"chunk {chunk} must be in [1, {window - 1}] for windows of {window} latent frames")
         plan, known = [], given
         while known < total:
-            new = min(window if known == 0 else chunk, total - known)
+            new = min(first if known == 0 else chunk, total - known)
             start = known - min(known, window - new)
             plan.append((start, known - start + new, known))
             known += new

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ class TrainConfig:
     store: str
     out: str
     model: str = "tiny"
-    attention: str = "full"  # full (bidirectional in the window) | causal (a frame sees itself and earlier frames)
+    attention: str = "causal"  # causal (a frame sees itself and earlier frames) | full (bidirectional in the window)
     patch_size: int = 2  # spatial patch on the latents (tokens per frame = h*w / patch_size^2)
     frames: int = 8  # latent frames per training window
     batch_size: int = 8  # windows per rank per micro-step
@@ -67,7 +67,9 @@ class TrainConfig:
     log_every: int = 10
     split: str = "train"
     cache_shards: int = 8
-    flow: FlowConfig = field(default_factory=FlowConfig)
+    # the recipe of docs/design-notes.md ("A recipe that holds on both families"): teacher forcing (auto: on for
+    # causal models) with context noise 0.1
+    flow: FlowConfig = field(default_factory=lambda: FlowConfig(context_noise=0.1))
     wandb: bool = False
     device: str = "auto"
 
@@ -94,17 +96,24 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank) % (2**63)
 
 
+def teacher_forcing_share(cfg: TrainConfig) -> float:
+    """cfg.flow.teacher_forcing, or where it is None (auto) 1 for a causal model and 0 for full attention."""
+    if cfg.flow.teacher_forcing is not None:
+        return cfg.flow.teacher_forcing
+    return 1.0 if cfg.attention == "causal" else 0.0
+
+
 def is_teacher_forcing_step(cfg: TrainConfig, step: int) -> bool:
     """Whether `step` trains with teacher forcing (a share cfg.flow.teacher_forcing of the steps); the same
     answer on every rank, and again after a resume."""
-    p = cfg.flow.teacher_forcing
+    p = teacher_forcing_share(cfg)
     if p <= 0 or p >= 1:
         return p >= 1
     return torch.rand((), generator=torch.Generator().manual_seed(step_seed(cfg.seed, step, 0))).item() < p
 
 
 def check_config(cfg: TrainConfig) -> None:
-    if cfg.flow.teacher_forcing > 0 and cfg.attention != "causal":
+    if teacher_forcing_share(cfg) > 0 and cfg.attention != "causal":
         raise ValueError(f"--teacher-forcing {cfg.flow.teacher_forcing} needs --attention causal (a full-attention "
                          "model has no frame order to force)")
     if cfg.model not in DIT_MODEL_SPECS:
@@ -316,6 +325,7 @@ def validate(run: Run, validator: Validator | None, step: int, logger: Logger, b
 
 # ---------------------------------------------------------------------------------------- main
 def main(cfg: TrainConfig) -> dict:
+    cfg = replace(cfg, flow=replace(cfg.flow, teacher_forcing=teacher_forcing_share(cfg)))  # recorded resolved
     check_config(cfg)
     device = plugins.launch(cfg.device)
     rank, world, _ = dist_info()

@@ -177,6 +177,12 @@ def test_rollout_plan_windows(vae):
 
     plan = pipe.rollout_plan(300, 0, 4)
     assert len(plan) == 74 and plan[0] == (0, 8, 0) and plan[-1] == (292, 8, 296)
+    # a causal model starts without context frame by frame too (its frame 0 sees nothing before it)
+    pipe.transformer.register_to_config(attention="causal")
+    assert pipe.rollout_plan(4, 0, 1) == [(0, 1, 0), (0, 2, 1), (0, 3, 2), (0, 4, 3)]
+    assert pipe.rollout_plan(10, 0, 4) == [(0, 4, 0), (0, 8, 4), (2, 8, 8)]
+    assert pipe.rollout_plan(20, 4, 4) == [(0, 8, 4), (4, 8, 8), (8, 8, 12), (12, 8, 16)]  # with context: unchanged
+    pipe.transformer.register_to_config(attention="full")
     assert all(n == 8 for _, n, _ in plan)
     for (s0, n0, _), (s1, _, k1) in zip(plan, plan[1:]):
         assert k1 == s0 + n0 and k1 - s1 == 4  # next window: the last 4 frames before it as context

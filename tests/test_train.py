@@ -246,6 +246,17 @@ def test_teacher_forcing_trains_a_causal_model_and_is_refused_for_full_attention
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 10 for v in losses.values())
     config = json.loads((tmp_path / "tf" / "config.json").read_text())
     assert config["flow"]["teacher_forcing"] == 1.0
-    r = _train(store, tmp_path / "full", "--steps", "1", "--teacher-forcing", "0.5")
+    r = _train(store, tmp_path / "full", "--steps", "1", "--attention", "full", "--teacher-forcing", "0.5")
     assert r.exit_code != 0
     assert "--teacher-forcing 0.5 needs --attention causal" in r.output
+
+
+def test_the_default_recipe_is_causal_with_teacher_forcing_and_context_noise(store, tmp_path):
+    r = _train(store, tmp_path / "default", "--steps", "1", "--ckpt-every", "1")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert config["attention"] == "causal"
+    assert config["flow"]["teacher_forcing"] == 1.0 and config["flow"]["context_noise"] == 0.1
+    r = _train(store, tmp_path / "full", "--steps", "1", "--ckpt-every", "1", "--attention", "full")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["flow"]["teacher_forcing"] == 0.0
