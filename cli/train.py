@@ -77,8 +77,8 @@ def train(
                                           "forcing (--attention causal): each noisy frame, at its own t, attends to "
                                           "a clean copy of the frames before it, as in a chunk-1 rollout; the other "
                                           "steps use the --p-* mix. Default: 1 for causal models, 0 for full."),
-    logit_mean: float = typer.Option(0.0, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts more of the "
-                                     "loss at high noise, < 0 at low noise."),
+    logit_mean: float = typer.Option(0.5, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts more of the "
+                                     "loss at high noise, where a frame's layout is decided, < 0 at low noise."),
     cache_shards: int = typer.Option(8, min=1, help="Open store shards each rank mixes its batches from and keeps in "
                                      "RAM (3 more are read ahead); part of the data order, so a resumed run needs the "
                                      "same value."),

@@ -35,6 +35,7 @@ class DemoConfig:
     batch_size: int = 2  # teacher forcing doubles a window's tokens: 2 windows cost what 4 did without it
     teacher_forcing: float = 1.0  # share of steps (docs/design-notes.md: the recipe study)
     context_noise: float = 0.1
+    logit_mean: float = 0.5  # training times centred towards noise
     sample_steps: int = 5  # Euler steps per window: beat 20 on both synthetic families (the recipe study)
     context_frames: int = 4
     eval_clips: int = 16
@@ -117,7 +118,8 @@ def main(cfg: DemoConfig) -> dict:
     from stages.train import TrainConfig, main as train_main
 
     flow = FlowConfig(p_full=0.2, p_prefix=0.6, p_independent=0.2,  # the mix of steps without teacher forcing
-                      teacher_forcing=cfg.teacher_forcing, context_noise=cfg.context_noise)
+                      teacher_forcing=cfg.teacher_forcing, context_noise=cfg.context_noise,
+                      logit_mean=cfg.logit_mean)
     res = train_main(TrainConfig(store=str(store_path), out=str(run), model=cfg.model, attention=cfg.attention,
                                  patch_size=cfg.patch_size,
                                  frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, warmup=100,

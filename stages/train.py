@@ -67,9 +67,9 @@ class TrainConfig:
     log_every: int = 10
     split: str = "train"
     cache_shards: int = 8
-    # the recipe of docs/design-notes.md ("A recipe that holds on both families"): teacher forcing (auto: on for
-    # causal models) with context noise 0.1
-    flow: FlowConfig = field(default_factory=lambda: FlowConfig(context_noise=0.1))
+    # the recipe of the study in docs/design-notes.md (issue 16): teacher forcing (auto: on for causal models),
+    # context noise 0.1, logit-normal times centred at 0.5
+    flow: FlowConfig = field(default_factory=lambda: FlowConfig(context_noise=0.1, logit_mean=0.5))
     wandb: bool = False
     device: str = "auto"
 

@@ -257,6 +257,7 @@ def test_the_default_recipe_is_causal_with_teacher_forcing_and_context_noise(sto
     config = json.loads((tmp_path / "default" / "config.json").read_text())
     assert config["attention"] == "causal"
     assert config["flow"]["teacher_forcing"] == 1.0 and config["flow"]["context_noise"] == 0.1
+    assert config["flow"]["logit_mean"] == 0.5
     r = _train(store, tmp_path / "full", "--steps", "1", "--ckpt-every", "1", "--attention", "full")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "full" / "config.json").read_text())["flow"]["teacher_forcing"] == 0.0
