@@ -216,6 +216,7 @@ def resume(run: Run, where: ckpt.Resume) -> tuple[int, dict | None, dict | None]
             "the data order and the effective batch: run with the same sizes, or start a new --out (optionally "
             "initialised from this checkpoint's pipeline/)")
     if state is not None:
+        check_same_model(state, cfg, where.path)
         ckpt.optimizer_path(where.path)  # an incomplete checkpoint fails here, before anything moves
     abandoned = ckpt.abandon(cfg.out, where.newer, where.step) if rank == 0 else None
     if rank == 0 and state is not None:
@@ -241,6 +242,22 @@ def resume(run: Run, where: ckpt.Resume) -> tuple[int, dict | None, dict | None]
     print0(f"resumed from {where.path} at step {where.step}"
            + (f"; the newer checkpoints moved to {abandoned}" if abandoned else ""))
     return where.step, state["loader"], event
+
+
+def check_same_model(state: dict, cfg: TrainConfig, path) -> None:
+    """Refuse to resume a checkpoint with another attention (the same weights, another model: the default
+    changed from full to causal); announce a changed training recipe."""
+    old = state["config"]
+    was = old.get("attention", "full")  # checkpoints from before causal attention were full
+    if was != cfg.attention:
+        raise ckpt.CheckpointError(f"{path} was trained with --attention {was}; this run has --attention "
+                                   f"{cfg.attention}. Pass --attention {was} to resume it")
+    flow = old.get("flow", {})
+    for key in ("teacher_forcing", "context_noise", "logit_mean"):
+        before, now = flow.get(key) or 0.0, getattr(cfg.flow, key)  # absent in older checkpoints: 0
+        if before != now:
+            print0(f"--{key.replace('_', '-')} {now:g} replaces the checkpoint's {before:g} "
+                   f"from step {state['step']} on")
 
 
 def set_peak_lr(scheduler, lr: float) -> None:

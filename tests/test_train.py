@@ -261,3 +261,15 @@ def test_the_default_recipe_is_causal_with_teacher_forcing_and_context_noise(sto
     r = _train(store, tmp_path / "full", "--steps", "1", "--ckpt-every", "1", "--attention", "full")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "full" / "config.json").read_text())["flow"]["teacher_forcing"] == 0.0
+
+
+def test_resuming_with_another_attention_is_refused_and_a_changed_recipe_announced(store, tmp_path):
+    run = tmp_path / "run"
+    r = _train(store, run, "--steps", "1", "--ckpt-every", "1", "--attention", "full")
+    assert r.exit_code == 0, r.output
+    r = _train(store, run, "--steps", "2", "--ckpt-every", "1")  # the default is causal now
+    assert r.exit_code != 0
+    assert "was trained with --attention full; this run has --attention causal" in r.output
+    r = _train(store, run, "--steps", "2", "--ckpt-every", "1", "--attention", "full", "--logit-mean", "0")
+    assert r.exit_code == 0, r.output
+    assert "--logit-mean 0 replaces the checkpoint's 0.5 from step 1 on" in r.output
