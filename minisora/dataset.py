@@ -305,13 +305,7 @@ class WindowLoader:
                 clips, starts = self._batch_items(epoch, batch)
                 need = np.unique(self.sampler.w.shard_of(clips)).tolist()
                 shards = {k: resident[k][0].result() for k in need}
-                item = (epoch, batch, self.sampler.w.gather(shards, clips, starts, self.pin_memory))
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((epoch, batch, self.sampler.w.gather(shards, clips, starts, self.pin_memory)))
                 for use in [u for u in pending if (u[0], u[3]) == (epoch, batch)]:  # shards done with
                     pending.remove(use)
                     resident[use[1]][1] -= 1
@@ -319,12 +313,16 @@ class WindowLoader:
                         del resident[use[1]]
                 epoch, batch = (epoch, batch + 1) if batch + 1 < self.sampler.batches_per_epoch() else (epoch + 1, 0)
         except BaseException as e:  # surface reader errors in the training loop
-            while not self._stop.is_set():
-                try:
-                    self._q.put(e, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+            self._put(e)
+
+    def _put(self, item) -> None:
+        """Queue `item` for the training loop, waiting while the queue is full, unless the loader is stopped."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _batch_items(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._items_cache is None or self._items_cache[0] != epoch:

@@ -43,15 +43,14 @@ def make_store(url, lengths: dict[str, list[int]], channels=4, hw=(4, 4), clips_
     return store, data
 
 
-def synthetic_store(root, clips: int, test_clips: int, frames: int = 12) -> None:
-    """ROOT/data: synthetic DMLab clips (seed 0), ROOT/manifest.json, ROOT/vae: a tiny random AutoencoderKL
-    (torch seed 0), and ROOT/store: every clip encoded at 16x16, 2 clips per shard."""
+def synthetic_clips(root, clips: int, test_clips: int, frames: int = 12) -> Path:
+    """ROOT/data: synthetic DMLab clips (seed 0), ROOT/manifest.json and ROOT/vae: a tiny random AutoencoderKL
+    (torch seed 0). Returns ROOT."""
     import torch
 
     from minisora.data.manifest import build_manifest
     from minisora.data.synthetic import write_synthetic_dataset
     from minisora.vae import build_vae, tiny_vae_config
-    from stages.encode import EncodeConfig, main as encode_main
 
     root = Path(root)
     write_synthetic_dataset("dmlab", root / "data", clips=clips, test_clips=test_clips, frames=frames, seed=0,
@@ -60,5 +59,25 @@ def synthetic_store(root, clips: int, test_clips: int, frames: int = 12) -> None
     manifest.save(root / "manifest.json")
     torch.manual_seed(0)
     build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
+    return root
+
+
+def synthetic_store(root, clips: int, test_clips: int, frames: int = 12) -> None:
+    """`synthetic_clips`, and ROOT/store: every clip encoded at 16x16, 2 clips per shard."""
+    from stages.encode import EncodeConfig, main as encode_main
+
+    root = synthetic_clips(root, clips, test_clips, frames)
     encode_main(EncodeConfig(manifest=str(root / "manifest.json"), vae=str(root / "vae"), out=str(root / "store"),
                              size=16, clips_per_shard=2, progress=False, device="cpu"))
+
+
+def store_arrays(url) -> dict[str, np.ndarray]:
+    """Every array of every split of the store at `url`, by "split/name"."""
+    st = LatentStore(url)
+    return {f"{s}/{n}": st.array(s, n)[:] for s in st.splits for n in st.array_names()}
+
+
+def store_markers(url) -> dict[str, dict]:
+    """Every shard's commit marker of the store at `url`, by "split/shard"."""
+    st = LatentStore(url)
+    return {f"{s}/{k}": st.read_commit(s, k).__dict__ for s in st.splits for k in range(st.layout(s).num_shards)}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from _store_helpers import store_arrays, store_markers
 from cli.main import app
 from minisora.data.manifest import build_manifest
 from minisora.data.synthetic import render_dmlab_clip, write_synthetic_dataset
@@ -84,24 +85,14 @@ def _vae_encode(clips, frames, vae="kl", size=None):
     return mean[0].numpy(), logvar[0].numpy()
 
 
-def _arrays(url) -> dict[str, np.ndarray]:
-    st = LatentStore(url)
-    return {f"{s}/{n}": st.array(s, n)[:] for s in st.splits for n in st.array_names()}
-
-
-def _markers(url) -> dict[str, dict]:
-    st = LatentStore(url)
-    return {f"{s}/{k}": st.read_commit(s, k).__dict__ for s in st.splits for k in range(st.layout(s).num_shards)}
-
-
 def _assert_same_store(url, ref_url, same_shards=True):
-    got, want = _arrays(url), _arrays(ref_url)
+    got, want = store_arrays(url), store_arrays(ref_url)
     assert got.keys() == want.keys()
     for name in want:  # NaN padding included: equal_nan
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert LatentStore(url).attrs["latent_stats"] == LatentStore(ref_url).attrs["latent_stats"]
     if same_shards:  # same geometry: every shard file has the same sha256 as the reference's
-        assert _markers(url) == _markers(ref_url)
+        assert store_markers(url) == store_markers(ref_url)
 
 
 def _cli(*args):
@@ -350,7 +341,7 @@ def test_frame_stride_size_and_other_settings_refused(clips, ref, tmp_path):
     assert r.exit_code == 1
     assert (f"error: {out} exists and was encoded with other settings (source, splits/geometry differ); "
             f"pass --overwrite") in r.output
-    assert _markers(out) == _markers(ref)  # untouched
+    assert store_markers(out) == store_markers(ref)  # untouched
     r = _cli(*args, "--overwrite")
     assert r.exit_code == 0, r.output
     st = LatentStore(out)
@@ -403,7 +394,7 @@ def test_remote_urls_memory_and_file(clips, ref, tmp_path):
         assert LatentStore(url).verify() == []
         _assert_same_store(url, ref)
         _encode(clips, url)  # a re-run finds every shard committed and encodes nothing
-        assert _markers(url) == _markers(ref)
+        assert store_markers(url) == store_markers(ref)
     finally:
         fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
     file_url = f"file://{tmp_path}/store"

@@ -19,10 +19,10 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-import torch
 from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
+from _store_helpers import store_arrays, store_markers, synthetic_clips
 from cli.main import app
 from minisora.store import LatentStore, StoreError
 
@@ -49,10 +49,6 @@ def _fs():
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """{"data", "manifest", "vae", "local", "url", "encode"}: clips, a VAE, a local reference store and its S3 twin."""
-    from minisora.data.manifest import build_manifest
-    from minisora.data.synthetic import write_synthetic_dataset
-    from minisora.vae import build_vae, tiny_vae_config
-
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -68,12 +64,7 @@ def s3(tmp_path_factory):
             mp.setenv(k, os.devnull)
         fsspec.filesystem("s3").clear_instance_cache()
         _fs().mkdir(BUCKET)
-        root = tmp_path_factory.mktemp("s3")
-        write_synthetic_dataset("dmlab", root / "data", clips=6, test_clips=2, frames=12, seed=0, progress=False)
-        manifest, _ = build_manifest(root / "data", "dmlab")
-        manifest.save(root / "manifest.json")
-        torch.manual_seed(0)
-        build_vae("kl", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
+        root = synthetic_clips(tmp_path_factory.mktemp("s3"), clips=6, test_clips=2, frames=12)
         encode = ["encode", root / "manifest.json", "--vae", root / "vae", "--size", "16", "--clips-per-shard", "2",
                   "--device", "cpu"]
         r = _cli(*encode, "--out", root / "local")
@@ -87,22 +78,12 @@ def s3(tmp_path_factory):
     server.stop()
 
 
-def _arrays(url) -> dict[str, np.ndarray]:
-    st = LatentStore(url)
-    return {f"{s}/{n}": st.array(s, n)[:] for s in st.splits for n in st.array_names()}
-
-
-def _markers(url) -> dict[str, dict]:
-    st = LatentStore(url)
-    return {f"{s}/{k}": st.read_commit(s, k).__dict__ for s in st.splits for k in range(st.layout(s).num_shards)}
-
-
 def _assert_same_store(url, ref):
-    got, want = _arrays(url), _arrays(ref)
+    got, want = store_arrays(url), store_arrays(ref)
     assert got.keys() == want.keys()
     for name in want:  # NaN padding included
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    assert _markers(url) == _markers(ref)  # every shard file has the same sha256 as the local store's
+    assert store_markers(url) == store_markers(ref)  # every shard file has the same sha256 as the local store's
     assert LatentStore(url).attrs["latent_stats"] == LatentStore(ref).attrs["latent_stats"]
 
 

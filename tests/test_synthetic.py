@@ -105,14 +105,19 @@ def test_maze_is_connected_with_solid_border():
     assert all((2 * i + 1, 2 * j + 1) in open_cells for i in range(6) for j in range(6))
 
 
+def assert_clear_of_walls(maze, pos):
+    """No corner of the camera's square of half-side MAZE_RADIUS is inside a wall, at any frame of pos (T, 2)."""
+    for dx in (-MAZE_RADIUS, MAZE_RADIUS):
+        for dy in (-MAZE_RADIUS, MAZE_RADIUS):
+            assert not maze.walls[np.floor(pos[:, 0] + dx).astype(int), np.floor(pos[:, 1] + dy).astype(int)].any()
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dmlab_camera_never_enters_a_wall_and_actions_match_motion(seed):
     rng = np.random.default_rng(seed)
     maze = make_maze(rng)
     pos, angles, actions = dmlab_walk(maze, rng, 300)
-    for dx in (-MAZE_RADIUS, MAZE_RADIUS):
-        for dy in (-MAZE_RADIUS, MAZE_RADIUS):
-            assert not maze.walls[np.floor(pos[:, 0] + dx).astype(int), np.floor(pos[:, 1] + dy).astype(int)].any()
+    assert_clear_of_walls(maze, pos)
     # actions[t] is the move from frame t-1 to frame t
     step = np.linalg.norm(np.diff(pos, axis=0), axis=1)
     turn = np.diff(angles)
@@ -323,9 +328,7 @@ def test_calm_walk_stays_out_of_walls_moves_slowly_and_actions_match_motion(seed
     rng = np.random.default_rng(seed)
     maze = make_maze(rng)
     pos, angles, actions = calm_walk(maze, rng, 300)
-    for dx in (-MAZE_RADIUS, MAZE_RADIUS):
-        for dy in (-MAZE_RADIUS, MAZE_RADIUS):
-            assert not maze.walls[np.floor(pos[:, 0] + dx).astype(int), np.floor(pos[:, 1] + dy).astype(int)].any()
+    assert_clear_of_walls(maze, pos)
     step = np.linalg.norm(np.diff(pos, axis=0), axis=1)
     turn = np.diff(angles)
     names = np.array(DMLAB_ACTIONS)[actions[1:]]

@@ -1,9 +1,8 @@
 """Fixtures of the GPU tests: a tiny latent store and a tiny encoded dataset (all marked `gpu` in their files)."""
 
 import pytest
-import torch
 
-from _store_helpers import make_store
+from _store_helpers import make_store, synthetic_clips
 
 
 @pytest.fixture(scope="session")
@@ -16,14 +15,4 @@ def gpu_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory):
     """4 train + 1 test synthetic DMLab clips of 16 frames, their manifest and a tiny random KL VAE."""
-    from minisora.data.manifest import build_manifest
-    from minisora.data.synthetic import write_synthetic_dataset
-    from minisora.vae import build_vae, tiny_vae_config
-
-    root = tmp_path_factory.mktemp("clips")
-    write_synthetic_dataset("dmlab", root / "data", clips=4, test_clips=1, frames=16, seed=0, progress=False)
-    manifest, _ = build_manifest(root / "data", "dmlab")
-    manifest.save(root / "manifest.json")
-    torch.manual_seed(0)
-    build_vae("AutoencoderKL", tiny_vae_config("kl")).model.save_pretrained(root / "vae")
-    return root
+    return synthetic_clips(tmp_path_factory.mktemp("clips"), clips=4, test_clips=1, frames=16)
