@@ -22,6 +22,10 @@ def train(
     attention: str = typer.Option("causal", help="causal: a frame attends to itself and earlier frames only, so "
                                   "training can teacher-force and sampling reuses a KV cache (one frame of tokens per "
                                   "Euler step instead of a window); full: bidirectional attention inside the window."),
+    attention_kernel: str = typer.Option("auto", help="Attention kernel: auto (FlexAttention on CUDA, which skips "
+                                         "masked blocks; SDPA elsewhere), sdpa (scaled_dot_product_attention with a "
+                                         "bool mask) or flex (compiles its forward on CPU too, but has no CPU "
+                                         "backward). Not saved with the weights: sampling picks its own."),
     patch_size: int = typer.Option(2, min=1, help="Spatial patch size on the latents: tokens per frame = h*w / patch^2 "
                                    "(4 makes a 16x16 latent 16 tokens: 4x cheaper, coarser)."),
     frames: int = typer.Option(8, min=1, help="Latent frames per training window (clips shorter than this are not "
@@ -48,7 +52,8 @@ def train(
                                          "(less memory, ~30% slower)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            show_default="on for CUDA (not gemini), off on CPU",
-                                 help="torch.compile the DiT (in place, so checkpoints keep their parameter names)."),
+                                 help="torch.compile the DiT's transformer blocks (in place, so checkpoints keep "
+                                      "their parameter names; the blocks share one graph)."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0, help="EMA decay of the weights that sampling uses."),
     ckpt_every: int = typer.Option(500, min=0, help="Save a checkpoint every N steps and at the last step (0: never)."),
     keep_last: int = typer.Option(3, min=0, help="Keep only the newest N checkpoints (0: keep all)."),
@@ -99,7 +104,7 @@ def train(
     try:
         flow = FlowConfig(p_full=p_full, p_prefix=p_prefix, p_independent=p_independent, context_noise=context_noise,
                           logit_mean=logit_mean, teacher_forcing=teacher_forcing)
-        cfg = TrainConfig(store=store, out=out, model=model, attention=attention,
+        cfg = TrainConfig(store=store, out=out, model=model, attention=attention, attention_kernel=attention_kernel,
                           patch_size=patch_size, frames=frames, batch_size=batch_size, lr=lr, warmup=warmup,
                           lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                           steps=steps, weight_decay=weight_decay, grad_clip=grad_clip, plugin=plugin,

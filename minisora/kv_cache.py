@@ -1,74 +1,17 @@
-"""Frame-causal attention helpers: the frame mask, the attention call per device, and the KV cache.
+"""The KV cache of a causal VideoDiT rollout.
 
-A causal VideoDiT lets a token attend to every token of its own frame and of earlier frames, and to
-none of later frames. Clean frames (t = 0) then never depend on what comes after them, so a rollout
-can compute their keys and values once and keep them: `KVCache` holds, per transformer block, the
-rotated keys and the values of clean (temporal-patch) frames, and the absolute
-frame position of the next frame; `keep_last` rolls it. RoPE only sees position differences, so positions may grow past
-the training window without changing a result (tests/test_kvcache.py checks this).
-
-The attention call is chosen at the edge: `scaled_dot_product_attention` with a boolean mask (or no
-mask where every key is visible), and on CUDA FlexAttention with a block mask when it imports.
+A causal VideoDiT lets a token attend to its own frame and earlier frames only (minisora.attention).
+Clean frames (t = 0) then never depend on what comes after them, so a rollout can compute their
+keys and values once and keep them: `KVCache` holds, per transformer block, the rotated keys and the
+values of clean (temporal-patch) frames, and the absolute frame position of the next frame;
+`keep_last` rolls it. RoPE only sees position differences, so positions may grow past the training
+window without changing a result (tests/test_kvcache.py checks this).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-try:  # CUDA only; the CPU path never needs it
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    create_block_mask = flex_attention = None
-
-_compiled_flex = None
-
-
-class FrameMask:
-    """Which keys each query may see, for queries of frames [first, first + frames) against keys of
-    frames [0, first + frames) (the cached ones first), `tokens` tokens per frame.
-
-    `sdpa` is a (Nq, Nk) bool tensor (True: attend) or None where every key is visible (one query
-    frame against earlier ones); `flex` is a FlexAttention BlockMask on CUDA, else None.
-    """
-
-    def __init__(self, first: int, frames: int, tokens: int, device: torch.device):
-        q_frame = (torch.arange(frames, device=device) + first).repeat_interleave(tokens)  # (Nq,)
-        k_frame = torch.arange(first + frames, device=device).repeat_interleave(tokens)  # (Nk,)
-        self.sdpa = None if frames == 1 else k_frame[None, :] <= q_frame[:, None]
-        self.flex = None
-        if self.sdpa is not None and device.type == "cuda" and create_block_mask is not None:  # untested here
-            self.flex = create_block_mask(lambda b, h, q, kv: k_frame[kv] <= q_frame[q], B=None, H=None,
-                                          Q_LEN=len(q_frame), KV_LEN=len(k_frame), device=device)
-
-    @classmethod
-    def teacher_forcing(cls, frames: int, tokens: int, device: torch.device) -> "FrameMask":
-        """The mask of a teacher-forcing pass over 2 * frames frames: a clean copy of the window first,
-        then its noisy copy. Clean frame i sees clean frames <= i (as a causal pass at t = 0); noisy
-        frame i sees clean frames < i and itself, exactly what a chunk-1 rollout with the KV cache shows it."""
-        mask = cls.__new__(cls)
-        frame = torch.arange(frames, device=device).repeat_interleave(tokens).repeat(2)  # (2 N,) frame of a token
-        clean = torch.arange(2 * frames * tokens, device=device) < frames * tokens  # (2 N,) in the clean copy
-        earlier = frame[None, :] < frame[:, None]  # (2N, 2N): key frame before query frame
-        same = frame[None, :] == frame[:, None]
-        mask.sdpa = (clean[None, :] & (earlier | (same & clean[:, None]))) | (~clean[None, :] & ~clean[:, None] & same)
-        mask.flex = None
-        if device.type == "cuda" and create_block_mask is not None:  # untested here
-            allowed = mask.sdpa
-            mask.flex = create_block_mask(lambda b, h, q, kv: allowed[q, kv], B=None, H=None,
-                                          Q_LEN=len(frame), KV_LEN=len(frame), device=device)
-        return mask
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: FrameMask | None) -> Tensor:
-    """Attention of q (B, heads, Nq, d) over k, v (B, heads, Nk, d) under `mask` (None: all keys)."""
-    if mask is not None and mask.flex is not None:  # CUDA: FlexAttention skips the masked blocks
-        global _compiled_flex
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=mask.flex)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.sdpa)
 
 
 class KVCache:

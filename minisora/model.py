@@ -7,9 +7,10 @@ A DiT (Peebles & Xie) lifted to video:
 - adaLN-Zero modulation **per frame**: the conditioning c (B, T, D) is the embedding of that frame's
   t (plus that frame's action) and modulates only that frame's tokens; all gates and the output
   layer start at zero, so a fresh model predicts zero velocity;
-- q/k RMSNorm and `scaled_dot_product_attention` over all T*h*w tokens: bidirectional
-  (attention="full") or frame-causal (attention="causal": a token sees its own frame and earlier
-  frames only), in which case a rollout can reuse clean frames' keys and values (minisora.kv_cache).
+- q/k RMSNorm and attention over all T*h*w tokens: bidirectional (attention="full") or frame-causal
+  (attention="causal": a token sees its own frame and earlier frames only), in which case a rollout
+  can reuse clean frames' keys and values (minisora.kv_cache). The kernel (SDPA or FlexAttention) is
+  a runtime choice, `set_attention_kernel`, not part of the saved config (minisora.attention).
 
 A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
 `enable_gradient_checkpointing()` work as for any diffusers model.
@@ -24,7 +25,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import Tensor, nn
 
-from minisora.kv_cache import FrameMask, KVCache, attend
+from minisora.attention import KERNELS, FrameMask, attend, causal_mask, teacher_forcing_mask
+from minisora.kv_cache import KVCache
 
 ATTENTION_MODES = ("full", "causal")
 
@@ -94,7 +96,9 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0, update_cache: bool = False) -> Tensor:
         # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
         q, k, v = rearrange(self.qkv(x), "b l (three n d) -> three b n l d", three=3, n=self.num_heads)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        # CUDA autocast runs RMSNorm in fp32 while v stays bf16: one dtype for the kernel (flex has no mixed one)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = None if cache is None else cache.past(layer)
         if update_cache:
             cache.store(layer, k, v)
@@ -143,6 +147,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
     """Velocity model v(x_t, t, actions) for flow matching on video latents (see minisora.flow)."""
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ["DiTBlock"]  # what diffusers' compile_repeated_blocks compiles (compile_blocks)
 
     @register_to_config
     def __init__(self, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1, hidden_size: int = 384,
@@ -165,6 +170,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_dim)
         self.gradient_checkpointing = False
+        self.attention_kernel = "auto"  # a runtime choice (set_attention_kernel), not saved with the weights
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -190,6 +196,20 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if name not in DIT_MODEL_SPECS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(DIT_MODEL_SPECS)}")
         return cls(**{**DIT_MODEL_SPECS[name], **overrides})
+
+    def set_attention_kernel(self, kernel: str) -> "VideoDiT":
+        """Attend with `kernel`: "sdpa", "flex" or "auto" (flex on CUDA, SDPA elsewhere); see minisora.attention."""
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.attention_kernel = kernel
+        return self
+
+    def compile_blocks(self, **compile_kwargs) -> "VideoDiT":
+        """torch.compile each transformer block in place (diffusers' regional compilation): the blocks share one
+        graph, so a model compiles in the time of one block, and masks, RoPE angles and the KV cache stay eager
+        Python around them. Parameter names (and so checkpoints) are those of the plain module."""
+        self.compile_repeated_blocks(**{"dynamic": False, **compile_kwargs})
+        return self
 
     def condition(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
         """Per-frame conditioning c (B, T, D) from times (B, T) and actions (B, T) (None or < 0 -> null)."""
@@ -227,7 +247,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         clean (B, T, C, H, W), causal models only: teacher forcing. The pass runs over 2T frames, this
         clean copy of the window (at clean_timesteps, default 0) first, and returns the velocity of the
         noisy frames only; noisy frame i attends to clean frames < i and to itself, as in a chunk-1
-        rollout (FrameMask.teacher_forcing).
+        rollout (minisora.attention.teacher_forcing_mask).
         """
         cfg = self.config
         if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
@@ -261,11 +281,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         first, offset = (0, 0) if kv_cache is None else (kv_cache.frames, kv_cache.position)
         angles = rope_angles(t_, h_, w_, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, frame_offset=offset,
                              device=x.device)
+        mask: FrameMask | None = None
         if clean is not None:  # both copies of frame i sit at frame position i
             angles = torch.cat([angles, angles], 0)
-            mask = FrameMask.teacher_forcing(t_, h_ * w_, x.device)
-        else:
-            mask = FrameMask(first, t_, h_ * w_, x.device) if cfg.attention == "causal" else None
+            mask = teacher_forcing_mask(t_, h_ * w_, x.device, self.attention_kernel)
+        elif cfg.attention == "causal":
+            mask = causal_mask(first, t_, h_ * w_, x.device, self.attention_kernel)
         cos, sin = angles.cos(), angles.sin()  # (T/pt*h*w, head_dim/2), doubled with teacher forcing
 
         for i, block in enumerate(self.blocks):

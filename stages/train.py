@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from minisora import checkpoint as ckpt
 from minisora import plugins
+from minisora.attention import KERNELS, resolve_kernel
 from minisora.dataset import LatentWindows, WindowLoader, WindowSampler, sample_latents
 from minisora.dist import barrier, dist_info, print0
 from minisora.ema import EMA
@@ -41,6 +42,7 @@ class TrainConfig:
     out: str
     model: str = "tiny"
     attention: str = "causal"  # causal (a frame sees itself and earlier frames) | full (bidirectional in the window)
+    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     patch_size: int = 2  # spatial patch on the latents (tokens per frame = h*w / patch_size^2)
     frames: int = 8  # latent frames per training window
     batch_size: int = 8  # windows per rank per micro-step
@@ -55,7 +57,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (minisora.hardware) | fp32 | bf16 | fp16
     grad_accum: int = 1
     grad_checkpoint: bool = False
-    compile: bool | None = None  # torch.compile the DiT; None: on for CUDA (not gemini), off on CPU
+    compile: bool | None = None  # torch.compile the DiT's blocks; None: on for CUDA (not gemini), off on CPU
     ema_decay: float = 0.999
     ckpt_every: int = 500
     keep_last: int = 3
@@ -116,6 +118,12 @@ def check_config(cfg: TrainConfig) -> None:
     if teacher_forcing_share(cfg) > 0 and cfg.attention != "causal":
         raise ValueError(f"--teacher-forcing {cfg.flow.teacher_forcing} needs --attention causal (a full-attention "
                          "model has no frame order to force)")
+    if cfg.attention_kernel not in KERNELS:
+        raise ValueError(f"--attention-kernel must be one of {', '.join(KERNELS)}, got {cfg.attention_kernel!r}")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and cfg.attention_kernel == "flex":
+        raise ValueError("--attention-kernel flex cannot train on the CPU: torch's CPU FlexAttention has no backward "
+                         "pass; use --attention-kernel sdpa (or auto)")
     if cfg.model not in DIT_MODEL_SPECS:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_MODEL_SPECS)}")
     if cfg.precision not in PRECISIONS:
@@ -159,10 +167,11 @@ def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, devi
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size,
                                   num_actions=num_actions, attention=cfg.attention)
+    module.set_attention_kernel(cfg.attention_kernel)
     if cfg.grad_checkpoint:
         module.enable_gradient_checkpointing()
     if cfg.compile if cfg.compile is not None else (device.type == "cuda" and contract.name != "gemini"):
-        module.compile()  # in place: parameter names (and so checkpoints) stay those of the plain module
+        module.compile_blocks()  # in place: parameter names (and so checkpoints) stay those of the plain module
     optimizer = plugins.build_optimizer(contract, module, cfg.lr, cfg.weight_decay)
     schedule = lr_lambda(cfg.warmup, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -364,7 +373,8 @@ def main(cfg: TrainConfig) -> dict:
     print0(choice.line())
     print0(f"train: {cfg.model} DiT, {run.params / 1e6:.2f}M parameters; {len(run.windows.usable)} clips in "
            f"{cfg.split}, {run.sampler.batches_per_epoch()} batches/epoch; {world} process(es) x batch "
-           f"{cfg.batch_size} x accum {cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {choice.precision}")
+           f"{cfg.batch_size} x accum {cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {choice.precision}, "
+           f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)})")
     validator = Validator(cfg, run.store, run.module, device) if cfg.sample_every > 0 and rank == 0 else None
     from tqdm.auto import tqdm
 
