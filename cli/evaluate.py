@@ -34,6 +34,7 @@ def evaluate(
                             "without it."),
     kv_cache: str = options.kv_cache(),
     no_kv_cache: bool = options.no_kv_cache(),
+    attention_kernel: str = options.attention_kernel(),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
     precision: str = options.transformer_precision(),
     out: str = typer.Option("report.json", help="Report file (JSON)."),
@@ -48,7 +49,8 @@ def evaluate(
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance,
                      batch_size=batch_size, i3d=i3d,
                      context_noise=context_noise, sampler=sampler, precision=precision,
-                     device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache)
+                     device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache,
+                     attention_kernel=attention_kernel)
     try:
         report = main(cfg)
     except MinisoraError:

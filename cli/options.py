@@ -20,6 +20,11 @@ def kv_cache():
                         "identical to the recompute).")
 
 
+def attention_kernel():
+    return typer.Option("auto", help="Attention kernel of the transformer: auto (FlexAttention on CUDA, SDPA "
+                        "elsewhere), sdpa or flex (compiled on first use, on CPU too).")
+
+
 def no_kv_cache():
     return typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, as for "
                         "full-attention models (for comparison; slow).")

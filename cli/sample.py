@@ -34,6 +34,7 @@ def sample(
                               "docs/design-notes.md compares them)."),
     kv_cache: str = options.kv_cache(),
     no_kv_cache: bool = options.no_kv_cache(),
+    attention_kernel: str = options.attention_kernel(),
     format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz "
                                "(unmarked frames + latents)."),
     fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
@@ -53,7 +54,7 @@ def sample(
                        seed=seed, device=device, precision=precision,
                        context=context, context_frames=context_frames, actions=actions,
                        guidance=guidance, formats=formats, chunk=chunk, fps=fps,
-                       kv_cache="off" if no_kv_cache else kv_cache)
+                       kv_cache="off" if no_kv_cache else kv_cache, attention_kernel=attention_kernel)
     try:
         result = main(cfg)
     except MinisoraError:

@@ -60,6 +60,7 @@ class EvalConfig:
     i3d: str | None = None
     device: str = "auto"
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
+    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
 
 
@@ -180,6 +181,7 @@ def main(cfg: EvalConfig) -> dict:
     check_writable(cfg.out)  # before minutes of sampling, not after
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
+    pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
     store.require_complete()

@@ -46,6 +46,7 @@ class SampleConfig:
     chunk: int = 1  # new latent frames per rollout window
     fps: float | None = None
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
+    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
 
 
 class SampleError(MinisoraError, RuntimeError):
@@ -262,6 +263,7 @@ def write_video(path: Path, frames: np.ndarray, formats, fps: float,
 def main(cfg: SampleConfig) -> dict:
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
+    pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     total = cfg.frames or pipe.config.window_frames
     if cfg.context and total <= cfg.context_frames:
         raise SampleError(f"--frames {total}{'' if cfg.frames else ' (the training window)'} must exceed "

@@ -163,6 +163,7 @@ KN = ["--context-frames", "2", "--frames", "6"]
     (["--context", "{store}:test:0", "--actions", "context", "--context-frames", "2", "--frames", "13"],
      "12 actions < 13 latent frames"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
+    (["--attention-kernel", "xformers"], "attention kernel must be one of auto, sdpa, flex"),
 ])
 def test_sample_errors_name_the_problem(trained, tmp_path, args, message):
     if "cuda" in args and torch.cuda.is_available():
