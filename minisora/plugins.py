@@ -17,6 +17,12 @@ import torch
 
 from minisora.contracts import CONTRACTS, PLUGINS, Contract
 
+# torch's GradScaler and Gemini start fp16 here; from LowLevelZeroPlugin's 2**32, ZeRO would skip 17 steps (one to
+# use up hysteresis 2, then one per halving) just to come down to it
+INITIAL_LOSS_SCALE = 2.0**16
+# the torchrun variables `launch` sets for a world of one (and torchrun sets for each of its processes)
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 def check_combination(plugin: str, precision: str, device: torch.device, ema_decay: float) -> Contract:
     """The plugin's contract, or a clear error for a combination that cannot work."""
@@ -73,15 +79,22 @@ def launch(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def fresh_world_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the torchrun variables, for a child process that must be a world of one of its own: given
+    its parent's MASTER_PORT, its rank 0 would try to listen where the parent's store listens (EADDRINUSE)."""
+    return {k: v for k, v in env.items() if k not in TORCHRUN_VARS}
+
+
 def build_plugin(c: Contract, precision: str, grad_clip: float, grad_accum: int):
     from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
     if c.name == "ddp":
         return TorchDDPPlugin(find_unused_parameters=False)
     if c.name in ("zero1", "zero2"):
-        return LowLevelZeroPlugin(stage=int(c.name[-1]), precision=precision, max_norm=grad_clip, cast_inputs=False)
+        return LowLevelZeroPlugin(stage=int(c.name[-1]), precision=precision, max_norm=grad_clip, cast_inputs=False,
+                                  initial_scale=INITIAL_LOSS_SCALE)
     return GeminiPlugin(precision=precision, placement_policy="static", max_norm=grad_clip,
-                        enable_gradient_accumulation=grad_accum > 1)
+                        enable_gradient_accumulation=grad_accum > 1, initial_scale=INITIAL_LOSS_SCALE)
 
 
 def build_booster(c: Contract, precision: str, grad_clip: float, grad_accum: int):
@@ -121,15 +134,33 @@ def micro_step(booster, model, optimizer, c: Contract, last: bool):
 
 
 def clip_and_step(optimizer, c: Contract, max_norm: float):
-    """Clip (through the plugin's own path) and step; returns the gradient norm before clipping, or None."""
+    """Clip (through the plugin's own path) and step; returns the gradient norm before clipping (a tensor), or
+    None where ZeRO/Gemini computed none."""
     if c.clips_in_step:  # ZeRO / Gemini: max_norm was given to the plugin; the norm is known after step()
         optimizer.step()
         norm, scaler = optimizer.get_grad_norm(), find_loss_scaler(optimizer)
         # their norm is of the loss-scaled gradients (fp16); a tensor division keeps it free of host syncs
         return norm / scaler.scale if scaler is not None and norm is not None else norm
-    norm = optimizer.clip_grad_by_norm(max_norm) if max_norm > 0 else None
+    norm = _clip_booster_grads(optimizer, max_norm)
     optimizer.step()
     return norm
+
+
+def _clip_booster_grads(optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the booster optimizer's gradients to max_norm (none when max_norm <= 0); returns their norm before.
+
+    This is what TorchAMPOptimizer.clip_grad_by_norm (ddp in fp16) does, unscale then the OptimizerWrapper
+    clip, but keeping the norm it drops. Unscaled once: GradScaler.unscale_ refuses a second call before
+    update(), and its step() then leaves the gradients as they are."""
+    from colossalai.booster.mixed_precision.fp16_torch import TorchAMPOptimizer
+    from colossalai.interface import OptimizerWrapper
+
+    if isinstance(optimizer, TorchAMPOptimizer):
+        optimizer.unscale_grad()
+    if max_norm > 0:
+        return OptimizerWrapper.clip_grad_by_norm(optimizer, max_norm)  # torch clip_grad_norm_ over its params
+    grads = [p.grad for p in optimizer.parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads)
 
 
 # ------------------------------------------------------------------------------ loss scaler

@@ -1,5 +1,6 @@
-"""minisora.plugins on CPU: refusals, clipping through the plugin's path on ddp, no_sync accumulation on 2
-gloo processes equal to one large batch, the loss-scaler state, and t / RoPE precision in the model."""
+"""minisora.plugins on CPU: refusals, clipping through the plugin's path on ddp (fp16 too), no_sync accumulation
+on 2 gloo processes equal to one large batch, the loss-scaler state and ZeRO's first scale, a child process as a
+world of its own, and t / RoPE precision in the model."""
 
 import os
 
@@ -169,3 +170,74 @@ def test_no_sync_accumulation_equals_one_large_batch(tmp_path):
             torch.testing.assert_close(acc, big, atol=1e-6, rtol=1e-5)
     for a, b in zip(r0["accumulated"], r1["accumulated"]):  # and synced across the ranks
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------ issue 21
+def _amp_optimizer(scale: float | None):
+    """AdamW over two parameters in ColossalAI's fp16 wrapper for ddp. Its torch.cuda.amp.GradScaler is disabled
+    without CUDA; `scale` swaps in an enabled CPU GradScaler, so that unscaling really happens (and may happen once)."""
+    from colossalai.booster.mixed_precision.fp16_torch import TorchAMPOptimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    opt = TorchAMPOptimizer(torch.optim.AdamW(params, lr=1e-3))
+    if scale is not None:
+        opt.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        opt.scaler.scale(torch.ones(()))  # the scale tensor is created lazily
+    factor = 1.0 if scale is None else scale
+    grads = [torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0, 0.0])]  # norm 5 once unscaled
+    for p, g in zip(params, grads):
+        p.grad = g * factor  # what backward of the scaled loss leaves
+    return opt, params
+
+
+@pytest.mark.parametrize("scale", [None, 1024.0])
+def test_ddp_fp16_clipping_returns_the_unscaled_norm(scale):
+    opt, params = _amp_optimizer(scale)
+    norm = plugins.clip_and_step(opt, CONTRACTS["ddp"], max_norm=0.5)
+    assert isinstance(norm, torch.Tensor) and float(norm) == pytest.approx(5.0, rel=1e-6)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad for p in params]))
+    assert float(clipped) == pytest.approx(0.5, rel=1e-4)  # unscaled, then clipped, before step()
+    assert all(float(p.abs().max()) > 0 for p in params)  # the step was taken (not skipped as an overflow)
+
+
+def test_ddp_without_clipping_still_returns_the_norm():
+    opt, params = _amp_optimizer(1024.0)
+    norm = plugins.clip_and_step(opt, CONTRACTS["ddp"], max_norm=0.0)
+    assert float(norm) == pytest.approx(5.0, rel=1e-6)
+    assert float(torch.linalg.vector_norm(torch.cat([p.grad for p in params]))) == pytest.approx(5.0, rel=1e-6)
+
+
+def test_zero_in_fp16_starts_at_torchs_loss_scale():
+    plugins.launch("cpu")  # the plugins need a process group to be built (nothing is boosted here)
+    for name in ("zero1", "zero2"):
+        assert plugins.build_plugin(CONTRACTS[name], "fp16", 1.0, 1).zero_optim_kwargs["initial_scale"] == 2**16
+    assert plugins.build_plugin(CONTRACTS["gemini"], "fp16", 1.0, 1).optim_kwargs["initial_scale"] == 2**16
+
+
+def test_a_child_of_a_launched_process_is_a_world_of_its_own(tmp_path):
+    """`launch` leaves RANK, MASTER_PORT, ... in os.environ; a `minisora train` child given them joins that
+    (busy) port instead of making its own world of one. fresh_world_env drops exactly those variables."""
+    import socket
+    import subprocess
+    import sys
+
+    from _store_helpers import make_store
+
+    store = tmp_path / "store"
+    make_store(store, {"train": [8] * 4, "test": [8] * 2}, clips_per_shard=2, hw=(4, 4))
+    cmd = [sys.executable, "-m", "cli.main", "train", "--store", str(store), "--frames", "4", "--batch-size", "2",
+           "--steps", "1", "--device", "cpu"]
+    with socket.socket() as busy:  # the parent's rendezvous port, still listening
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1])}
+        clean = plugins.fresh_world_env(env)
+        assert set(env) - set(clean) == set(plugins.TORCHRUN_VARS) and all(clean[k] == env[k] for k in clean)
+        raw = subprocess.run(cmd + ["--out", str(tmp_path / "raw")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert raw.returncode != 0 and "EADDRINUSE" in raw.stderr, raw.stdout + raw.stderr
+        ok = subprocess.run(cmd + ["--out", str(tmp_path / "ok")], env=clean, capture_output=True, text=True,
+                            timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "on cpu, plugin ddp" in ok.stdout and (tmp_path / "ok" / "metrics.jsonl").exists()
