@@ -4,6 +4,8 @@ Layout (RUN/checkpoints/step-00000100/, renamed from a .tmp directory when compl
     model/            booster.save_model (sharded)
     optimizer/        booster.save_optimizer (sharded on CUDA; `optimizer.bin`, one file, on CPU)
     ema.safetensors   EMA weights (fp32)
+    zero-masters-rank<r>.safetensors   ZeRO only: rank r's fp32 master shards (the booster saves only the
+                      bf16/fp16 working weights, and loading them would round the masters through them)
     state.json        step, sampler position, LR scheduler, lr, loss-scaler state, world size, batch
                       size, resolved config
     pipeline/         what `minisora sample` loads (transformer/ + minisora_pipeline.json)
@@ -159,6 +161,12 @@ def save(booster, model, optimizer, final: Path, state: dict, write_rank0, rank:
     booster.save_model(model, str(tmp / "model"), shard=True)
     booster.save_optimizer(optimizer, str(tmp / ("optimizer" if sharded_optimizer else "optimizer.bin")),
                            shard=sharded_optimizer)
+    masters = master_shards(model, optimizer)
+    if masters:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in masters.items()},
+                  str(tmp / f"zero-masters-rank{rank}.safetensors"))
     if rank == 0:
         write_rank0(tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -174,10 +182,29 @@ def prune(out: str | Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: Path, booster, model, optimizer) -> None:
+def load(path: Path, booster, model, optimizer, rank: int = 0) -> None:
     """Model and optimizer shards through the booster (the plugin's own checkpoint I/O)."""
     if not (path / "model").exists():
         raise CheckpointError(f"{path} has no model/: the checkpoint is incomplete; resume from another step-*")
     opt = optimizer_path(path)
-    booster.load_model(model, str(path / "model"))
+    booster.load_model(model, str(path / "model"))  # ZeRO: also copies the working weights into the masters ...
     booster.load_optimizer(optimizer, str(opt))
+    masters = master_shards(model, optimizer)
+    saved = path / f"zero-masters-rank{rank}.safetensors"
+    if masters and saved.exists():  # ... so the exact fp32 masters are put back
+        from safetensors.torch import load_file
+
+        for name, value in load_file(str(saved)).items():
+            if name not in masters or masters[name].shape != value.shape:
+                raise CheckpointError(f"{saved}: master shard {name} does not fit this run's model and world size")
+            masters[name].copy_(value)
+
+
+def master_shards(model, optimizer) -> dict:
+    """ZeRO's fp32 master shards of this rank by parameter name ({} for optimizers that keep none)."""
+    working_to_master = getattr(optimizer, "get_working_to_master_map", None)
+    if working_to_master is None:
+        return {}
+    masters = working_to_master()
+    module = model.unwrap() if hasattr(model, "unwrap") else model
+    return {name: masters[id(p)] for name, p in module.named_parameters() if id(p) in masters}

@@ -233,7 +233,7 @@ def resume(run: Run, where: ckpt.Resume) -> tuple[int, dict | None, dict | None]
         event["abandoned"] = str(abandoned)
     if state is None:
         return 0, None, event if abandoned else None
-    ckpt.load(where.path, run.booster, run.model, run.optimizer)
+    ckpt.load(where.path, run.booster, run.model, run.optimizer, rank)
     run.scheduler.load_state_dict(state["scheduler"])
     plugins.load_scaler_state(plugins.find_loss_scaler(run.optimizer), state.get("loss_scaler"))
     if run.ema is not None:
