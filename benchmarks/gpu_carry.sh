@@ -8,9 +8,10 @@
 # below: wheels for CPython 3.12 on manylinux x86_64, each downloaded with --no-deps so that pip never
 # fetches torch, nvidia-*, triton, numpy or transformers (the script fails if one slipped in). ColossalAI
 # 0.5.0 and contexttimer are sdists on PyPI: built here into pure-Python wheels, --no-deps (no kernels).
-# ColossalAI's own pins (transformers 4.51, diffusers 0.29, bitsandbytes, galore, ray, ...) are not
-# carried: `import colossalai.booster` and the ddp/zero2 plugins need none of them (checked with
-# `gpu_check.py --verify-carry`, which imports the carry with those packages hidden).
+# ColossalAI's own pins (transformers 4.51, diffusers 0.29, ray, fastapi, ...) are not carried: importing
+# colossalai.booster and its plugins needs none of them, but it does need galore-torch and bitsandbytes
+# (colossalai.nn.optimizer imports both). Checked on 2026-12-06 by importing the carry, installed with
+# --target, with every package the GPU machine lacks hidden (docs/benchmarks.md, "The GPU check").
 # The folder must stay under 64 MiB (the device tool carries no more per call); gpu_check.py refuses more.
 set -euo pipefail
 cd "$(dirname "$0")/.."

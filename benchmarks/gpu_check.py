@@ -197,12 +197,12 @@ def summary(row: dict) -> str:
 
 def table(out: Path) -> tuple[str, int]:
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
-    lines = [f"{'row':<40}{'status':<9}{'pass':<6}summary"]
+    lines = [f"{'row':<46}{'status':<9}{'pass':<6}summary"]
     bad = 0
     for r in rows:
         ok = r.get("pass")
         bad += r.get("status") in ("error", "timeout") or ok is False
-        lines.append(f"{r['row']:<40}{r.get('status', ''):<9}{'' if ok is None else str(ok):<6}{summary(r)}")
+        lines.append(f"{r['row']:<46}{r.get('status', ''):<9}{'' if ok is None else str(ok):<6}{summary(r)}")
     return "\n".join(lines), bad
 
 

@@ -213,7 +213,8 @@ def model_parity(check: Check) -> None:
 
 
 def _kv_rollout(device: torch.device) -> dict:
-    """A chunk-1 rollout over 2 (CPU) or 3 windows with the per-window KV cache against the window recompute (tests/test_kvcache)."""
+    """A chunk-1 rollout over 2 (CPU) or 3 windows, with the per-window KV cache against the window recompute
+    (as tests/test_kvcache.py compares them)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from minisora.pipeline import DiTPipeline
