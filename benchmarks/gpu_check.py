@@ -66,20 +66,6 @@ def install(wheels: list[Path], site: Path) -> dict:
     return {"status": "ok", "site": str(site), "wheels": len(wheels), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def stub_av(site: Path) -> bool:
-    """minisora.video imports PyAV at module level (minisora.store imports it through minisora.data); PyAV
-    (34 MiB) is not carried and no row reads video, so SITE gets a module that names itself when used."""
-    env = {**os.environ, "PYTHONPATH": child_path(site)}
-    if subprocess.run([sys.executable, "-c", "import av"], env=env, capture_output=True).returncode == 0:
-        return False
-    (site / "av").mkdir(parents=True, exist_ok=True)
-    (site / "av" / "__init__.py").write_text(
-        '"""Placeholder from benchmarks/gpu_check.py: PyAV is not carried to this machine."""\n\n\n'
-        "def __getattr__(name):\n"
-        '    raise ImportError(f"av.{name}: PyAV is not installed here (benchmarks/gpu_check.py placeholder)")\n')
-    return True
-
-
 def child_path(site: Path | None) -> str:
     parts = ([str(site)] if site else []) + [str(REPO), os.environ.get("PYTHONPATH", "")]
     return os.pathsep.join(p for p in parts if p)
@@ -223,7 +209,6 @@ def main() -> None:
     if args.carry.is_dir():
         wheels = carry_wheels(args.carry)
         row = install(wheels, args.site)
-        row["av_placeholder"] = row["status"] == "ok" and stub_av(args.site)
         write_row(args.out, "install", carry_mib=sum(w.stat().st_size for w in wheels) / 2**20, **row)
         site = args.site if row["status"] == "ok" else None
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -28,6 +27,8 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 20, crf: int = 18, gop: int = 30) -> None:
     """Write RGB frames as H.264 mp4 (yuv420p, a keyframe every `gop` frames so windows seek fast)."""
+    import av  # PyAV, imported where video is read or written (training never needs it)
+
     frames = _check_frames(frames)
     t, h, w, _ = frames.shape
     path = Path(path)
@@ -44,6 +45,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 20, crf: int = 18
 
 def probe_mp4(path: str | Path) -> tuple[int, int, int, float]:
     """(frames, height, width, fps) of an mp4 without decoding it (counts packets if needed)."""
+    import av
+
     path = Path(path)
     try:
         with av.open(str(path)) as container:
@@ -68,6 +71,8 @@ def read_mp4(path: str | Path, start: int = 0, length: int | None = None) -> np.
     short window does not decode the whole file. Frame indices come from presentation
     timestamps (constant frame rate, as TECO's Minecraft videos are).
     """
+    import av
+
     path = Path(path)
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
