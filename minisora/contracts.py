@@ -2,7 +2,7 @@
 
 Plain data without torch, so that `minisora train --help` can print it without importing torch.
 Read against ColossalAI 0.5.0's booster/plugin and zero/ sources; minisora.plugins acts on it.
-None of it has run on a GPU yet (tests/gpu/ and benchmarks/gpu_check.sh are written for that run).
+None of it has run on a GPU yet (tests/gpu/ and benchmarks/gpu_check.py and gpu_suite.sh are written for that run).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every plugin says, for precision, gradient clipping, gradient accumulation, EMA 
 what it does (read against ColossalAI 0.5.0's booster/plugin and zero/ sources). `minisora train
 --help` prints these contracts, `check_combination` refuses what cannot work, and the training step
 (stages/train.py) calls only the helpers below, so the rules live in one place. None of this has
-run on a GPU yet (tests/gpu/ and benchmarks/gpu_check.sh are written for that run).
+run on a GPU yet (tests/gpu/ and benchmarks/gpu_check.py and gpu_suite.sh are written for that run).
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@ recipe (causal attention, teacher forcing, context noise) through stages.train's
 compiled against eager, and no recompile once the first step has compiled."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from _store_helpers import make_store
+from minisora import plugins
 
 SCRIPT = r"""
 import json, sys
@@ -45,8 +47,9 @@ print(json.dumps({"eager": result["eager"]["rows"], "compiled": result["compiled
 @pytest.mark.slow
 def test_the_compiled_default_step_matches_eager_and_never_recompiles(tmp_path):
     make_store(tmp_path / "store", {"train": [8] * 4}, hw=(8, 8), clips_per_shard=2)
+    # a fresh world of one: other tests may have launched a process group in this process (its port is taken)
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "store"), str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=plugins.fresh_world_env(dict(os.environ)))
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     eager, compiled = got["eager"], got["compiled"]
