@@ -33,8 +33,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -244,6 +245,45 @@ class WindowSampler:
             yield i, clips[sl], starts[sl]
 
 
+class ShardUse(NamedTuple):
+    """One stretch of a rank's batches that needs one shard: batches `first` to `last` of `epoch` (inclusive)."""
+
+    epoch: int
+    shard: int
+    first: int
+    last: int
+
+    def starts_after(self, epoch: int, batch: int) -> bool:
+        return (self.epoch, self.first) > (epoch, batch)
+
+    def ends_at(self, epoch: int, batch: int) -> bool:
+        return (self.epoch, self.last) == (epoch, batch)
+
+
+@dataclass
+class ResidentShard:
+    """A shard the loader holds: its read (in the read-ahead pool), and how many acquired uses still need it."""
+
+    read: Future
+    uses: int = 0
+
+
+class EpochItems(NamedTuple):
+    """A rank's (clips, starts) of one epoch, in delivery order."""
+
+    epoch: int
+    clips: np.ndarray
+    starts: np.ndarray
+
+
+class Delivery(NamedTuple):
+    """What the loader's thread queues for the training loop: batch `batch` of `epoch`."""
+
+    epoch: int
+    batch: int
+    windows: LatentBatch
+
+
 class WindowLoader:
     """Endless iterator of LatentBatch, assembled in a background thread with shard read-ahead; resumable.
 
@@ -262,15 +302,15 @@ class WindowLoader:
         self.epoch, self.batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
         self.peak_resident = 0  # most shards held in RAM at once (benchmarks)
         self.epoch_reads: dict[int, list[int]] = {}  # shards read for each epoch's batches (recent epochs)
-        self._items_cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._items_cache: EpochItems | None = None
         self._q: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=self.readahead, thread_name_prefix="shard-read")
         self._thread = threading.Thread(target=self._run, args=(self.epoch, self.batch), daemon=True)
         self._thread.start()
 
-    def _entries(self, epoch: int, batch: int):
-        """(epoch, shard, first batch, last batch) of every shard use, in first-use order, forever."""
+    def _shard_uses(self, epoch: int, batch: int):
+        """Every ShardUse from (epoch, batch) on, in first-use order, forever."""
         bs = self.sampler.batch_size
         while True:
             clips = self.sampler.rank_epoch(epoch).clips[batch * bs:]
@@ -279,38 +319,38 @@ class WindowLoader:
             _, last_rev = np.unique(ks[::-1], return_index=True)
             last = len(ks) - 1 - last_rev
             for i in np.argsort(first):
-                yield epoch, int(uniq[i]), batch + int(first[i]) // bs, batch + int(last[i]) // bs
+                yield ShardUse(epoch, int(uniq[i]), batch + int(first[i]) // bs, batch + int(last[i]) // bs)
             epoch, batch = epoch + 1, 0
 
     def _run(self, epoch: int, batch: int) -> None:
-        resident: dict[int, list] = {}  # shard -> [Future of its arrays, uses not yet finished]
-        pending: list[tuple[int, int, int, int]] = []  # acquired uses, not yet finished
-        entries = self._entries(epoch, batch)
-        upcoming = next(entries)
+        resident: dict[int, ResidentShard] = {}  # shard -> its read and its unfinished uses
+        pending: list[ShardUse] = []  # acquired uses, not yet finished
+        uses = self._shard_uses(epoch, batch)
+        upcoming = next(uses)
         try:
             while not self._stop.is_set():
                 # acquire every shard use starting by this batch, plus `readahead` more (read in the pool)
-                ahead = sum((u[0], u[2]) > (epoch, batch) for u in pending)
-                while (upcoming[0], upcoming[2]) <= (epoch, batch) or ahead < self.readahead:
-                    if (upcoming[0], upcoming[2]) > (epoch, batch):
+                ahead = sum(u.starts_after(epoch, batch) for u in pending)
+                while not upcoming.starts_after(epoch, batch) or ahead < self.readahead:
+                    if upcoming.starts_after(epoch, batch):
                         ahead += 1
-                    k = upcoming[1]
-                    if k not in resident:
-                        resident[k] = [self._pool.submit(self.sampler.w.load_shard, k), 0]
-                        self.epoch_reads.setdefault(upcoming[0], []).append(k)
-                    resident[k][1] += 1
+                    if upcoming.shard not in resident:
+                        resident[upcoming.shard] = ResidentShard(self._pool.submit(self.sampler.w.load_shard,
+                                                                                   upcoming.shard))
+                        self.epoch_reads.setdefault(upcoming.epoch, []).append(upcoming.shard)
+                    resident[upcoming.shard].uses += 1
                     pending.append(upcoming)
-                    upcoming = next(entries)
+                    upcoming = next(uses)
                 self.peak_resident = max(self.peak_resident, len(resident))
                 clips, starts = self._batch_items(epoch, batch)
                 need = np.unique(self.sampler.w.shard_of(clips)).tolist()
-                shards = {k: resident[k][0].result() for k in need}
-                self._put((epoch, batch, self.sampler.w.gather(shards, clips, starts, self.pin_memory)))
-                for use in [u for u in pending if (u[0], u[3]) == (epoch, batch)]:  # shards done with
+                shards = {k: resident[k].read.result() for k in need}
+                self._put(Delivery(epoch, batch, self.sampler.w.gather(shards, clips, starts, self.pin_memory)))
+                for use in [u for u in pending if u.ends_at(epoch, batch)]:  # shards done with
                     pending.remove(use)
-                    resident[use[1]][1] -= 1
-                    if resident[use[1]][1] == 0:
-                        del resident[use[1]]
+                    resident[use.shard].uses -= 1
+                    if resident[use.shard].uses == 0:
+                        del resident[use.shard]
                 epoch, batch = (epoch, batch + 1) if batch + 1 < self.sampler.batches_per_epoch() else (epoch + 1, 0)
         except BaseException as e:  # surface reader errors in the training loop
             self._put(e)
@@ -325,11 +365,10 @@ class WindowLoader:
                 continue
 
     def _batch_items(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._items_cache is None or self._items_cache[0] != epoch:
-            self._items_cache = (epoch, self.sampler.epoch_items(epoch))
-        clips, starts = self._items_cache[1]
+        if self._items_cache is None or self._items_cache.epoch != epoch:
+            self._items_cache = EpochItems(epoch, *self.sampler.epoch_items(epoch))
         sl = slice(batch * self.sampler.batch_size, (batch + 1) * self.sampler.batch_size)
-        return clips[sl], starts[sl]
+        return self._items_cache.clips[sl], self._items_cache.starts[sl]
 
     def __iter__(self):
         return self
@@ -338,12 +377,11 @@ class WindowLoader:
         item = self._q.get()
         if isinstance(item, BaseException):
             raise item
-        epoch, i, batch = item
         n = self.sampler.batches_per_epoch()
-        self.epoch, self.batch = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
+        self.epoch, self.batch = (item.epoch, item.batch + 1) if item.batch + 1 < n else (item.epoch + 1, 0)
         for e in [e for e in list(self.epoch_reads) if e < self.epoch - 2]:
             self.epoch_reads.pop(e, None)
-        return batch
+        return item.windows
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "cache_shards": self.sampler.mix}

@@ -18,6 +18,8 @@ A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -29,6 +31,14 @@ from minisora.attention import KERNELS, FrameMask, attend, causal_mask, teacher_
 from minisora.kv_cache import KVCache
 
 ATTENTION_MODES = ("full", "causal")
+
+
+class PatchGrid(NamedTuple):
+    """The patches of one pass: frames (temporal patches) x height x width."""
+    frames: int
+    height: int
+    width: int
+
 
 # Sizes follow DiT (S/B/L/XL); "tiny" is for CPU demos and tests of the whole pipeline.
 DIT_MODEL_SPECS: dict[str, dict] = {
@@ -96,8 +106,9 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0, update_cache: bool = False) -> Tensor:
         # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
         q, k, v = rearrange(self.qkv(x), "b l (three n d) -> three b n l d", three=3, n=self.num_heads)
-        # CUDA autocast runs RMSNorm in fp32 while v stays bf16: one dtype for the kernel (flex has no mixed one)
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        # norms in the weights' dtype (fp32 under autocast: no bf16-vs-fp32 mix), q, k back in v's for the kernel
+        dtype = self.qkv.weight.dtype
+        q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = None if cache is None else cache.past(layer)
         if update_cache:
@@ -234,21 +245,96 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None,
                 kv_cache: KVCache | None = None, update_cache: bool = False, clean: Tensor | None = None,
                 clean_timesteps: Tensor | None = None) -> Tensor:
-        """Velocity (B, T, C, H, W) for latents (B, T, C, H, W) at times (B, T) in [0, 1].
+        """Velocity (B, T, C, H, W) by the pass the arguments pick (the entry point of callers and DDP wrappers).
 
-        actions (B, T) int in [0, num_actions), or None / negative entries for the learned null action
-        (classifier-free guidance). In train mode each sample's actions are all replaced by the null
-        action with probability action_dropout.
-
-        kv_cache (causal models only): these frames follow the cached clean frames, at absolute frame
-        positions kv_cache.position on, and attend to them; update_cache=True appends these frames'
-        keys and values to the cache (give it clean frames, t = 0). See minisora.kv_cache.
-
-        clean (B, T, C, H, W), causal models only: teacher forcing. The pass runs over 2T frames, this
-        clean copy of the window (at clean_timesteps, default 0) first, and returns the velocity of the
-        noisy frames only; noisy frame i attends to clean frames < i and to itself, as in a chunk-1
-        rollout (minisora.attention.teacher_forcing_mask).
+        Args:
+            latents: (B, T, C, H, W) noisy latents; T, H, W divisible by the patch.
+            timesteps: (B, T) each frame's time in [0, 1] (0 = clean, 1 = noise).
+            actions: (B, T) int in [0, num_actions), or None / negative entries for the learned null action
+                (classifier-free guidance); in train mode a sample's actions all become null with p = action_dropout.
+            kv_cache: causal models only: these frames follow the cached clean frames (`forward_cached`).
+            update_cache: with kv_cache: also append these frames' keys and values (give clean frames, t = 0).
+            clean: (B, T, C, H, W), causal models only, no kv_cache: this clean copy (`forward_teacher_forcing`).
+            clean_timesteps: (B, T) the clean copy's times (default 0); only with clean.
         """
+        if clean is not None:
+            if kv_cache is not None or update_cache:
+                raise ValueError("teacher forcing (clean=...) runs without a kv_cache")
+            return self.forward_teacher_forcing(latents, timesteps, clean, actions, clean_timesteps)
+        if clean_timesteps is not None:
+            raise ValueError("clean_timesteps are the times of a clean copy: pass clean=... too")
+        if kv_cache is not None or update_cache:
+            return self.forward_cached(latents, timesteps, kv_cache, actions, update_cache)
+        return self.forward_plain(latents, timesteps, actions)
+
+    def forward_plain(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+        """One pass over the window, with the model's attention (full, or frame-causal from frame 0).
+
+        Args:
+            latents: (B, T, C, H, W) noisy latents.
+            timesteps: (B, T) each frame's time in [0, 1].
+            actions: (B, T) or None, as for `forward`.
+        """
+        grid = self._grid(latents, timesteps)
+        x, c = self._embed(latents, timesteps, actions)
+        cos, sin = self._rope(grid, 0, x.device)
+        mask = None
+        if self.config.attention == "causal":
+            mask = causal_mask(0, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
+        x = self._run_blocks(x, c, cos, sin, mask)
+        return self._unpatchify(self.final_layer(x, c), grid)
+
+    def forward_cached(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None,
+                       update_cache: bool = False) -> Tensor:
+        """A causal pass of frames after the cached clean frames, at frame positions kv_cache.position on.
+
+        Args:
+            latents: (B, T, C, H, W) the frames after the cached ones.
+            timesteps: (B, T) their times in [0, 1].
+            kv_cache: the cache of this rollout; its batch must be B.
+            actions: (B, T) or None, as for `forward`.
+            update_cache: append these frames' keys and values and advance the cache (give clean frames, t = 0).
+        """
+        grid = self._grid(latents, timesteps)
+        self._require_causal("a KV cache needs")
+        if kv_cache is None:
+            raise ValueError("update_cache=True needs a kv_cache")
+        x, c = self._embed(latents, timesteps, actions)
+        cos, sin = self._rope(grid, kv_cache.position, x.device)
+        mask = causal_mask(kv_cache.frames, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
+        x = self._run_blocks(x, c, cos, sin, mask, kv_cache, update_cache)
+        if update_cache:
+            kv_cache.advance(grid.frames, grid.height * grid.width)
+        return self._unpatchify(self.final_layer(x, c), grid)
+
+    def forward_teacher_forcing(self, latents: Tensor, timesteps: Tensor, clean: Tensor,
+                                actions: Tensor | None = None, clean_timesteps: Tensor | None = None) -> Tensor:
+        """Velocity of the noisy frames from one pass over 2T frames: the clean copy first, then the noisy one.
+
+        Args:
+            latents: (B, T, C, H, W) the noisy frames; frame i sees clean frames < i and itself (a chunk-1 rollout).
+            timesteps: (B, T) their times in [0, 1].
+            clean: (B, T, C, H, W) the clean (or lightly noised) copy of the same window.
+            actions: (B, T) or None, as for `forward`; both copies get them.
+            clean_timesteps: (B, T) the clean copy's times; None for 0.
+        """
+        grid = self._grid(latents, timesteps)
+        self._require_causal("teacher forcing (clean=...) needs")
+        if clean.shape != latents.shape:
+            raise ValueError(f"clean {tuple(clean.shape)} must match latents {tuple(latents.shape)}")
+        clean_t = torch.zeros_like(timesteps) if clean_timesteps is None else clean_timesteps
+        if clean_t.shape != timesteps.shape:
+            raise ValueError(f"clean_timesteps {tuple(clean_t.shape)} must match timesteps {tuple(timesteps.shape)}")
+        both = None if actions is None else torch.cat([actions, actions], 1)
+        x, c = self._embed(torch.cat([clean, latents], 1), torch.cat([clean_t, timesteps], 1), both)  # 2T frames
+        cos, sin = self._rope(grid, 0, x.device)
+        cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])  # both copies of frame i at position i
+        mask = teacher_forcing_mask(grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
+        x = self._run_blocks(x, c, cos, sin, mask)
+        return self._unpatchify(self.final_layer(x[:, grid.frames:], c[:, grid.frames:]), grid)  # noisy copy only
+
+    def _grid(self, latents: Tensor, timesteps: Tensor) -> PatchGrid:
+        """The patch grid of latents (B, T, C, H, W), after checking them and timesteps (B, T)."""
         cfg = self.config
         if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
             raise ValueError(f"latents must be (B, T, {cfg.in_channels}, H, W), got {tuple(latents.shape)}")
@@ -260,54 +346,46 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if timesteps.shape != (batch, frames):
             raise ValueError(f"timesteps {tuple(timesteps.shape)} must be (B, T) = {(batch, frames)}, "
                              "one per latent frame")
-        t_, h_, w_ = frames // pt, height // p, width // p
-        if (kv_cache is not None or update_cache or clean is not None) and cfg.attention != "causal":
-            what = "a KV cache needs" if clean is None else "teacher forcing (clean=...) needs"
-            raise ValueError(f"{what} a causal model; this one has attention={cfg.attention!r}")
-        if update_cache and kv_cache is None:
-            raise ValueError("update_cache=True needs a kv_cache")
-        if clean is not None:  # teacher forcing: the clean copy first, then the noisy frames -> (B, 2T, ...)
-            if clean.shape != latents.shape or kv_cache is not None:
-                raise ValueError(f"clean {tuple(clean.shape)} must match latents {tuple(latents.shape)}, "
-                                 "without a kv_cache")
-            clean_t = torch.zeros_like(timesteps) if clean_timesteps is None else clean_timesteps
-            latents, timesteps = torch.cat([clean, latents], 1), torch.cat([clean_t, timesteps], 1)
-            actions = None if actions is None else torch.cat([actions, actions], 1)
+        return PatchGrid(frames // pt, height // p, width // p)
 
-        c = self.condition(timesteps, actions)  # (B, T, D), or (B, 2T, D) with teacher forcing
+    def _require_causal(self, what: str) -> None:
+        if self.config.attention != "causal":
+            raise ValueError(f"{what} a causal model; this one has attention={self.config.attention!r}")
+
+    def _embed(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Tokens x (B, T/pt, h*w, D) and per-(temporal patch) conditioning c (B, T/pt, D)."""
+        pt, p = self.config.patch_size_t, self.config.patch_size
+        c = self.condition(timesteps, actions)  # (B, T, D)
         c = rearrange(c, "b (t pt) d -> b t pt d", pt=pt).mean(dim=2)  # (B, T/pt, D): a temporal patch shares it
         x = rearrange(latents.to(self.dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
-        x = self.patch_embed(x)  # (B, T/pt, h*w, D)
-        first, offset = (0, 0) if kv_cache is None else (kv_cache.frames, kv_cache.position)
-        angles = rope_angles(t_, h_, w_, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, frame_offset=offset,
-                             device=x.device)
-        mask: FrameMask | None = None
-        if clean is not None:  # both copies of frame i sit at frame position i
-            angles = torch.cat([angles, angles], 0)
-            mask = teacher_forcing_mask(t_, h_ * w_, x.device, self.attention_kernel)
-        elif cfg.attention == "causal":
-            mask = causal_mask(first, t_, h_ * w_, x.device, self.attention_kernel)
-        cos, sin = angles.cos(), angles.sin()  # (T/pt*h*w, head_dim/2), doubled with teacher forcing
+        return self.patch_embed(x), c
 
+    def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        cfg = self.config  # the frames from absolute frame `frame_offset` on
+        angles = rope_angles(grid.frames, grid.height, grid.width, cfg.hidden_size // cfg.num_heads, cfg.rope_theta,
+                             frame_offset=frame_offset, device=device)
+        return angles.cos(), angles.sin()  # each (T/pt*h*w, head_dim/2)
+
+    def _run_blocks(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None,
+                    cache: KVCache | None = None, update_cache: bool = False) -> Tensor:
+        # gradient checkpointing recomputes a block in backward, which would read and write a cache again
+        checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing and cache is None
         for i, block in enumerate(self.blocks):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, cos, sin, mask)
-            else:
-                x = block(x, c, cos, sin, mask, kv_cache, i, update_cache)
-        if update_cache:
-            kv_cache.advance(t_, h_ * w_)
-        if clean is not None:  # only the noisy copy's velocity
-            x, c = x[:, t_:], c[:, t_:]
-        x = self.final_layer(x, c)  # (B, T/pt, h*w, pt*p*p*C)
-        return rearrange(x, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=h_, pt=pt, ph=p, pw=p)
+            args = (x, c, cos, sin, mask, cache, i, update_cache)
+            x = self._gradient_checkpointing_func(block, *args) if checkpoint else block(*args)
+        return x
+
+    def _unpatchify(self, x: Tensor, grid: PatchGrid) -> Tensor:
+        """(B, T/pt, h*w, pt*p*p*C) -> (B, T, C, H, W)."""
+        pt, p = self.config.patch_size_t, self.config.patch_size
+        return rearrange(x, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=grid.height, pt=pt, ph=p, pw=p)
 
 
 def count_params(preset_or_spec: str | dict, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1,
                  num_actions: int = 0) -> int:
     """Parameters of a VideoDiT, from its sizes alone (no instantiation, so it is instant even for xl).
 
-    `preset_or_spec` is a preset name or a dict with hidden_size, depth, num_heads (and optionally
-    mlp_ratio, frequency_dim).
+    `preset_or_spec`: a preset name or a dict with hidden_size, depth, num_heads (optionally mlp_ratio, frequency_dim).
     """
     spec = DIT_MODEL_SPECS[preset_or_spec] if isinstance(preset_or_spec, str) else preset_or_spec
     d, depth, heads = spec["hidden_size"], spec["depth"], spec["num_heads"]

@@ -43,7 +43,13 @@ __all__ = ["ARRAYS_5D", "SCHEMA_VERSION", "LatentStore", "ShardCommit", "SplitLa
 
 
 class LatentStore:
-    """Open (or create) a latent store at a local path or fsspec URL (`memory://`, `s3://`, ...)."""
+    """Open (or create) a latent store at a local path or fsspec URL (`memory://`, `s3://`, ...).
+
+    Args:
+        url: the store's root, a local path or an fsspec URL.
+        mode: "r" opens an existing store read-only and checks it is one (StoreError if not); any other mode
+            ("a", as a resumed encode uses) opens or creates the Zarr group for writing (`create` uses "w").
+    """
 
     def __init__(self, url: str | Path, mode: str = "r"):
         self.url = str(url)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _store_helpers import make_store
-from minisora.dataset import LatentWindows, WindowLoader, WindowSampler, sample_latents
+from minisora.dataset import LatentWindows, ShardUse, WindowLoader, WindowSampler, sample_latents
 
 LENGTHS = {"train": [10, 12, 5, 20, 3, 15, 8, 9, 11, 7], "test": [6, 6]}
 
@@ -80,6 +80,27 @@ def test_loader_resumes_mid_epoch(store):
     for x, y in zip(ref, first + rest):
         assert torch.equal(x.mean, y.mean) and torch.equal(x.clip, y.clip) and torch.equal(x.start, y.start)
 
+
+
+def test_shard_uses_span_the_batches_that_need_their_shard(store):
+    w = LatentWindows(store[0], "train", 4, cache_shards=2)
+    s = WindowSampler(w, 2, seed=1)
+    loader = WindowLoader(s)
+    loader.close()
+    n = s.batches_per_epoch()
+    uses, it = [], loader._shard_uses(0, 1)  # from batch 1 of epoch 0 on
+    while not uses or uses[-1].epoch < 2:
+        uses.append(next(it))
+    for epoch in (0, 1):
+        needs = {b: set(w.shard_of(clips).tolist()) for b, clips, _ in s.batches(epoch, 1 if epoch == 0 else 0)}
+        for b, need in needs.items():  # a batch's shards are all held ...
+            assert need <= {u.shard for u in uses if u.epoch == epoch and u.first <= b <= u.last}, (epoch, b)
+        for u in (u for u in uses if u.epoch == epoch):  # ... by a use that starts and ends where it is needed
+            assert u.shard in needs[u.first] and u.shard in needs[u.last]
+    assert min(u.first for u in uses if u.epoch == 0) == 1 and max(u.last for u in uses if u.epoch == 0) == n - 1
+    use = ShardUse(epoch=1, shard=2, first=1, last=3)
+    assert use.starts_after(1, 0) and use.starts_after(0, 3) and not use.starts_after(1, 1)
+    assert use.ends_at(1, 3) and not use.ends_at(1, 1) and not use.ends_at(2, 3)
 
 def test_sample_latents_normalises_with_store_stats(store):
     st, _ = store

@@ -1,10 +1,13 @@
 """The video DiT (minisora.model): shapes, adaLN-Zero, parameter counts, per-frame conditioning, RoPE,
 actions, gradient checkpointing, save/load, and that it can fit one clip with the flow loss."""
 
+import warnings
+
 import pytest
 import torch
 
 from minisora.flow import FlowConfig, flow_loss, noisy, sample_times
+from minisora.kv_cache import KVCache
 from minisora.model import DIT_MODEL_SPECS, VideoDiT, apply_rope, count_params, rope_angles
 
 TINY = dict(in_channels=4, hidden_size=32, depth=2, num_heads=2)
@@ -237,3 +240,78 @@ def test_cli_preset_help_matches_computed_counts():
     assert set(listed) == set(DIT_MODEL_SPECS)
     for name, millions in listed.items():
         assert float(millions) == round(count_params(name) / 1e6, 1)
+
+
+def test_forward_picks_the_pass_its_arguments_name():
+    model = _model(num_actions=3, attention="causal")
+    x, t, a = _randn(2, 4, 4, 8, 8), torch.rand(2, 4), torch.randint(0, 3, (2, 4))
+    clean, t_clean = _randn(2, 4, 4, 8, 8, seed=1), torch.rand(2, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, a), model.forward_plain(x, t, a))
+        assert torch.equal(model(x, t, a, clean=clean, clean_timesteps=t_clean),
+                           model.forward_teacher_forcing(x, t, clean, a, t_clean))
+        caches = [KVCache(2, position=3), KVCache(2, position=3)]
+        for cache in caches:
+            model(clean[:, :2], torch.zeros(2, 2), a[:, :2], kv_cache=cache, update_cache=True)
+        via_forward = model(x[:, 2:], t[:, 2:], a[:, 2:], kv_cache=caches[0])
+        assert torch.equal(via_forward, model.forward_cached(x[:, 2:], t[:, 2:], caches[1], a[:, 2:]))
+    assert caches[0].frames == 2 and caches[0].position == 5  # only update_cache=True advanced it
+
+
+def test_each_pass_checks_its_own_arguments():
+    causal, full = _model(attention="causal"), _model()
+    x, t = _randn(1, 3, 4, 8, 8), torch.rand(1, 3)
+    with pytest.raises(ValueError, match=r"teacher forcing \(clean=...\) runs without a kv_cache"):
+        causal(x, t, clean=x, kv_cache=KVCache(2))
+    with pytest.raises(ValueError, match="clean_timesteps are the times of a clean copy"):
+        causal(x, t, clean_timesteps=t)
+    with pytest.raises(ValueError, match=r"clean_timesteps \(1, 2\) must match timesteps \(1, 3\)"):
+        causal(x, t, clean=x, clean_timesteps=t[:, :2])
+    with pytest.raises(ValueError, match="update_cache=True needs a kv_cache"):
+        causal(x, t, update_cache=True)
+    with pytest.raises(ValueError, match="KV cache needs a causal model; this one has attention='full'"):
+        full.forward_cached(x, t, KVCache(2))
+    with pytest.raises(ValueError, match=r"timesteps \(1, 2\) must be \(B, T\) = \(1, 3\)"):
+        causal.forward_teacher_forcing(x, t[:, :2], x)
+
+
+def test_a_cached_pass_with_gradients_and_checkpointing_stores_each_frame_once():
+    # a checkpointed block is recomputed in backward, which would store its keys again: cached passes run unchecked
+    x, t = _randn(1, 3, 4, 8, 8), torch.rand(1, 3)
+    outs, caches = [], []
+    for ckpt in (False, True):
+        model = _model(attention="causal").train()
+        if ckpt:
+            model.enable_gradient_checkpointing()
+        cache = KVCache(2)
+        v = model(x, t, kv_cache=cache, update_cache=True)
+        v.square().mean().backward()
+        outs.append(v.detach())
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    assert [tuple(c.keys[0].shape) for c in caches] == [(1, 2, 3 * 16, 16)] * 2  # 3 frames of 4x4 tokens, once
+    assert torch.equal(caches[0].keys[1], caches[1].keys[1])
+
+
+def test_the_q_k_norms_run_in_the_weights_dtype_without_warnings():
+    # CPU autocast hands the norms bf16 q, k; against fp32 weights torch.rms_norm warns "Mismatch dtype" and runs
+    # unfused; fed fp32 it gives the same bits (computed in fp32, rounded to bf16 once)
+    seen = []
+    model = _model(attention="causal")
+    model.blocks[0].attn.q_norm.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    x, t = _randn(1, 2, 4, 8, 8), torch.rand(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model(x, t, clean=x)
+        model.to(torch.bfloat16)
+        with torch.no_grad():
+            v16 = model(x, t)
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    assert v.dtype == v16.dtype == torch.bfloat16 and torch.isfinite(v).all() and torch.isfinite(v16).all()
+    q = _randn(2, 3, 40, 16).bfloat16()
+    weight = 1 + 0.1 * _randn(16, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mixed call the norms got before: bf16 input, fp32 weight
+        mixed = torch.nn.functional.rms_norm(q, (16,), weight, 1e-6)
+    assert torch.equal(torch.nn.functional.rms_norm(q.float(), (16,), weight, 1e-6).bfloat16(), mixed)
