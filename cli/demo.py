@@ -6,7 +6,7 @@ import typer
 
 from stages.demo import DemoConfig
 
-D = DemoConfig()  # the defaults live in one place (stages/demo.py, planned in docs/benchmarks.md)
+D = DemoConfig()  # each option's default is its DemoConfig field's (stages/demo.py, planned in docs/benchmarks.md)
 
 
 def demo(

@@ -11,38 +11,52 @@ from typer.core import TyperGroup
 from cli import data, demo, encode, evaluate, sample, store, train, vae
 from minisora.errors import MinisoraError, MinisoraWarning, debug_enabled, user_message
 
+# Third-party warnings that say nothing about a minisora run, hidden unless --debug (or MINISORA_DEBUG=1):
+# (message prefix, category, module). ColossalAI's imports ask for optional CUDA extensions that minisora does
+# not use: TensorNVMe (async checkpoint saving) and apex (fused RMSNorm kernels).
+QUIET_WARNINGS = (
+    ("Please install the latest tensornvme", UserWarning, r"colossalai\.utils\.safetensors"),
+    ("Please install apex from source", UserWarning, r"colossalai\.shardformer\.layer\.normalization"),
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Hide QUIET_WARNINGS, each by its message, category and the module that warns."""
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
 
 class _ReportingGroup(TyperGroup):
     """The one place that turns errors into the user's one line: `error: <path>: <problem>`, exit 1.
 
     Every minisora error type (a MinisoraError) and OS errors (unwritable or missing paths, a full
     disk) are reported this way; anything else is a bug and keeps its traceback. `--debug` or
-    MINISORA_DEBUG=1 shows the traceback of the reported errors too.
+    MINISORA_DEBUG=1 shows the traceback of the reported errors too, and the third-party warnings that
+    QUIET_WARNINGS hides otherwise.
     """
 
     def invoke(self, ctx):
-        show = warnings.showwarning
+        with warnings.catch_warnings():  # the filters and `showwarning` set below last for this command only
+            show = warnings.showwarning
 
-        def one_line(message, category, *args, **kwargs):  # minisora's warnings as `warning: ...`, others as usual
-            if issubclass(category, MinisoraWarning):
-                typer.secho(f"warning: {message}", fg="yellow", err=True)
-            else:
-                show(message, category, *args, **kwargs)
+            def one_line(message, category, *args, **kwargs):  # minisora's as `warning: ...`, others as usual
+                if issubclass(category, MinisoraWarning):
+                    typer.secho(f"warning: {message}", fg="yellow", err=True)
+                else:
+                    show(message, category, *args, **kwargs)
 
-        warnings.showwarning = one_line
-        try:
-            if ctx.invoked_subcommand is not None:  # a command runs (not --help): the process-wide CPU setting
-                from minisora.hardware import flush_denormals
+            warnings.showwarning = one_line
+            try:
+                if ctx.invoked_subcommand is not None:  # a command runs (not --help): the process-wide CPU setting
+                    from minisora.hardware import flush_denormals
 
-                flush_denormals()
-            return super().invoke(ctx)
-        except (MinisoraError, OSError) as e:
-            if debug_enabled():
-                raise
-            typer.secho(f"error: {user_message(e)}", fg="red", err=True)
-            raise typer.Exit(1) from None
-        finally:
-            warnings.showwarning = show
+                    flush_denormals()
+                return super().invoke(ctx)
+            except (MinisoraError, OSError) as e:
+                if debug_enabled():
+                    raise
+                typer.secho(f"error: {user_message(e)}", fg="red", err=True)
+                raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -56,10 +70,12 @@ app = typer.Typer(
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug",
-                                        help="Show the full traceback of an error (same as MINISORA_DEBUG=1).")):
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error and "
+                                        "third-party warnings (same as MINISORA_DEBUG=1).")):
     if debug:
         os.environ["MINISORA_DEBUG"] = "1"  # also seen by torchrun workers and subprocesses
+    if not debug_enabled():
+        quiet_third_party_warnings()
 
 
 app.add_typer(data.app, name="data", help="Clip sources: synthetic TECO-layout data, manifests, TECO downloads.")

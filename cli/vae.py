@@ -9,7 +9,10 @@ from pathlib import Path
 
 import typer
 
+from minisora.configs import VAETrainConfig, defaults
+
 app = typer.Typer(no_args_is_help=True)
+V = defaults(VAETrainConfig)  # every `vae train` option's default is its VAETrainConfig field's
 
 
 class Loss(str, Enum):
@@ -23,53 +26,52 @@ def train(
                                   "manifest`; trains on its train split, reports PSNR on its test split."),
     out: Path = typer.Option(..., help="Directory to write the model to (diffusers save_pretrained: config.json + "
                              "safetensors) and train_info.json."),
-    steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, min=1, help="Frames per step, drawn at random from the clips held in RAM."),
-    latent_channels: int = typer.Option(4, min=1, help="Channels of the latent."),
-    downsample: int = typer.Option(4, help="Spatial compression: 4 (64x64 frames -> 16x16 latents) or 8."),
-    width: int = typer.Option(16, min=8, help="Channels of the first level (multiple of 8), doubling per level up to "
-                              "4x: 16 gives (16, 32, 64), 0.68M parameters at 4x."),
-    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate (constant)."),
-    kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term against the reconstruction term (both "
-                                    "summed per frame, as in LDM)."),
-    loss: Loss = typer.Option(Loss.l1, help="Reconstruction loss."),
-    device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option("auto", help="Autocast of the training step: auto (bf16 only where the device "
+    steps: int = typer.Option(V.steps, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(V.batch_size, min=1, help="Frames per step, drawn at random from the clips held in "
+                                   "RAM."),
+    latent_channels: int = typer.Option(V.latent_channels, min=1, help="Channels of the latent."),
+    downsample: int = typer.Option(V.downsample, help="Spatial compression: 4 (64x64 frames -> 16x16 latents) or 8."),
+    width: int = typer.Option(V.width, min=8, help="Channels of the first level (multiple of 8), doubling per level up "
+                              "to 4x: 16 gives (16, 32, 64), 0.68M parameters at 4x."),
+    lr: float = typer.Option(V.lr, min=0.0, help="Adam learning rate (constant)."),
+    kl_weight: float = typer.Option(V.kl_weight, min=0.0, help="Weight of the KL term against the reconstruction term "
+                                    "(both summed per frame, as in LDM)."),
+    loss: Loss = typer.Option(Loss(V.loss), help="Reconstruction loss."),
+    device: str = typer.Option(V.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option(V.precision, help="Autocast of the training step: auto (bf16 only where the device "
                                   "computes it natively: CUDA, or a CPU with AMX or AVX512-BF16; fp32 otherwise), "
                                   "fp32, bf16, fp16."),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last",
+    channels_last: bool = typer.Option(V.channels_last, "--channels-last/--no-channels-last",
                                        help="NHWC activations and weights (oneDNN's native conv layout on CPU)."),
-    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: one per core); use 1 when other jobs "
-                                "share the cores (oversubscribed threads are many times slower)."),
-    seed: int = typer.Option(0, help="Seed of initialisation and frame sampling."),
-    max_minutes: float = typer.Option(None, min=0.0, help="Stop after this many minutes of training (and save) even "
-                                      "if STEPS are not done. Off by default: with it the model depends on the "
-                                      "machine's speed and load, not only on the seed."),
-    pool_clips: int = typer.Option(16, min=1, help="Whole training clips held in RAM to draw frames from."),
-    refresh_every: int = typer.Option(20, min=1, help="Steps between swapping one clip in RAM for another training "
-                                      "clip."),
-    eval_frames: int = typer.Option(256, min=1, help="Held-out frames for PSNR, spread evenly over the test clips."),
-    eval_every: int = typer.Option(500, min=1, help="Steps between held-out PSNR measurements (also done at the end)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in OUT."),
+    threads: int = typer.Option(V.threads, min=1, help="torch CPU threads (default: one per core); use 1 when other "
+                                "jobs share the cores (oversubscribed threads are many times slower)."),
+    seed: int = typer.Option(V.seed, help="Seed of initialisation and frame sampling."),
+    max_minutes: float = typer.Option(V.max_minutes, min=0.0, help="Stop after this many minutes of training (and "
+                                      "save) even if STEPS are not done. Off by default: with it the model depends on "
+                                      "the machine's speed and load, not only on the seed."),
+    pool_clips: int = typer.Option(V.pool_clips, min=1, help="Whole training clips held in RAM to draw frames from."),
+    refresh_every: int = typer.Option(V.refresh_every, min=1, help="Steps between swapping one clip in RAM for another "
+                                      "training clip."),
+    eval_frames: int = typer.Option(V.eval_frames, min=1, help="Held-out frames for PSNR, spread evenly over the test "
+                                    "clips."),
+    eval_every: int = typer.Option(V.eval_every, min=1, help="Steps between held-out PSNR measurements (also done at "
+                                   "the end)."),
+    overwrite: bool = typer.Option(V.overwrite, "--overwrite", help="Replace a model already in OUT."),
 ):
     """Train a small AutoencoderKL from scratch on a manifest's frames: the offline default VAE.
 
     Not resumable (minutes on a CPU): re-run the same command to get the same model.
     """
+    options = dict(locals())  # the options by name, each a VAETrainConfig field
     from minisora.data.clips import ClipError
     from minisora.data.manifest import ManifestError
-    from stages.vae_train import VAETrainConfig, VAETrainError, main
+    from stages.vae_train import VAETrainError, main
 
     if downsample not in (4, 8):
         raise typer.BadParameter("must be 4 or 8", param_hint="--downsample")
     if width % 8:
         raise typer.BadParameter("must be a multiple of 8", param_hint="--width")
-    cfg = VAETrainConfig(manifest=str(manifest), out=str(out), steps=steps, batch_size=batch_size,
-                         latent_channels=latent_channels, downsample=downsample, width=width, lr=lr,
-                         kl_weight=kl_weight, loss=loss.value, device=device, precision=precision,
-                         channels_last=channels_last, threads=threads, seed=seed, max_minutes=max_minutes,
-                         pool_clips=pool_clips, refresh_every=refresh_every, eval_frames=eval_frames,
-                         eval_every=eval_every, overwrite=overwrite)
+    cfg = VAETrainConfig(**options | {"manifest": str(manifest), "out": str(out), "loss": loss.value})
     try:
         main(cfg)
     except (VAETrainError, ManifestError, ClipError, ValueError) as e:

@@ -16,7 +16,8 @@ Context noise (GameNGen, Diffusion Forcing): with FlowConfig.context_noise = c >
 each context frame to its own t ~ U(0, c) (still left out of the loss), so the model learns to
 continue from slightly corrupted context, as it meets its own outputs in a rollout; at sampling,
 `euler_sample(context_t=s)` holds the context at x_s = (1 - s) x0 + s e (its e from `noise`) with t = s.
-Both are 0 by default: clean context at t = 0.
+Both are 0 by default: clean context at t = 0 (FlowConfig, in minisora.configs; `minisora train`
+noises context with c = 0.1: minisora.configs.train_recipe).
 
 Teacher forcing (FlowConfig.teacher_forcing = share of steps, causal models): the model sees a clean
 copy of the whole window before its noisy copy, and every noisy frame, at its own t, attends to the
@@ -28,43 +29,12 @@ Pure tensors: no I/O, no logging, no distributed code, no host synchronisation i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-
-@dataclass
-class FlowConfig:
-    """How training times are drawn; the three mode probabilities must sum to 1."""
-
-    p_full: float = 0.5  # all frames share one t (unconditional generation)
-    p_prefix: float = 0.3  # a random prefix of k in [1, T-1] frames is clean context (t=0), the rest share one t
-    p_independent: float = 0.2  # every frame draws its own t (diffusion forcing)
-    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
-    logit_std: float = 1.0
-    max_context: int | None = None  # cap on the prefix length k
-    context_noise: float = 0.0  # context frames get t ~ U(0, context_noise) instead of 0 (still out of the loss)
-    # share of steps that show a clean copy of the window as context (causal models); None: the train stage
-    # picks it (1 for causal models, 0 for full attention)
-    teacher_forcing: float | None = None
-
-    def __post_init__(self) -> None:
-        probs = (self.p_full, self.p_prefix, self.p_independent)
-        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
-            raise ValueError(
-                f"FlowConfig mode probabilities must be >= 0 and sum to 1, got p_full={self.p_full}, "
-                f"p_prefix={self.p_prefix}, p_independent={self.p_independent} (sum {sum(probs)})"
-            )
-        if self.logit_std <= 0:
-            raise ValueError(f"FlowConfig.logit_std must be > 0, got {self.logit_std}")
-        if self.max_context is not None and self.max_context < 1:
-            raise ValueError(f"FlowConfig.max_context must be >= 1 or None, got {self.max_context}")
-        if not 0.0 <= self.context_noise < 1.0:
-            raise ValueError(f"FlowConfig.context_noise must be in [0, 1), got {self.context_noise}")
-        if self.teacher_forcing is not None and not 0.0 <= self.teacher_forcing <= 1.0:
-            raise ValueError(f"FlowConfig.teacher_forcing must be in [0, 1], got {self.teacher_forcing}")
+from minisora.configs import FlowConfig  # torch-free, so `minisora train --help` shows its defaults
 
 
 def logit_normal(

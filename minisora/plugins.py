@@ -89,7 +89,11 @@ def build_plugin(c: Contract, precision: str, grad_clip: float, grad_accum: int)
     from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
     if c.name == "ddp":
-        return TorchDDPPlugin(find_unused_parameters=False)
+        plugin = TorchDDPPlugin(find_unused_parameters=False)
+        # the plugin always passes DDP broadcast_buffers=True, which torch 2.13 deprecates (a FutureWarning);
+        # DDP without it does the same in every torch (2.11: its default True; 2.13: synced at init and each forward)
+        plugin.ddp_kwargs.pop("broadcast_buffers")
+        return plugin
     if c.name in ("zero1", "zero2"):
         return LowLevelZeroPlugin(stage=int(c.name[-1]), precision=precision, max_norm=grad_clip, cast_inputs=False,
                                   initial_scale=INITIAL_LOSS_SCALE)

@@ -13,33 +13,36 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from minisora.configs import EncodeConfig, TrainConfig, VAETrainConfig, defaults
+
+
+TRAIN, VAE, ENCODE = defaults(TrainConfig), defaults(VAETrainConfig), defaults(EncodeConfig)
 
 
 @dataclass
 class DemoConfig:
+    """The demo's sizes; every other setting is its stage's default, or overridden in main() with its reason."""
+
     out: str = "outputs/demo"
     clips: int = 32  # training clips of synthetic DMLab
     test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
-    frame_stride: int = 1  # every frame, as TECO (stride 2 doubles the motion between latent frames)
-    seed: int = 0
-    vae_steps: int = 600
-    vae_width: int = 16  # channels of the VAE's first level
-    model: str = "tiny"
-    attention: str = "causal"  # frame-causal, rolled out with a KV cache (docs/design-notes.md: why the default)
+    frame_stride: int = ENCODE.frame_stride  # every frame, as TECO (stride 2 doubles the motion between latent frames)
+    seed: int = TRAIN.seed
+    vae_steps: int = 600  # the 2-core AVX2 budget (docs/benchmarks.md); `vae train` defaults to 3000
+    vae_width: int = VAE.width  # channels of the VAE's first level
+    model: str = TRAIN.model
+    attention: str = TRAIN.attention  # frame-causal, rolled out with a KV cache (docs/design-notes.md: why)
     patch_size: int = 4  # 16 tokens per 16x16 latent frame: 4x cheaper steps than patch 2 on 2 CPU cores
-    window: int = 8  # latent frames per training window
+    window: int = TRAIN.frames  # latent frames per training window
     train_steps: int = 2800
     batch_size: int = 2  # teacher forcing doubles a window's tokens: 2 windows cost what 4 did without it
-    teacher_forcing: float = 1.0  # share of steps (docs/design-notes.md: the recipe study)
-    context_noise: float = 0.1
-    logit_mean: float = 0.5  # training times centred towards noise
     sample_steps: int = 5  # Euler steps per window: beat 20 on both synthetic families (the recipe study)
-    context_frames: int = 4
     eval_clips: int = 16
-    precision: str = "auto"  # minisora.hardware.resolve_precision: bf16 only where computed natively
+    precision: str = TRAIN.precision  # minisora.hardware.resolve_precision: bf16 only where computed natively
     workers: int = 2
 
 
@@ -85,23 +88,24 @@ def main(cfg: DemoConfig) -> dict:
     if (vae_dir / "config.json").exists():
         _done(t0, "reusing the trained VAE")
     else:
-        from stages.vae_train import VAETrainConfig, main as vae_main
+        from stages.vae_train import main as vae_main
 
         info = vae_main(VAETrainConfig(manifest=str(manifest_path), out=str(vae_dir), steps=cfg.vae_steps,
-                                       width=cfg.vae_width, precision=precision, eval_every=cfg.vae_steps,
-                                       seed=cfg.seed))
+                                       width=cfg.vae_width, precision=precision, seed=cfg.seed,
+                                       eval_every=cfg.vae_steps))  # one held-out PSNR, at the end
         _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB "
                   f"(mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
 
     t0 = _step(f"4/8 encode every frame once -> {store_path}")
     from minisora.store import LatentStore
-    from stages.encode import EncodeConfig, main as encode_main
+    from stages.encode import main as encode_main
 
     if (store_path / "zarr.json").exists() and LatentStore(store_path).attrs.get("complete"):
         _done(t0, "reusing the complete store")
     else:
         encode_main(EncodeConfig(manifest=str(manifest_path), vae=str(vae_dir), out=str(store_path),
-                                 frame_stride=cfg.frame_stride, clips_per_shard=8))
+                                 frame_stride=cfg.frame_stride,
+                                 clips_per_shard=8))  # a clip is 0.6 MB of latents: ~32 MB shards would be one
         _done(t0, "store complete")
 
     t0 = _step("5/8 verify the store")
@@ -114,24 +118,26 @@ def main(cfg: DemoConfig) -> dict:
               f"{info['raw_pixel_bytes_per_latent_frame']} B of raw pixels")
 
     t0 = _step(f"6/8 train a {cfg.model} DiT on the latents -> {run}")
-    from minisora.flow import FlowConfig
-    from stages.train import TrainConfig, main as train_main
+    from stages.train import main as train_main
 
-    flow = FlowConfig(p_full=0.2, p_prefix=0.6, p_independent=0.2,  # the mix of steps without teacher forcing
-                      teacher_forcing=cfg.teacher_forcing, context_noise=cfg.context_noise,
-                      logit_mean=cfg.logit_mean)
-    res = train_main(TrainConfig(store=str(store_path), out=str(run), model=cfg.model, attention=cfg.attention,
-                                 patch_size=cfg.patch_size,
-                                 frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, warmup=100,
-                                 lr=1e-3, ckpt_every=250, keep_last=2, seed=cfg.seed, log_every=25, ema_decay=0.995,
-                                 use_actions=True, flow=flow, precision=precision))
+    # train's recipe, with the study's mix for steps without teacher forcing (those of --attention full)
+    flow = replace(TRAIN.flow, p_full=0.2, p_prefix=0.6)  # and p_independent 0.2
+    res = train_main(TrainConfig(
+        store=str(store_path), out=str(run), model=cfg.model, attention=cfg.attention, patch_size=cfg.patch_size,
+        frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, seed=cfg.seed, flow=flow,
+        precision=precision,
+        lr=1e-3,  # the tiny DiT's rate in the recipe study (docs/design-notes.md)
+        ema_decay=0.995,  # 0.999 over 2800 steps still averages in early weights: -0.95 dB in the recipe study
+        use_actions=True,  # DMLab clips record their actions; continuations follow them
+        ckpt_every=250, keep_last=2,  # a killed demo loses at most 250 steps; two checkpoints on disk
+        log_every=25))  # ~100 loss points over the demo's 2800 steps
     _done(t0, f"step {res['step']}, loss {res['loss']:.4f}")
 
     t0 = _step("7/8 sample: a continuation of a held-out clip and an unconditional video")
     from stages.sample import SampleConfig, main as sample_main
 
     cont = sample_main(SampleConfig(checkpoint=str(run), out=str(out / "samples" / "continuation"),
-                                    context=f"{store_path}:test:0", context_frames=cfg.context_frames,
+                                    context=f"{store_path}:test:0",
                                     frames=3 * cfg.window, actions="context", seed=cfg.seed,
                                     steps=cfg.sample_steps, precision=precision))
     uncond = sample_main(SampleConfig(checkpoint=str(run), out=str(out / "samples" / "unconditional"),
@@ -143,10 +149,10 @@ def main(cfg: DemoConfig) -> dict:
     t0 = _step("8/8 evaluate continuations on held-out clips (TECO protocol)")
     from stages.evaluate import EvalConfig, format_table, main as eval_main
 
-    report = eval_main(EvalConfig(checkpoint=str(run), store=str(store_path), split="test",
-                                  context_frames=cfg.context_frames, frames=2 * cfg.window,
-                                  num_clips=cfg.eval_clips, seeds=2, out=str(out / "eval.json"),
-                                  steps=cfg.sample_steps, precision=precision))
+    report = eval_main(EvalConfig(checkpoint=str(run), store=str(store_path), frames=2 * cfg.window,
+                                  num_clips=cfg.eval_clips, out=str(out / "eval.json"),
+                                  steps=cfg.sample_steps, precision=precision,
+                                  seeds=2))  # a mean and a spread at two thirds of eval's 3 seeds
     print(format_table(report))
     results["eval"] = str(out / "eval.json")
     _done(t0, "report written")

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import minisora
+from minisora.configs import EncodeConfig  # re-exported: the defaults live there, torch-free for the CLI
 from minisora.data.clips import ACTION_DTYPE, ClipError, read_clip
 from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import barrier, dist_info, init_distributed, print0, resolve_device
@@ -28,29 +29,6 @@ from minisora.errors import MinisoraError
 from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for, narrow
 from minisora.store_guard import check_out, remove_store
 from minisora.vae import VideoVAE, frames_to_pixels
-
-
-@dataclass
-class EncodeConfig:
-    manifest: str
-    vae: str
-    out: str
-    vae_subfolder: str | None = None
-    vae_revision: str | None = None
-    root: str | None = None  # clip root, overriding the one recorded in the manifest
-    splits: tuple[str, ...] = ("train", "test")
-    batch_size: int = 64  # frames per VAE call
-    device: str = "auto"
-    dtype: str = "fp32"  # VAE compute dtype: fp32 | bf16 | fp16
-    frame_stride: int = 1
-    size: int | None = None  # resize frames to size x size before the VAE (None: native)
-    on_error: str = "fail"  # fail | skip
-    overwrite: bool = False
-    clips_per_shard: int | None = None  # None: about `shard_mb` MB of latents per shard
-    shard_mb: float = 32.0
-    read_workers: int = 2
-    compression_level: int = 3  # zstd level, 0 = uncompressed
-    progress: bool = True
 
 
 class EncodeError(MinisoraError, RuntimeError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,56 +24,17 @@ from safetensors.torch import load_file, save_file
 from minisora import checkpoint as ckpt
 from minisora import plugins
 from minisora.attention import resolve_kernel
+from minisora.configs import TrainConfig  # re-exported: the defaults live there, torch-free for the CLI
 from minisora.dataset import LatentWindows, WindowLoader, WindowSampler, sample_latents
 from minisora.dist import barrier, dist_info, print0
 from minisora.ema import EMA
-from minisora.flow import FlowConfig, flow_loss, noisy, sample_times, teacher_forcing_times
+from minisora.flow import flow_loss, noisy, sample_times, teacher_forcing_times
 from minisora.hardware import PRECISIONS, enable_tf32, resolve_precision
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
 from minisora.store import LatentStore
 from stages.train_report import Logger, Validator, config_json, save_pipeline
 
 LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class TrainConfig:
-    store: str
-    out: str
-    model: str = "tiny"
-    attention: str = "causal"  # causal (a frame sees itself and earlier frames) | full (bidirectional in the window)
-    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
-    patch_size: int = 2  # spatial patch on the latents (tokens per frame = h*w / patch_size^2)
-    frames: int = 8  # latent frames per training window
-    batch_size: int = 8  # windows per rank per micro-step
-    lr: float = 3e-4
-    warmup: int = 100
-    lr_schedule: str = "cosine"  # constant | cosine (to min_lr_ratio * lr at the last step, after warm-up)
-    min_lr_ratio: float = 0.1
-    steps: int = 1000
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    plugin: str = "ddp"
-    precision: str = "auto"  # auto (minisora.hardware) | fp32 | bf16 | fp16
-    grad_accum: int = 1
-    grad_checkpoint: bool = False
-    compile: bool | None = None  # torch.compile the DiT's blocks; None: on for CUDA (not gemini), off on CPU
-    ema_decay: float = 0.999
-    ckpt_every: int = 500
-    keep_last: int = 3
-    sample_every: int = 0  # 0: never
-    resume: str | None = "auto"  # auto | PATH | None
-    branch: bool = False  # resuming before the newest checkpoint moves the newer ones to checkpoints/abandoned-*/
-    use_actions: bool = False
-    seed: int = 0
-    log_every: int = 10
-    split: str = "train"
-    cache_shards: int = 8
-    # the recipe of the study in docs/design-notes.md (issue 16): teacher forcing (auto: on for causal models),
-    # context noise 0.1, logit-normal times centred at 0.5
-    flow: FlowConfig = field(default_factory=lambda: FlowConfig(context_noise=0.1, logit_mean=0.5))
-    wandb: bool = False
-    device: str = "auto"
 
 
 def lr_lambda(warmup: int, steps: int = 0, schedule: str = "constant", min_ratio: float = 0.1):

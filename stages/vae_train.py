@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from minisora.configs import VAETrainConfig  # re-exported: the defaults live there, torch-free for the CLI
 from minisora.data.clips import read_clip
 from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import resolve_device
@@ -36,31 +37,6 @@ from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames, tiny_vae_
 
 class VAETrainError(ValueError):
     """Input the trainer cannot use; the message names the file and the numbers."""
-
-
-@dataclass
-class VAETrainConfig:
-    manifest: str  # clip manifest (minisora data manifest)
-    out: str  # directory to write: config.json, diffusion_pytorch_model.safetensors, train_info.json
-    steps: int = 3000
-    batch_size: int = 8  # frames per step (8 beat 4 and 16 per minute on a CPU)
-    latent_channels: int = 4
-    downsample: int = 4  # spatial compression, 4 or 8
-    width: int = 16  # channels of the first level; (16, 32, 64) per level at 4x: 0.68M parameters
-    lr: float = 1e-3
-    kl_weight: float = 1e-6
-    loss: str = "l1"  # "l1" or "mse" reconstruction term
-    device: str = "auto"
-    precision: str = "auto"  # autocast of the training step: minisora.hardware.resolve_precision
-    channels_last: bool = True  # NHWC activations: oneDNN's native conv layout on CPU
-    threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
-    seed: int = 0
-    max_minutes: float | None = None  # opt-in wall-clock stop: the result then depends on the machine's speed
-    pool_clips: int = 16  # whole clips held in RAM
-    refresh_every: int = 20  # steps between swapping one pooled clip for another
-    eval_frames: int = 256  # held-out frames for PSNR, spread evenly over the test clips
-    eval_every: int = 500
-    overwrite: bool = False
 
 
 def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
