@@ -231,8 +231,8 @@ def _kv_rollout(device: torch.device) -> dict:
     frames = 8 if device.type == "cpu" else 12  # 2 or 3 windows of 4
     out = {}
     for mode in ("off", "window"):
-        out[mode] = pipe(context_latents=ctx, num_frames=frames, steps=2, chunk=1, kv_cache=mode, progress=False,
-                         generator=torch.Generator(device).manual_seed(0), output_type="latent").latents
+        out[mode] = pipe(context_latents=ctx, num_frames=frames, num_inference_steps=2, chunk=1, kv_cache=mode,
+                         progress=False, generator=torch.Generator(device).manual_seed(0), output_type="latent").latents
     return {**compare(out["window"], out["off"]), "frames": frames, "window": 4, "tol": FP32_TOL}
 
 

@@ -56,7 +56,7 @@ def time_rollout(pipe: DiTPipeline, context: int, frames: int, mode: str, args) 
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = pipe(context_latents=ctx, num_frames=frames, steps=args.steps, chunk=args.chunk, kv_cache=mode,
+    out = pipe(context_latents=ctx, num_frames=frames, num_inference_steps=args.steps, chunk=args.chunk, kv_cache=mode,
                generator=torch.Generator().manual_seed(0), output_type="latent", progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from minisora.metrics import frames_to_unit
+from minisora.pipeline import DiTPipeline
 from minisora.store import LatentStore
 from stages.evaluate import EvalConfig, _decode_all, _generate, _load_clips
-from stages.sample import load_pipeline
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = EvalConfig(checkpoint=args.checkpoint, store=args.store, out="unused.json", batch_size=16, seeds=1,
                      steps=args.steps)
-    pipe = load_pipeline(cfg.checkpoint, torch.device("cpu"), torch.float32)
+    pipe = DiTPipeline.from_run(cfg.checkpoint, torch.device("cpu"), torch.float32)
     pipe.set_progress_bar_config(disable=True)
     k, n = cfg.context_frames, cfg.frames  # latent frames; image VAEs: as many pixel frames
     _, _, truth, latents, actions = _load_clips(cfg, pipe, LatentStore(cfg.store), n)

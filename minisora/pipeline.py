@@ -7,6 +7,12 @@ integrates the flow ODE with minisora.flow.euler_sample; context frames stay cle
 videos longer than the training window are generated window by window: each window generates
 `chunk` new latent frames conditioned on as many of the frames before them as fit in the window.
 
+A trained run loads with `DiTPipeline.from_run(path, device, dtype)` (training writes it with `save_run`;
+the format is minisora.run_dir's), a self-contained pipeline with diffusers' `from_pretrained`.
+The call takes diffusers' names: `pipe(batch_size=1, num_inference_steps=20, height=64, width=64,
+num_frames=20)`; `__call__` checks the inputs, then runs one of two rollout algorithms
+(`_rollout_recompute` or `_rollout_kv_cache`), then decodes.
+
 A causal transformer (attention="causal") rolls out with a KV cache (minisora.kv_cache) instead of
 running the whole window at every Euler step: the clean frames' keys and values are computed at
 t = 0 and kept per block, and each Euler step runs only the new frames' tokens against them.
@@ -22,12 +28,15 @@ t = 0 and kept per block, and each Euler step runs only the new frames' tokens a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from minisora import run_dir
 from minisora.flow import euler_sample, heun_sample
 from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
@@ -40,6 +49,16 @@ class VideoOutput:
     latents: torch.Tensor  # (B, T', C, h, w) normalised latents, context included
     context_frames: int  # how many leading latent frames were given, not generated
     kv_cache: str = "off"  # how the rollout ran: "rolling" or "window" (KV cache of a causal model) or "off"
+
+
+class _Solver(NamedTuple):
+    """How every window of a rollout integrates: what both rollout algorithms share."""
+    integrate: Callable  # minisora.flow.euler_sample or heun_sample
+    steps: int
+    shift: float
+    guidance: float
+    generator: torch.Generator | None
+    bar: Any  # a progress bar, or None
 
 
 class DiTPipeline(DiffusionPipeline):
@@ -58,6 +77,21 @@ class DiTPipeline(DiffusionPipeline):
                                 latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
                                 frame_stride=frame_stride, resolution=None if resolution is None else list(resolution))
         self.video_vae = VideoVAE.from_model(vae)
+
+    # ------------------------------------------------------------------ the run directory (minisora.run_dir)
+    @classmethod
+    def from_run(cls, path: str | Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> "DiTPipeline":
+        """A pipeline from a training run (its newest checkpoint), a checkpoint, its `pipeline/` directory, or a
+        `save_pretrained` directory, on `device`; the transformer in `dtype` (default: bf16 on CUDA, else
+        float32), the VAE and the integration in float32."""
+        return run_dir.load_run(cls, path, device, dtype)
+
+    @staticmethod
+    def save_run(path: str | Path, transformer: VideoDiT, weights: dict[str, torch.Tensor], store, cfg) -> None:
+        """Write a checkpoint's `pipeline/` directory: `transformer`'s config with `weights` (the EMA), and the
+        description (VAE, latent statistics, geometry) of the latent `store` and training `cfg` it was trained on."""
+        run_dir.save_run(Path(path), transformer, weights, store, cfg)
 
     # ------------------------------------------------------------------ latent <-> pixels
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,85 +168,158 @@ class DiTPipeline(DiffusionPipeline):
         return plan
 
     @torch.no_grad()
-    def __call__(self, num_videos: int = 1, num_frames: int | None = None, context_latents: torch.Tensor | None = None,
+    def __call__(self, *, batch_size: int = 1, num_inference_steps: int = 20, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, context_latents: torch.Tensor | None = None,
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
-                 guidance: float = 1.0, steps: int = 20, shift: float | None = None, chunk: int = 1,
+                 guidance: float = 1.0, shift: float | None = None, chunk: int = 1,
                  generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
                  kv_cache: str = "auto", context_t: float = 0.0, sampler: str = "euler") -> VideoOutput:
-        """Generate videos of `num_frames` latent frames (context included).
+        """Generate (or continue) videos of `num_frames` latent frames, context included.
 
-        context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8
-        pixels (B, T, H, W, 3) that the pipeline's VAE encodes. actions: (B, num_frames) ints in
-        [0, num_actions), one per latent frame (-1: none), or None; guidance > 1 pushes the sample
-        towards them (classifier-free guidance against the null action). steps: Euler steps per
-        window; shift: the time shift (default: the scheduler's); chunk: new latent frames per rollout
-        window (see rollout_plan; 1: frame by frame, one window per generated frame; docs/design-notes.md
-        compares chunk sizes). output_type: "uint8" ->
-        (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent" -> no decoding. The progress
-        bar ticks once per model call of every window. kv_cache: "auto" (rolling for causal models,
-        off for full ones), "rolling", "window" or "off" (see the module docstring); the mode used is
-        in the output's `kv_cache`. context_t: the noise level at which known frames are shown to the
-        model (minisora.flow.euler_sample; 0: clean; the KV cache holds clean frames, so "auto" turns
-        it off for context_t > 0). sampler: "euler", or "heun" (2 steps - 1 model calls per window).
+        Args:
+            batch_size: videos to generate without context (with context: one per context video).
+            num_inference_steps: Euler steps per rollout window.
+            num_frames: latent frames in all, context included (default: the window; more roll out: rollout_plan).
+            height, width: pixels per frame (default: the training size, or the context's); each must be a
+                multiple of the VAE's spatial compression times the transformer's patch size.
+            context_latents: normalised latents (B, K, C, h, w) to continue, or context_frames: uint8 pixels
+                (B, T, H, W, 3) that the pipeline's VAE encodes.
+            actions: (B, num_frames) ints in [0, num_actions), one per latent frame (-1: none), or None.
+            guidance: > 1 pushes the sample towards `actions` (classifier-free guidance against the null action).
+            shift: the time shift (default: the scheduler's). sampler: "euler", or "heun" (2 steps - 1 model calls).
+            chunk: new latent frames per rollout window (1: frame by frame; docs/design-notes.md compares sizes).
+            generator: draws the noise of every window, in order. progress: a bar, one tick per model call.
+            output_type: "uint8" -> (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent": no decoding.
+            kv_cache: "auto" (rolling for causal models, off for full ones), "rolling", "window" or "off" (see
+                the module docstring); the mode used is in the output's `kv_cache`.
+            context_t: the noise level at which known frames are shown to the model (minisora.flow.euler_sample;
+                0: clean). The KV cache holds clean frames, so "auto" turns it off for context_t > 0.
         """
+        # 1. check the inputs
+        integrate = self._integrator(sampler)
+        if output_type not in ("uint8", "float", "latent"):
+            raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
+        ctx = self._context_latents(context_latents, context_frames)
+        batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (batch_size, 0)
+        total = num_frames or self.config.window_frames
+        plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
+        mode = self._rollout_mode(kv_cache, context_t)
+        if actions is not None:
+            actions = self._check_actions(actions, batch, total)
+        h, w = self._latent_size(height, width, ctx)
+
+        # 2. roll out window by window: the known frames of `latents` (B, T', C, h, w) condition the new ones
+        latents = torch.zeros(batch, total, self.transformer.config.in_channels, h, w, device=self.device)
+        if ctx is not None:
+            latents[:, :given] = ctx
+        calls = 2 * num_inference_steps - 1 if sampler == "heun" else num_inference_steps
+        bar = self.progress_bar(total=len(plan) * calls) if progress else None  # one tick per model call
+        solver = _Solver(integrate, num_inference_steps, self.scheduler.config.shift if shift is None else shift,
+                        guidance, generator, bar)
+        if mode == "off":
+            self._rollout_recompute(latents, plan, actions, solver, context_t)
+        else:
+            self._rollout_kv_cache(latents, plan, actions, solver, mode, chunk)
+        if bar is not None:
+            bar.close()
+        # 3. decode
+        if output_type == "latent":
+            return VideoOutput(latents, latents, given, mode)
+        pixels = self.decode_latents(latents)
+        return VideoOutput(pixels if output_type == "float" else pixels_to_frames(pixels), latents, given, mode)
+
+    def _rollout_recompute(self, latents: torch.Tensor, plan: list[tuple[int, int, int]],
+                           actions: torch.Tensor | None, solver: _Solver, context_t: float) -> None:
+        """Fill `latents` window by window, running the whole window at every Euler step; its known frames
+        are held clean (t = 0) or at context_t."""
+        for i, (start, n, known) in enumerate(plan):
+            noise = self._window_noise(latents, solver, i, len(plan), n)
+            act = None if actions is None else actions[:, start:start + n]
+            mask = torch.zeros(latents.shape[0], n, dtype=torch.bool, device=self.device)
+            mask[:, : known - start] = True  # frames already known stay clean (t = 0) or at context_t
+            out = solver.integrate(self._velocity(act, solver.guidance, solver.bar), noise, solver.steps,
+                                   shift=solver.shift, context=latents[:, start:start + n], context_mask=mask,
+                                   context_t=context_t)
+            latents[:, known:start + n] = out[:, known - start:]
+
+    def _rollout_kv_cache(self, latents: torch.Tensor, plan: list[tuple[int, int, int]],
+                          actions: torch.Tensor | None, solver: _Solver, mode: str, chunk: int) -> None:
+        """Fill `latents` window by window with a causal transformer's KV cache: the known frames' keys and
+        values are computed once at t = 0, and each Euler step runs only the new frames against them.
+        mode "window" recomputes the cache per window; "rolling" adds each new frame once and keeps the last
+        window - chunk frames (see the module docstring)."""
+        cache = KVCache(len(self.transformer.blocks))
+        for i, (start, n, known) in enumerate(plan):
+            noise = self._window_noise(latents, solver, i, len(plan), n)
+            act = None if actions is None else actions[:, start:start + n]
+            if mode == "window" or i == 0:  # (re)compute the context frames' keys and values at t = 0
+                cache.reset(position=start)
+                self._commit(cache, latents[:, start:known], act, solver.guidance, start, start)
+            new_act = None if act is None else act[:, known - start:]
+            velocity = self._velocity(new_act, solver.guidance, solver.bar, cache)
+            out = solver.integrate(velocity, noise[:, known - start:], solver.steps,
+                                   shift=solver.shift)  # the same noise draws as the window recompute
+            latents[:, known:start + n] = out
+            if mode == "rolling" and i + 1 < len(plan):  # the new frames join the cache once, clean
+                self._commit(cache, out, act, solver.guidance, start, known)
+                cache.keep_last(self.config.window_frames - chunk)
+
+    def _window_noise(self, latents: torch.Tensor, solver: _Solver, i: int, windows: int, n: int) -> torch.Tensor:
+        """Window i's starting noise (B, n, C, h, w), drawn whole (known frames included) whatever the rollout
+        algorithm, so every algorithm sees the same draws."""
+        if solver.bar is not None:
+            solver.bar.set_description(f"window {i + 1}/{windows}")
+        batch, _, c, h, w = latents.shape
+        return randn_tensor((batch, n, c, h, w), generator=solver.generator, device=self.device)
+
+    # ------------------------------------------------------------------ input checks
+    @staticmethod
+    def _integrator(sampler: str):
         if sampler not in ("euler", "heun"):
             raise ValueError(f"sampler must be euler or heun, got {sampler!r}")
-        integrate = heun_sample if sampler == "heun" else euler_sample
-        cfg, tcfg = self.config, self.transformer.config
+        return heun_sample if sampler == "heun" else euler_sample
+
+    def _context_latents(self, context_latents: torch.Tensor | None,
+                         context_frames: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
+        """The context as normalised float32 latents (B, K, C, h, w) on the pipeline's device, or None."""
         if context_frames is not None:
             context_latents = self.encode_frames(context_frames)
-        ctx = None if context_latents is None else context_latents.to(self.device, torch.float32)
-        if ctx is not None and (ctx.ndim != 5 or ctx.shape[2] != tcfg.in_channels):
-            raise ValueError(f"context latents must be (B, K, {tcfg.in_channels}, h, w), got {tuple(ctx.shape)}")
-        batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (num_videos, 0)
-        total = num_frames or cfg.window_frames
-        plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
+        if context_latents is None:
+            return None
+        ctx = context_latents.to(self.device, torch.float32)
+        channels = self.transformer.config.in_channels
+        if ctx.ndim != 5 or ctx.shape[2] != channels:
+            raise ValueError(f"context latents must be (B, K, {channels}, h, w), got {tuple(ctx.shape)}")
+        return ctx
+
+    def _rollout_mode(self, kv_cache: str, context_t: float) -> str:
+        """kv_cache_mode, turned off by "auto" when known frames are shown noised (context_t > 0)."""
         mode = self.kv_cache_mode(kv_cache)
         if context_t > 0 and mode != "off":
             if kv_cache != "auto":
                 raise ValueError(f"context_t={context_t} shows known frames noised, but the KV cache holds them clean; "
                                  "use kv_cache='off' (--no-kv-cache)")
             mode = "off"
-        if actions is not None:
-            actions = self._check_actions(actions, batch, total)
-        shift = self.scheduler.config.shift if shift is None else shift
-        h, w = cfg.latent_size if ctx is None else ctx.shape[-2:]
-        latents = torch.zeros(batch, total, tcfg.in_channels, h, w, device=self.device)  # (B, T', C, h, w)
-        if ctx is not None:
-            latents[:, :given] = ctx
-        calls = 2 * steps - 1 if sampler == "heun" else steps
-        bar = self.progress_bar(total=len(plan) * calls) if progress else None  # one tick per model call
-        if output_type not in ("uint8", "float", "latent"):
-            raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
-        cache = None if mode == "off" else KVCache(len(self.transformer.blocks))
-        for i, (start, n, known) in enumerate(plan):
-            if bar is not None:
-                bar.set_description(f"window {i + 1}/{len(plan)}")
-            noise = randn_tensor((batch, n, tcfg.in_channels, h, w), generator=generator, device=self.device)
-            act = None if actions is None else actions[:, start:start + n]
-            if cache is None:
-                mask = torch.zeros(batch, n, dtype=torch.bool, device=self.device)
-                mask[:, : known - start] = True  # frames already known stay clean (t = 0) or at context_t
-                out = integrate(self._velocity(act, guidance, bar), noise, steps, shift=shift,
-                                context=latents[:, start:start + n], context_mask=mask, context_t=context_t)
-                latents[:, known:start + n] = out[:, known - start:]
-                continue
-            if mode == "window" or i == 0:  # (re)compute the context frames' keys and values at t = 0
-                cache.reset(position=start)
-                self._commit(cache, latents[:, start:known], act, guidance, start, start)
-            new_act = None if act is None else act[:, known - start:]
-            out = integrate(self._velocity(new_act, guidance, bar, cache), noise[:, known - start:], steps,
-                            shift=shift)  # the same noise draws as the window recompute
-            latents[:, known:start + n] = out
-            if mode == "rolling" and i + 1 < len(plan):  # the new frames join the cache once, clean
-                self._commit(cache, out, act, guidance, start, known)
-                cache.keep_last(cfg.window_frames - chunk)
-        if bar is not None:
-            bar.close()
-        if output_type == "latent":
-            return VideoOutput(latents, latents, given, mode)
-        pixels = self.decode_latents(latents)
-        return VideoOutput(pixels if output_type == "float" else pixels_to_frames(pixels), latents, given, mode)
+        return mode
+
+    def _latent_size(self, height: int | None, width: int | None, ctx: torch.Tensor | None) -> tuple[int, int]:
+        """Latent (h, w) for frames of height x width pixels (None: the context's, else the training size)."""
+        h, w = (int(s) for s in (ctx.shape[-2:] if ctx is not None else self.config.latent_size))
+        sc, patch = self.video_vae.info.spatial_compression, self.transformer.config.patch_size
+        for name, pixels in (("height", height), ("width", width)):
+            if pixels is not None and (pixels <= 0 or pixels % (sc * patch)):
+                raise ValueError(f"{name} {pixels} must be a positive multiple of {sc * patch}: the VAE compresses "
+                                 f"{sc}x and the transformer's patches are {patch}x{patch} latent pixels")
+        size = (h if height is None else height // sc, w if width is None else width // sc)
+        if ctx is not None and size != (h, w):
+            raise ValueError(f"height x width {size[0] * sc}x{size[1] * sc} does not fit the context: its latents "
+                             f"are {h}x{w}, frames of {h * sc}x{w * sc} pixels")
+        return size
+
+    def rollout_line(self, kv_cache: str) -> str:
+        """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
+        how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
+        return f"{self.transformer.config.attention} attention, {how}"
 
     def kv_cache_mode(self, kv_cache: str = "auto") -> str:
         """The rollout mode for `kv_cache` ("auto", "rolling", "window", "off") and this transformer."""

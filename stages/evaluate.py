@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minisora.context import clip_frames
 from minisora.dist import resolve_device
 from minisora.errors import MinisoraError, MinisoraWarning, check_writable
 from minisora.metrics import (I3DFeatures, exact_repeat_share, frame_errors, frames_to_unit, fvd, horizon_curves,
                               lpips_available, psnr_of_mean_mse, summarize_seeds)
+from minisora.pipeline import DiTPipeline
+from minisora.run_dir import precision_dtype
 from minisora.store import LatentStore
 from minisora.store_guard import check_vae
-from stages.sample import clip_frames, load_pipeline, precision_dtype, rollout_line
 
 
 class EvalError(MinisoraError, ValueError):
@@ -153,10 +155,11 @@ def _generate(cfg: EvalConfig, pipe, latents_gt: torch.Tensor, acts: np.ndarray 
     frames = []
     for i in range(0, len(latents_gt), cfg.batch_size):
         sl = slice(i, i + cfg.batch_size)
-        out = pipe(context_latents=latents_gt[sl, : cfg.context_frames], num_frames=cfg.frames,
-                   actions=None if acts is None else torch.from_numpy(acts[sl]), steps=cfg.steps, shift=cfg.shift,
-                   chunk=cfg.chunk, guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler,
-                   generator=gen, progress=False, kv_cache=kv_mode)
+        out = pipe(num_inference_steps=cfg.steps, num_frames=cfg.frames,
+                   context_latents=latents_gt[sl, : cfg.context_frames],
+                   actions=None if acts is None else torch.from_numpy(acts[sl]), shift=cfg.shift, chunk=cfg.chunk,
+                   guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler, generator=gen,
+                   progress=False, kv_cache=kv_mode)
         frames.append(out.frames)
     return np.concatenate(frames)[:, :n_pix]
 
@@ -180,7 +183,7 @@ def main(cfg: EvalConfig) -> dict:
         raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
     check_writable(cfg.out)  # before minutes of sampling, not after
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
+    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     pipe.set_progress_bar_config(disable=True)
     store = LatentStore(cfg.store)
@@ -219,7 +222,7 @@ def main(cfg: EvalConfig) -> dict:
               "psnr_mse_gain_over_latent_copy_db": model["psnr_mse"]["mean"] - baselines["latent_copy"]["psnr_mse"],
               "use_actions": bool(use_actions),
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
-                          "how": rollout_line(pipe, kv_mode)},
+                          "how": pipe.rollout_line(kv_mode)},
               "fvd": _fvd(cfg, device, truth, videos_by_seed, k_pix),  # 4. FVD (TECO)
               "lpips": "skipped: no local LPIPS weights" if not lpips_available() else "available but not computed"}
 

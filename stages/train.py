@@ -31,8 +31,9 @@ from minisora.ema import EMA
 from minisora.flow import flow_loss, noisy, sample_times, teacher_forcing_times
 from minisora.hardware import PRECISIONS, enable_tf32, resolve_precision
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
+from minisora.run_dir import save_run
 from minisora.store import LatentStore
-from stages.train_report import Logger, Validator, config_json, save_pipeline
+from minisora.train_report import Logger, Validator, config_json
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -159,7 +160,7 @@ def save(run: Run, step: int, loader_state: dict) -> None:
     def rank0_files(tmp: Path) -> None:
         if run.ema is not None:
             save_file({k: v.cpu() for k, v in run.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-        save_pipeline(tmp / "pipeline", run.module, weights, run.store, cfg)
+        save_run(tmp / "pipeline", run.module, weights, run.store, cfg)
 
     ckpt.save(run.booster, run.model, run.optimizer, ckpt.step_dir(cfg.out, step), state, rank0_files, rank,
               sharded_optimizer=run.device.type == "cuda", barrier=barrier)

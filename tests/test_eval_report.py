@@ -146,7 +146,8 @@ def test_eval_report_has_latent_copy_mse_psnr_repeat_share_and_horizons(trained,
     from minisora.store import LatentStore
     from minisora.vae import VideoVAE, pixels_to_frames
     from stages.evaluate import EvalConfig, format_table, main
-    from stages.sample import clip_frames, load_pipeline
+    from minisora.context import clip_frames
+    from minisora.pipeline import DiTPipeline
 
     out = tmp_path / "eval.json"
     cfg = EvalConfig(checkpoint=str(trained / "run"), store=str(trained / "store"), context_frames=K, frames=N,
@@ -159,7 +160,7 @@ def test_eval_report_has_latent_copy_mse_psnr_repeat_share_and_horizons(trained,
     # hand computation from the source clips, the VAE and the store
     store = LatentStore(trained / "store")
     manifest = store.manifest_json()
-    pipe = load_pipeline(str(trained / "run"))
+    pipe = DiTPipeline.from_run(str(trained / "run"))
     truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / c, "dmlab")[0][:N] for c in rep["clips"]])
     gt = frames_to_unit(truth[:, K:])
     means = torch.from_numpy(store.array("test", "mean")[:2, :N].astype(np.float32))

@@ -1,4 +1,5 @@
-"""The house rules that a reader relies on: no import cycle among the project's modules."""
+"""The house rules that a reader relies on: no import cycle among the project's modules, and no stage
+imports another stage (shared code lives in minisora/), except the demo, which runs the stages in order."""
 
 import ast
 from pathlib import Path
@@ -72,6 +73,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+STAGE_IMPORTERS_ALLOWED = {"stages.demo"}  # runs encode, train, sample and evaluate in order
+
+
+def stage_to_stage_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'stages.a -> stages.b' for every stage module importing another stage module, the demo excepted."""
+    return sorted(f"{mod} -> {target}" for mod, targets in graph.items()
+                  if mod.startswith("stages.") and mod not in STAGE_IMPORTERS_ALLOWED
+                  for target in targets if target.startswith("stages."))
+
+
 def test_the_graph_sees_real_edges():
     graph = import_graph()
     assert "minisora.data.teco_dmlab" in graph["minisora.data.clips"]
@@ -86,3 +97,20 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_stage_rule_finds_a_planted_violation():
+    graph = {"stages.sample": {"stages.train", "minisora.pipeline"}, "stages.demo": {"stages.sample"},
+             "minisora.run_dir": {"minisora.model"}, "cli.sample": {"stages.sample"}}
+    assert stage_to_stage_imports(graph) == ["stages.sample -> stages.train"]
+    assert stage_to_stage_imports({"stages.demo": {"stages.evaluate"}}) == []
+
+
+def test_the_graph_sees_the_demo_running_the_stages():
+    assert {"stages.train", "stages.sample", "stages.evaluate"} <= import_graph()["stages.demo"]
+
+
+def test_no_stage_imports_another_stage():
+    found = stage_to_stage_imports(import_graph())
+    assert not found, ("a stage imports another stage; move the shared code into minisora/ (DESIGN: 'stages never "
+                       "import stages'): " + ", ".join(found))

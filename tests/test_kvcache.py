@@ -49,8 +49,8 @@ def make_pipe(vae, depth=2, num_actions=3) -> DiTPipeline:
 
 def rollout(pipe, mode, chunk, actions, guidance, frames=3 * WINDOW, context=2):
     ctx = torch.randn(1, context, 4, 4, 4, generator=torch.Generator().manual_seed(1)) if context else None
-    out = pipe(context_latents=ctx, num_frames=frames, steps=3, chunk=chunk, actions=actions, guidance=guidance,
-               kv_cache=mode, generator=torch.Generator().manual_seed(0), output_type="latent")
+    out = pipe(context_latents=ctx, num_frames=frames, num_inference_steps=3, chunk=chunk, actions=actions,
+               guidance=guidance, kv_cache=mode, generator=torch.Generator().manual_seed(0), output_type="latent")
     return out
 
 
@@ -183,9 +183,8 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from stages.sample import load_pipeline
 
-    pipe = load_pipeline(causal_run / "run")
+    pipe = DiTPipeline.from_run(causal_run / "run")
     assert pipe.transformer.config.attention == "causal" and pipe.kv_cache_mode() == "rolling"
     args = ["sample", "--checkpoint", str(causal_run / "run"), "--context", f"{causal_run / 'store'}:test:0",
             "--context-frames", "2", "--frames", "7", "--steps", "2", "--actions", "context", "--format", "npz"]

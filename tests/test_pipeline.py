@@ -52,12 +52,12 @@ def test_save_pretrained_from_pretrained_round_trip_gives_identical_samples(vae,
     assert loaded.transformer.config.num_actions == 3 and type(loaded.vae).__name__ == "AutoencoderKL"
 
     acts = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    a = pipe(num_frames=6, steps=3, actions=acts, guidance=2.0, generator=gen(0))
-    b = loaded(num_frames=6, steps=3, actions=acts, guidance=2.0, generator=gen(0))
+    a = pipe(num_frames=6, num_inference_steps=3, actions=acts, guidance=2.0, generator=gen(0))
+    b = loaded(num_frames=6, num_inference_steps=3, actions=acts, guidance=2.0, generator=gen(0))
     assert a.frames.shape == (1, 6, 16, 16, 3) and a.frames.dtype == np.uint8
     assert a.latents.shape == (1, 6, *LATENT) and a.latents.dtype == torch.float32
     assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
-    c = loaded(num_frames=6, steps=3, actions=acts, guidance=2.0, generator=gen(1))
+    c = loaded(num_frames=6, num_inference_steps=3, actions=acts, guidance=2.0, generator=gen(1))
     assert not torch.equal(a.latents, c.latents)  # another seed, another video
 
 
@@ -72,11 +72,30 @@ def test_latent_statistics_denormalise_before_decoding(vae):
     torch.testing.assert_close(scaled.encode_frames(frames), (plain.encode_frames(frames) - mu) / sd)
 
 
+# ------------------------------------------------------------------------------ the call
+def test_call_takes_diffusers_names_and_checks_height_and_width(vae):
+    pipe = make_pipe(vae)  # 4x VAE, 2x2 patches: frames in multiples of 8 pixels; trained on 16x16
+    out = pipe(batch_size=2, num_inference_steps=2, height=16, width=16, num_frames=8, generator=gen(0),
+               output_type="latent")
+    default = pipe(batch_size=2, num_inference_steps=2, num_frames=8, generator=gen(0), output_type="latent")
+    assert out.latents.shape == (2, 8, *LATENT) and torch.equal(out.latents, default.latents)
+    wide = pipe(height=16, width=32, num_frames=8, num_inference_steps=1, generator=gen(0))
+    assert wide.frames.shape == (1, 8, 16, 32, 3)
+    with pytest.raises(ValueError, match="height 18 must be a positive multiple of 8: the VAE compresses 4x and "
+                                         "the transformer's patches are 2x2 latent pixels"):
+        pipe(height=18, num_frames=8)
+    with pytest.raises(ValueError, match="height x width 32x32 does not fit the context: its latents are 4x4, "
+                                         "frames of 16x16 pixels"):
+        pipe(context_latents=torch.zeros(1, 2, *LATENT), height=32, width=32, num_frames=8)
+    with pytest.raises(TypeError):
+        pipe(num_videos=1, steps=2)  # the names before diffusers' are gone
+
+
 # ------------------------------------------------------------------------------ Euler steps, shift, guidance
 def test_one_euler_step_with_action_guidance_is_exact(vae):
     pipe = make_pipe(vae)
     acts = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1]])
-    out = pipe(num_frames=8, steps=1, actions=acts, guidance=3.0, generator=gen(0), output_type="latent")
+    out = pipe(num_frames=8, num_inference_steps=1, actions=acts, guidance=3.0, generator=gen(0), output_type="latent")
     noise = torch.randn(1, 8, *LATENT, generator=gen(0))
     t = torch.ones(1, 8)
     with torch.no_grad():
@@ -88,7 +107,7 @@ def test_one_euler_step_with_action_guidance_is_exact(vae):
 
 def test_steps_and_shift_follow_the_shifted_time_grid(vae):
     pipe = make_pipe(vae, shift=3.0)
-    out = pipe(num_frames=8, steps=2, generator=gen(0), output_type="latent")  # shift from the scheduler
+    out = pipe(num_frames=8, num_inference_steps=2, generator=gen(0), output_type="latent")  # shift from the scheduler
     model = pipe.transformer
     x = torch.randn(1, 8, *LATENT, generator=gen(0))
     t_mid = 3.0 * 0.5 / (1 + 2.0 * 0.5)  # the uniform midpoint 0.5, shifted by 3: 0.75
@@ -96,8 +115,8 @@ def test_steps_and_shift_follow_the_shifted_time_grid(vae):
         x = x + (t_mid - 1.0) * model(x, torch.ones(1, 8))
         x = x + (0.0 - t_mid) * model(x, torch.full((1, 8), t_mid))
     torch.testing.assert_close(out.latents, x)
-    explicit = pipe(num_frames=8, steps=2, shift=3.0, generator=gen(0), output_type="latent")
-    unshifted = pipe(num_frames=8, steps=2, shift=1.0, generator=gen(0), output_type="latent")
+    explicit = pipe(num_frames=8, num_inference_steps=2, shift=3.0, generator=gen(0), output_type="latent")
+    unshifted = pipe(num_frames=8, num_inference_steps=2, shift=1.0, generator=gen(0), output_type="latent")
     assert torch.equal(explicit.latents, out.latents) and not torch.allclose(unshifted.latents, out.latents)
 
 
@@ -105,7 +124,7 @@ def test_action_guidance_changes_the_output(vae):
     pipe = make_pipe(vae)
     assert pipe.transformer.action_embed.weight.abs().min() > 0  # every action (and the null one) embeds non-zero
     acts = torch.tensor([[2, 2, 1, 1, 0, 0, 2, 1]])
-    run = lambda **kw: pipe(num_frames=8, steps=3, generator=gen(0), output_type="latent", **kw).latents  # noqa: E731
+    run = lambda **kw: pipe(num_frames=8, num_inference_steps=3, generator=gen(0), output_type="latent", **kw).latents  # noqa: E731
     g1, g3 = run(actions=acts, guidance=1.0), run(actions=acts, guidance=3.0)
     none = run()
     assert (g1 - g3).abs().max() > 1e-3 and (g1 - none).abs().max() > 1e-3
@@ -116,18 +135,18 @@ def test_action_guidance_changes_the_output(vae):
 def test_action_errors_name_the_numbers(vae):
     pipe = make_pipe(vae)
     with pytest.raises(ValueError, match=r"must be integers shaped \(videos, latent frames\) = \(1, 8\)"):
-        pipe(num_frames=8, steps=1, actions=torch.zeros(1, 6, dtype=torch.long))
+        pipe(num_frames=8, num_inference_steps=1, actions=torch.zeros(1, 6, dtype=torch.long))
     with pytest.raises(ValueError, match=r"actions must be in \[0, 3\) \(or -1 for none\); got values 0\.\.3"):
-        pipe(num_frames=8, steps=1, actions=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+        pipe(num_frames=8, num_inference_steps=1, actions=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
     with pytest.raises(ValueError, match="trained without actions"):
-        make_pipe(vae, num_actions=0)(num_frames=8, steps=1, actions=torch.zeros(1, 8, dtype=torch.long))
+        make_pipe(vae, num_actions=0)(num_frames=8, num_inference_steps=1, actions=torch.zeros(1, 8, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------ continuation
 def test_continuation_keeps_context_latents_exactly(vae):
     pipe = make_pipe(vae)
     ctx = torch.randn(2, 3, *LATENT, generator=gen(5))
-    out = pipe(context_latents=ctx, num_frames=8, steps=2, generator=gen(0), output_type="float")
+    out = pipe(context_latents=ctx, num_frames=8, num_inference_steps=2, generator=gen(0), output_type="float")
     assert out.context_frames == 3 and out.latents.shape == (2, 8, *LATENT)
     assert torch.equal(out.latents[:, :3], ctx)
     assert (out.latents[:, 3:] - ctx[:, -1:]).abs().amin(dim=(2, 3, 4)).max() > 0  # the rest is generated
@@ -135,15 +154,15 @@ def test_continuation_keeps_context_latents_exactly(vae):
     torch.testing.assert_close(out.frames[:, :3], pipe.decode_latents(ctx))  # context decodes as given
 
     with pytest.raises(ValueError, match="num_frames 3 must exceed the 3 context latent frames"):
-        pipe(context_latents=ctx, num_frames=3, steps=1)
+        pipe(context_latents=ctx, num_frames=3, num_inference_steps=1)
     with pytest.raises(ValueError, match=r"context latents must be \(B, K, 4, h, w\), got \(2, 3, 3, 4, 4\)"):
-        pipe(context_latents=ctx[:, :, :3], num_frames=8, steps=1)
+        pipe(context_latents=ctx[:, :, :3], num_frames=8, num_inference_steps=1)
 
 
 def test_continuation_from_pixels_encodes_them_with_the_pipeline_vae(vae):
     pipe = make_pipe(vae, latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
     frames = np.random.default_rng(1).integers(0, 256, (1, 3, 16, 16, 3), dtype=np.uint8)
-    out = pipe(context_frames=frames, num_frames=5, steps=2, generator=gen(0))
+    out = pipe(context_frames=frames, num_frames=5, num_inference_steps=2, generator=gen(0))
     assert torch.equal(out.latents[:, :3], pipe.encode_frames(frames))
     assert out.frames.shape == (1, 5, 16, 16, 3) and out.context_frames == 3
 
@@ -152,9 +171,9 @@ def test_bf16_transformer_keeps_float32_latents_and_exact_context(vae):
     """The CUDA path (transformer in bf16, VAE and Euler in float32), run on CPU."""
     pipe = make_pipe(vae)
     ctx = torch.randn(1, 2, *LATENT, generator=gen(5))
-    ref = pipe(context_latents=ctx, num_frames=6, steps=2, generator=gen(0), output_type="latent").latents
+    ref = pipe(context_latents=ctx, num_frames=6, num_inference_steps=2, generator=gen(0), output_type="latent").latents
     pipe.transformer.to(torch.bfloat16)
-    out = pipe(context_latents=ctx, num_frames=6, steps=2, generator=gen(0))
+    out = pipe(context_latents=ctx, num_frames=6, num_inference_steps=2, generator=gen(0))
     assert out.latents.dtype == torch.float32 and torch.equal(out.latents[:, :2], ctx)
     assert out.frames.dtype == np.uint8 and out.frames.shape == (1, 6, 16, 16, 3)
     err = (out.latents - ref).abs().max().item()
@@ -199,7 +218,7 @@ def test_300_frame_rollout_conditions_every_window_on_the_previous_one(vae):
     calls = []  # (x_t, t) of every transformer call
     hook = pipe.transformer.register_forward_hook(lambda m, args, out: calls.append((args[0].clone(), args[1].clone())))
     try:
-        out = pipe(num_frames=300, steps=2, generator=gen(0))
+        out = pipe(num_frames=300, num_inference_steps=2, generator=gen(0))
     finally:
         hook.remove()
     assert out.frames.shape == (1, 300, 16, 16, 3) and out.latents.shape == (1, 300, *LATENT)
@@ -225,7 +244,8 @@ def test_rollout_after_context_and_custom_chunk(vae):
     calls = []
     hook = pipe.transformer.register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
     try:
-        out = pipe(context_latents=ctx, num_frames=11, chunk=3, steps=1, generator=gen(0), output_type="latent")
+        out = pipe(context_latents=ctx, num_frames=11, chunk=3, num_inference_steps=1, generator=gen(0),
+                   output_type="latent")
     finally:
         hook.remove()
     plan = pipe.rollout_plan(11, 3, 3)
@@ -239,6 +259,6 @@ def test_progress_bar_ticks_once_per_step_of_every_window(vae):
     pipe = make_pipe(vae, window=4)
     log = io.StringIO()
     pipe.set_progress_bar_config(file=log, disable=False)
-    pipe(num_frames=8, steps=3, generator=gen(0), output_type="latent")  # windows (0,4,0) then 1 new frame each
+    pipe(num_frames=8, num_inference_steps=3, generator=gen(0), output_type="latent")  # windows (0,4,0), (1,4,4), ...
     text = log.getvalue()
     assert "window 5/5" in text and "15/15" in text

@@ -119,12 +119,12 @@ def test_sample_continues_npz_and_mp4_clip_files(trained, tmp_path):
 
 
 def test_unconditional_rollout_npz_is_deterministic_and_loads_from_every_directory_kind(trained, tmp_path):
-    from stages.sample import load_pipeline
+    from minisora.pipeline import DiTPipeline
 
     run = Path(trained.run)
     newest = run / "checkpoints" / "step-00000020"
     saved = tmp_path / "saved-pipeline"
-    load_pipeline(run).save_pretrained(saved)  # a full DiTPipeline directory (model_index.json)
+    DiTPipeline.from_run(run).save_pretrained(saved)  # a full DiTPipeline directory (model_index.json)
     outs = {}
     for name, ckpt in (("run", run), ("ckpt", newest), ("pipeline", newest / "pipeline"), ("saved", saved)):
         r = sample("--checkpoint", ckpt, "--out", tmp_path / name / "video.npz", "--num-videos", 2, "--frames", 10,
@@ -141,6 +141,32 @@ def test_unconditional_rollout_npz_is_deterministic_and_loads_from_every_directo
     assert other.exit_code == 0 and not np.array_equal(np.load(tmp_path / "seed4.npz")["frames"], a)
     # an older checkpoint is a different model
     assert (run / "checkpoints" / "step-00000010").is_dir()
+
+
+def test_from_run_loads_the_transformer_in_the_asked_dtype_without_a_cast_warning(trained, tmp_path):
+    """torch_dtype at load time, not .to(dtype) afterwards: same weights as a cast, and diffusers' "modules that
+    should be kept in float32" warning (printed on every ModelMixin.to(dtype)) does not appear."""
+    import logging
+
+    from minisora.pipeline import DiTPipeline
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        fp32 = DiTPipeline.from_run(trained.run, "cpu", torch.float32)
+        fp32.save_pretrained(tmp_path / "saved")
+        loaded = {name: DiTPipeline.from_run(path, "cpu", torch.bfloat16)
+                  for name, path in (("run", trained.run), ("saved", tmp_path / "saved"))}
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "kept in float32" in r.getMessage()]
+    cast = {k: v.to(torch.bfloat16) for k, v in fp32.transformer.state_dict().items()}
+    for name, pipe in loaded.items():
+        assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32, name
+        state = pipe.transformer.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in cast.items()), name
 
 
 KN = ["--context-frames", "2", "--frames", "6"]
@@ -184,7 +210,7 @@ def test_sample_refuses_unknown_format_and_non_checkpoints(trained, tmp_path):
 
 
 def test_side_by_side_marks_the_context_frames():
-    from stages.sample import mark_context, side_by_side
+    from minisora.context import mark_context, side_by_side
 
     truth = np.full((5, 8, 8, 3), 50, np.uint8)
     gen = np.full((4, 8, 8, 3), 100, np.uint8)
@@ -199,7 +225,8 @@ def test_side_by_side_marks_the_context_frames():
 
 # ------------------------------------------------------------------------------ eval
 def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
-    from stages.sample import clip_frames, load_pipeline
+    from minisora.context import clip_frames
+    from minisora.pipeline import DiTPipeline
 
     report_path = tmp_path / "rep.json"
     r = CliRunner().invoke(app, ["eval", "--checkpoint", trained.run, "--store", trained.store,
@@ -219,7 +246,7 @@ def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
         rep["model"]["psnr"]["mean"] - rep["baselines"]["repeat_last_context_frame"]["psnr"])
 
     # the baselines, recomputed here on frames K..N-1 only: per-frame PSNR/SSIM, mean over time, then over clips
-    pipe = load_pipeline(trained.run)
+    pipe = DiTPipeline.from_run(trained.run)
     manifest = LatentStore(trained.store).manifest_json()
     truth = np.stack([clip_frames(pipe, Path(manifest["root"]) / c, "dmlab")[0][:N] for c in rep["clips"]])
     unit = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731

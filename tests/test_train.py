@@ -205,7 +205,7 @@ def test_resume_to_an_older_checkpoint_is_refused_then_branches(store, tmp_path)
     branch = [x for x in records if x.get("event") == "branch"]
     assert len(branch) == 1 and branch[0]["at_step"] == 2 and branch[0]["start"] == str(step2)
     assert _losses(run) == old  # same flags: the branch repeats the abandoned history exactly
-    from stages.sample import resolve_pipeline_dir
+    from minisora.run_dir import resolve_pipeline_dir
 
     assert resolve_pipeline_dir(run) == run / "checkpoints" / "step-00000004" / "pipeline"
 

@@ -72,4 +72,4 @@ def test_sample_and_eval_in_bf16_on_cuda(clips, cpu_store, tmp_path):
     assert r.exit_code == 0, r.output
     text = report.read_text()
     assert "psnr" in text.lower() and "nan" not in text.lower()
-    assert torch.cuda.is_bf16_supported()  # so sampling ran in bf16 (stages.sample.sampling_dtype)
+    assert torch.cuda.is_bf16_supported()  # so sampling ran in bf16 (minisora.run_dir.sampling_dtype)

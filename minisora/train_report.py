@@ -1,4 +1,7 @@
-"""What stage two reports while it trains: metrics (metrics.jsonl, TensorBoard, wandb) and validation samples."""
+"""What training reports while it trains: metrics (metrics.jsonl, TensorBoard, wandb) and validation samples.
+
+The checkpoint's `pipeline/` directory is written by minisora.run_dir (save_run); the validator builds its
+pipeline from the same description (pipeline_meta), so what it samples is what `minisora sample` would load."""
 
 from __future__ import annotations
 
@@ -8,27 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minisora.context import load_context, side_by_side
 from minisora.dist import print0
 from minisora.model import VideoDiT
+from minisora.pipeline import DiTPipeline
+from minisora.run_dir import build_pipeline, pipeline_meta
 from minisora.store import LatentStore
-
-
-def pipeline_meta(store: LatentStore, cfg, num_actions: int) -> dict:
-    """What sampling needs besides the weights: the VAE to decode with, latent statistics, geometry."""
-    lay = store.layout(cfg.split)
-    return {"vae": store.attrs["vae"], "latent_stats": store.attrs["latent_stats"], "source": store.attrs["source"],
-            "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width],
-            "use_actions": cfg.use_actions, "num_actions": num_actions,
-            "scheduler": {"type": "flow_euler", "shift": 1.0}}
-
-
-def save_pipeline(path: Path, model: VideoDiT, weights: dict[str, torch.Tensor], store: LatentStore, cfg) -> None:
-    """A directory `minisora sample` loads: the transformer with `weights` (the EMA) + minisora_pipeline.json."""
-    ema_model = VideoDiT.from_config(model.config)
-    ema_model.load_state_dict({k: v.to("cpu", torch.float32) for k, v in weights.items()})
-    ema_model.save_pretrained(path / "transformer", safe_serialization=True)
-    meta = pipeline_meta(store, cfg, model.config.num_actions)
-    (path / "minisora_pipeline.json").write_text(json.dumps(meta, indent=2))
 
 
 class Validator:
@@ -37,18 +25,8 @@ class Validator:
     frames (and of repeating the last context frame). Decoding here is validation, not training."""
 
     def __init__(self, cfg, store: LatentStore, model: VideoDiT, device: torch.device, clips: int = 2):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from minisora.pipeline import DiTPipeline
-        from minisora.vae import VideoVAE
-        from stages.sample import pipeline_kwargs
-
-        v = store.attrs["vae"]
-        vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
         meta = pipeline_meta(store, cfg, model.config.num_actions)
-        self.pipe = DiTPipeline(VideoDiT.from_config(model.config), vae.model,
-                                FlowMatchEulerDiscreteScheduler(shift=1.0),
-                                **pipeline_kwargs(meta)).to(device)
+        self.pipe = build_pipeline(DiTPipeline, VideoDiT.from_config(model.config), meta, device, store.url)
         self.pipe.set_progress_bar_config(disable=True)
         self.store, self.cfg = store, cfg
         self.split = "test" if "test" in store.splits else cfg.split
@@ -61,7 +39,6 @@ class Validator:
     def __call__(self, step: int, ema: dict[str, torch.Tensor]) -> dict:
         from minisora.metrics import frames_to_unit, psnr_per_frame
         from minisora.video import write_gif
-        from stages.sample import load_context, side_by_side
 
         self.pipe.transformer.load_state_dict(ema)
         k_pix = self.pipe.video_vae.pixel_frames(self.context)
@@ -71,7 +48,7 @@ class Validator:
             acts = None
             if self.cfg.use_actions and ctx.actions is not None:
                 acts = torch.from_numpy(ctx.actions[: self.total])[None]
-            out = self.pipe(context_latents=ctx.latents, num_frames=self.total, actions=acts, steps=10,
+            out = self.pipe(num_inference_steps=10, num_frames=self.total, context_latents=ctx.latents, actions=acts,
                             generator=torch.Generator().manual_seed(i), progress=False)
             frames = out.frames[0]
             if ctx.truth is None:
