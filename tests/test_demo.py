@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from minisora import plugins
 from stages.evaluate import format_table
 
 ARGS = ["--clips", "8", "--test-clips", "1", "--frames", "24", "--vae-steps", "4", "--train-steps", "3",
@@ -38,7 +39,8 @@ def test_demo_runs_every_step_then_reuses_them_and_a_fresh_run_gives_the_same_nu
     out = tmp_path / "demo"
     # as a user runs it, stderr and stdout on one terminal (in this process pytest would take the warnings), with
     # the threads of this process (conftest.py), so that its numbers are those of the in-process run below
-    env = {k: v for k, v in os.environ.items() if k != "MINISORA_DEBUG"}
+    # a world of its own (earlier tests may have launched a process group in this process), and no --debug
+    env = {k: v for k, v in plugins.fresh_world_env(dict(os.environ)).items() if k != "MINISORA_DEBUG"}
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     run = subprocess.run([MINISORA, "demo", "--out", str(out), *ARGS], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, timeout=1200)
