@@ -5,39 +5,48 @@ from __future__ import annotations
 import typer
 
 from cli import options
+from minisora.configs import EvalConfig, defaults
+
+E = defaults(EvalConfig)
 
 
 def evaluate(
     checkpoint: str = typer.Option(..., help="Run, checkpoint or pipeline directory."),
     store: str = typer.Option(..., help="Latent store with the evaluation split (context latents, actions, source "
                               "clips)."),
-    split: str = typer.Option("test", help="Split to evaluate on."),
-    context_frames: int = typer.Option(4, min=1, help="K: latent frames of ground truth given as context."),
-    frames: int = typer.Option(16, min=2, help="N: latent frames per video, context included; metrics use frames "
+    split: str = typer.Option(E.split, help="Split to evaluate on."),
+    context_frames: int = typer.Option(E.context_frames, min=1,
+                                       help="K: latent frames of ground truth given as context."),
+    frames: int = typer.Option(E.frames, min=2, help="N: latent frames per video, context included; metrics use frames "
                                "K..N-1."),
-    num_clips: int = typer.Option(16, min=1, help="M: the first M clips of the split that have N latent frames "
+    num_clips: int = typer.Option(E.num_clips, min=1,
+                                  help="M: the first M clips of the split that have N latent frames "
                                    "(fewer there: a warning, and the report records the number used)."),
-    seeds: int = typer.Option(3, min=1, help="Sampling seeds; the report gives mean and std over them."),
-    steps: int = typer.Option(20, min=1, help="Euler steps per window."),
-    shift: float = typer.Option(None, help="Time shift of the sampler (default: the pipeline's)."),
-    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - "
+    seeds: int = typer.Option(E.seeds, min=1, help="Sampling seeds; the report gives mean and std over them."),
+    steps: int = typer.Option(E.steps, min=1, help="Euler steps per window."),
+    shift: float = typer.Option(E.shift, help="Time shift of the sampler (default: the pipeline's)."),
+    chunk: int = typer.Option(E.chunk, min=1,
+                              help="New latent frames per rollout window, each conditioned on the window - "
                               "chunk frames before them (1: frame by frame)."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the clips' recorded actions (1: plain "
+    guidance: float = typer.Option(E.guidance,
+                                   help="Classifier-free guidance scale on the clips' recorded actions (1: plain "
                                    "conditional; models trained with actions)."),
-    context_noise: float = typer.Option(0.0, min=0.0, max=0.99, help="Noise level t at which known (context and "
+    context_noise: float = typer.Option(E.context_noise, min=0.0, max=0.99,
+                                        help="Noise level t at which known (context and "
                                         "already generated) frames are shown to the model; a model trained with "
                                         "--context-noise continues better from a small one (0: clean)."),
-    sampler: str = typer.Option("euler", help="euler, or heun (second order: 2 x steps - 1 model calls per window; "
+    sampler: str = typer.Option(E.sampler, help="euler, or heun (second order: 2 x steps - 1 model calls per window; "
                                 "compare with euler at that many steps)."),
-    batch_size: int = typer.Option(8, min=1, help="Clips generated per pipeline call."),
-    i3d: str = typer.Option(None, help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped "
+    batch_size: int = typer.Option(E.batch_size, min=1, help="Clips generated per pipeline call."),
+    i3d: str = typer.Option(E.i3d,
+                            help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped "
                             "without it."),
-    kv_cache: str = options.kv_cache(),
+    kv_cache: str = options.kv_cache(E.kv_cache),
     no_kv_cache: bool = options.no_kv_cache(),
-    attention_kernel: str = options.attention_kernel(),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
-    precision: str = options.transformer_precision(),
-    out: str = typer.Option("report.json", help="Report file (JSON)."),
+    attention_kernel: str = options.attention_kernel(E.attention_kernel),
+    device: str = typer.Option(E.device, help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
+    precision: str = options.transformer_precision(E.precision),
+    out: str = typer.Option(E.out, help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame, latent copy and VAE
     reconstruction; per-horizon curves in the report and a PNG beside it."""

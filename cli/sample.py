@@ -5,6 +5,9 @@ from __future__ import annotations
 import typer
 
 from cli import options
+from minisora.configs import SampleConfig, defaults
+
+S = defaults(SampleConfig)
 
 
 def sample(
@@ -12,32 +15,40 @@ def sample(
                                    "pipeline directory."),
     out: str = typer.Option(..., help="Output path without or with extension (OUT.mp4 / OUT.gif); several videos get "
                             "-00, -01 ..."),
-    num_videos: int = typer.Option(1, min=1, help="Videos generated in one batch."),
-    frames: int = typer.Option(None, min=1, help="Latent frames per video, context included (= video frames for image "
+    num_videos: int = typer.Option(S.num_videos, min=1, help="Videos generated in one batch."),
+    frames: int = typer.Option(S.frames, min=1,
+                               help="Latent frames per video, context included (= video frames for image "
                                "VAEs); more than the training window rolls out window by window (e.g. 300) (default: "
                                "the training window)."),
-    steps: int = typer.Option(20, min=1, help="Euler steps of the flow ODE per window."),
-    shift: float = typer.Option(None, help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise "
+    steps: int = typer.Option(S.steps, min=1, help="Euler steps of the flow ODE per window."),
+    shift: float = typer.Option(S.shift,
+                                help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise "
                                 "(default: the pipeline's)."),
-    seed: int = typer.Option(0, help="Noise seed (same seed, same checkpoint: same video)."),
-    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in "
+    seed: int = typer.Option(S.seed, help="Noise seed (same seed, same checkpoint: same video)."),
+    device: str = typer.Option(S.device,
+                               help="auto (cuda if available), cpu, cuda[:N]. On CUDA the transformer runs in "
                                "bf16, the VAE in fp32."),
-    precision: str = options.transformer_precision(),
-    context: str = typer.Option(None, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference "
+    precision: str = options.transformer_precision(S.precision),
+    context: str = typer.Option(S.context, help="Continue this clip: a TECO .npz / .mp4 file, or a store reference "
                                 "STORE:SPLIT:INDEX (e.g. outputs/demo/store:test:3)."),
-    context_frames: int = typer.Option(4, min=1, help="Latent frames of the context clip kept clean (t = 0)."),
-    actions: str = typer.Option(None, help="'context' (the context clip's recorded actions), a .npz/.npy file with "
+    context_frames: int = typer.Option(S.context_frames, min=1,
+                                       help="Latent frames of the context clip kept clean (t = 0)."),
+    actions: str = typer.Option(S.actions,
+                                help="'context' (the context clip's recorded actions), a .npz/.npy file with "
                                 "`actions`, or omit for none."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on actions (1: plain conditional)."),
-    chunk: int = typer.Option(1, min=1, help="New latent frames per rollout window, each conditioned on the window - "
+    guidance: float = typer.Option(S.guidance,
+                                   help="Classifier-free guidance scale on actions (1: plain conditional)."),
+    chunk: int = typer.Option(S.chunk, min=1,
+                              help="New latent frames per rollout window, each conditioned on the window - "
                               "chunk frames before them (1: frame by frame; larger: fewer windows, faster; "
                               "docs/design-notes.md compares them)."),
-    kv_cache: str = options.kv_cache(),
+    kv_cache: str = options.kv_cache(S.kv_cache),
     no_kv_cache: bool = options.no_kv_cache(),
-    attention_kernel: str = options.attention_kernel(),
-    format: str = typer.Option("mp4,gif", help="Comma-separated outputs: mp4, gif (context frames framed in red), npz "
+    attention_kernel: str = options.attention_kernel(S.attention_kernel),
+    format: str = typer.Option(",".join(S.formats),
+                               help="Comma-separated outputs: mp4, gif (context frames framed in red), npz "
                                "(unmarked frames + latents)."),
-    fps: float = typer.Option(None, help="Frames per second of the written videos (default: the dataset's)."),
+    fps: float = typer.Option(S.fps, help="Frames per second of the written videos (default: the dataset's)."),
 ):
     """Generate videos: unconditional, continuation of a clip, and rollouts longer than the training window.
 

@@ -3,8 +3,7 @@
 The CLI options take their defaults from these fields (`defaults(TrainConfig).lr`) and
 tests/test_defaults.py checks that every option does. Plain dataclasses without torch, so that
 `minisora --help` shows the defaults without importing torch; each stage re-exports its config
-(`from stages.train import TrainConfig`). The demo's own sizes are `stages.demo.DemoConfig`; sample's and
-eval's configs are still in stages/sample.py and stages/evaluate.py, which import torch.
+(`from stages.train import TrainConfig`). The demo's own sizes are `stages.demo.DemoConfig`.
 """
 
 from __future__ import annotations
@@ -151,3 +150,49 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=train_recipe)
     wandb: bool = False
     device: str = "auto"
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str
+    out: str
+    num_videos: int = 1
+    frames: int | None = None  # latent frames in all (context included); None: the training window
+    steps: int = 20
+    shift: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    context: str | None = None  # clip file or STORE:SPLIT:INDEX
+    context_frames: int = 4  # latent frames of context
+    actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
+    guidance: float = 1.0
+    formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
+    chunk: int = 1  # new latent frames per rollout window
+    fps: float | None = None
+    kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
+    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str
+    store: str
+    out: str = "report.json"
+    split: str = "test"
+    context_frames: int = 4  # K latent frames of context
+    frames: int = 16  # N latent frames in all (context included)
+    num_clips: int = 16
+    seeds: int = 3
+    steps: int = 20
+    shift: float | None = None
+    chunk: int = 1  # new latent frames per rollout window
+    guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
+    context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
+    sampler: str = "euler"  # or "heun": 2 steps - 1 model calls per window
+    batch_size: int = 8  # clips per pipeline call
+    i3d: str | None = None
+    device: str = "auto"
+    kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
+    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision

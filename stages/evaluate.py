@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from minisora.configs import EvalConfig
 from minisora.context import clip_frames
 from minisora.dist import resolve_device
 from minisora.errors import MinisoraError, MinisoraWarning, check_writable
@@ -40,30 +41,6 @@ from minisora.store_guard import check_vae
 
 class EvalError(MinisoraError, ValueError):
     """Evaluation options that do not fit the store or the model; the message names the values."""
-
-
-@dataclass
-class EvalConfig:
-    checkpoint: str
-    store: str
-    out: str = "report.json"
-    split: str = "test"
-    context_frames: int = 4  # K latent frames of context
-    frames: int = 16  # N latent frames in all (context included)
-    num_clips: int = 16
-    seeds: int = 3
-    steps: int = 20
-    shift: float | None = None
-    chunk: int = 1  # new latent frames per rollout window
-    guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
-    context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
-    sampler: str = "euler"  # or "heun": 2 steps - 1 model calls per window
-    batch_size: int = 8  # clips per pipeline call
-    i3d: str | None = None
-    device: str = "auto"
-    kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
-    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
-    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
 
 
 COPY_BASELINES = ("repeat_last_context_frame", "latent_copy")  # to beat; vae_reconstruction is a ceiling

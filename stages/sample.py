@@ -9,40 +9,18 @@ training `pipeline/` directory, or a full DiTPipeline saved with `save_pretraine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from minisora.configs import SampleConfig  # noqa: F401 (re-exported: stages.sample.SampleConfig)
 from minisora.context import load_actions, load_context, mark_context, side_by_side
 from minisora.dist import resolve_device
 from minisora.errors import MinisoraError, check_writable
 from minisora.pipeline import DiTPipeline
 from minisora.run_dir import precision_dtype
 from minisora.video import write_gif, write_mp4
-
-
-@dataclass
-class SampleConfig:
-    checkpoint: str
-    out: str
-    num_videos: int = 1
-    frames: int | None = None  # latent frames in all (context included); None: the training window
-    steps: int = 20
-    shift: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
-    context: str | None = None  # clip file or STORE:SPLIT:INDEX
-    context_frames: int = 4  # latent frames of context
-    actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
-    guidance: float = 1.0
-    formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
-    chunk: int = 1  # new latent frames per rollout window
-    fps: float | None = None
-    kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
-    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
 
 
 class SampleError(MinisoraError, RuntimeError):
