@@ -67,7 +67,7 @@ def sample_times(
     k = torch.floor(torch.rand(batch, generator=generator, device=device) * k_max).long() + 1  # (B,)
     k = torch.where(is_prefix & (k_max > 0), k, torch.zeros_like(k))
     context = torch.arange(frames, device=t.device)[None, :] < k[:, None]  # (B, T)
-    if cfg.context_noise > 0:  # drawn only when used, so the default draws the same numbers as before
+    if cfg.context_noise > 0:  # drawn only when used: clean context consumes no random numbers here
         t_ctx = cfg.context_noise * torch.rand(batch, frames, generator=generator, device=device)
     else:
         t_ctx = torch.zeros_like(t)

@@ -215,7 +215,7 @@ def check_same_model(state: dict, cfg: TrainConfig, path) -> None:
     """Refuse to resume a checkpoint with another attention (the same weights, another model); announce a changed
     training recipe."""
     old = state["config"]
-    was = old.get("attention", "full")  # checkpoints from before causal attention were full
+    was = old.get("attention", "full")  # a config without the field is a full-attention model
     if was != cfg.attention:
         raise ckpt.CheckpointError(f"{path} was trained with --attention {was}; this run has --attention "
                                    f"{cfg.attention}. Pass --attention {was} to resume it")
