@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from minisora.configs import EncodeConfig, TrainConfig, VAETrainConfig, defaults
 
@@ -55,9 +56,119 @@ def _done(t0: float, what: str) -> None:
     print(f"    {what} ({time.time() - t0:.0f}s)", flush=True)
 
 
-def main(cfg: DemoConfig) -> dict:
+class Paths(NamedTuple):
+    """Where each step writes, under the demo's --out."""
+
+    out: Path
+    data: Path
+    manifest: Path
+    vae: Path
+    store: Path
+    run: Path
+
+    @classmethod
+    def under(cls, out: Path) -> "Paths":
+        return cls(out, out / "data", out / "manifest.json", out / "vae", out / "store", out / "run")
+
+
+def make_data(cfg: DemoConfig, paths: Paths) -> None:
     from minisora.data.manifest import build_manifest
     from minisora.data.synthetic import write_synthetic_dataset
+
+    t0 = _step(f"1/8 synthetic DMLab clips -> {paths.data}")
+    stats = write_synthetic_dataset("dmlab", paths.data, clips=cfg.clips, test_clips=cfg.test_clips,
+                                    frames=cfg.frames, seed=cfg.seed, workers=cfg.workers)
+    _done(t0, f"{stats['clips']} clips ready")
+    t0 = _step(f"2/8 manifest -> {paths.manifest}")
+    manifest, _ = build_manifest(paths.data, "dmlab")
+    manifest.save(paths.manifest)
+    _done(t0, f"{len(manifest.clips)} clips {manifest.split_counts()}")
+
+
+def train_vae(cfg: DemoConfig, paths: Paths, precision: str) -> None:
+    t0 = _step(f"3/8 train the offline VAE -> {paths.vae}")
+    if (paths.vae / "config.json").exists():
+        _done(t0, "reusing the trained VAE")
+        return
+    from stages.vae_train import main as vae_main
+
+    info = vae_main(VAETrainConfig(manifest=str(paths.manifest), out=str(paths.vae), steps=cfg.vae_steps,
+                                   width=cfg.vae_width, precision=precision, seed=cfg.seed,
+                                   eval_every=cfg.vae_steps))  # one held-out PSNR, at the end
+    _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB "
+              f"(mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
+
+
+def encode_and_verify(cfg: DemoConfig, paths: Paths) -> None:
+    from minisora.store import LatentStore
+    from stages.encode import main as encode_main
+
+    t0 = _step(f"4/8 encode every frame once -> {paths.store}")
+    if (paths.store / "zarr.json").exists() and LatentStore(paths.store).attrs.get("complete"):
+        _done(t0, "reusing the complete store")
+    else:
+        encode_main(EncodeConfig(manifest=str(paths.manifest), vae=str(paths.vae), out=str(paths.store),
+                                 frame_stride=cfg.frame_stride,
+                                 clips_per_shard=8))  # a clip is 0.6 MB of latents: ~32 MB shards would be one
+        _done(t0, "store complete")
+    t0 = _step("5/8 verify the store")
+    problems = LatentStore(paths.store).verify()
+    if problems:
+        raise RuntimeError("store verify failed:\n" + "\n".join(problems))
+    info = LatentStore(paths.store).info()
+    tr = info["splits"]["train"]
+    _done(t0, f"ok: {tr['clips']} train clips, {tr['bytes_per_frame']:.0f} B/latent frame vs "
+              f"{info['raw_pixel_bytes_per_latent_frame']} B of raw pixels")
+
+
+def train_dit(cfg: DemoConfig, paths: Paths, precision: str) -> None:
+    from stages.train import main as train_main
+
+    t0 = _step(f"6/8 train a {cfg.model} DiT on the latents -> {paths.run}")
+    # train's recipe, with the study's mix for steps without teacher forcing (those of --attention full)
+    flow = replace(TRAIN.flow, p_full=0.2, p_prefix=0.6)  # and p_independent 0.2
+    res = train_main(TrainConfig(
+        store=str(paths.store), out=str(paths.run), model=cfg.model, attention=cfg.attention,
+        patch_size=cfg.patch_size, frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps,
+        seed=cfg.seed, flow=flow, precision=precision,
+        lr=1e-3,  # the tiny DiT's rate in the recipe study (docs/design-notes.md)
+        ema_decay=0.995,  # 0.999 over 2800 steps still averages in early weights: -0.95 dB in the recipe study
+        use_actions=True,  # DMLab clips record their actions; continuations follow them
+        ckpt_every=250, keep_last=2,  # a killed demo loses at most 250 steps; two checkpoints on disk
+        log_every=25))  # ~100 loss points over the demo's 2800 steps
+    _done(t0, f"step {res['step']}, loss {res['loss']:.4f}")
+
+
+def sample_videos(cfg: DemoConfig, paths: Paths, precision: str) -> list[str]:
+    from stages.sample import SampleConfig, main as sample_main
+
+    t0 = _step("7/8 sample: a continuation of a held-out clip and an unconditional video")
+    cont = sample_main(SampleConfig(checkpoint=str(paths.run), out=str(paths.out / "samples" / "continuation"),
+                                    context=f"{paths.store}:test:0",
+                                    frames=3 * cfg.window, actions="context", seed=cfg.seed,
+                                    steps=cfg.sample_steps, precision=precision))
+    uncond = sample_main(SampleConfig(checkpoint=str(paths.run), out=str(paths.out / "samples" / "unconditional"),
+                                      num_videos=2, frames=2 * cfg.window, seed=cfg.seed,
+                                      steps=cfg.sample_steps, precision=precision))
+    written = cont["written"] + uncond["written"]
+    _done(t0, f"{len(written)} files")
+    return written
+
+
+def evaluate(cfg: DemoConfig, paths: Paths, precision: str) -> str:
+    from stages.evaluate import EvalConfig, format_table, main as eval_main
+
+    t0 = _step("8/8 evaluate continuations on held-out clips (TECO protocol)")
+    report = eval_main(EvalConfig(checkpoint=str(paths.run), store=str(paths.store), frames=2 * cfg.window,
+                                  num_clips=cfg.eval_clips, out=str(paths.out / "eval.json"),
+                                  steps=cfg.sample_steps, precision=precision,
+                                  seeds=2))  # a mean and a spread at two thirds of eval's 3 seeds
+    print(format_table(report))
+    _done(t0, "report written")
+    return str(paths.out / "eval.json")
+
+
+def main(cfg: DemoConfig) -> dict:
     from minisora.dist import resolve_device
     from minisora.hardware import cpu_facts, resolve_precision
 
@@ -67,100 +178,20 @@ def main(cfg: DemoConfig) -> dict:
     print(f"minisora demo on {device.type}, {cpu_facts().describe()} ({_cpu_model()}), torch {_torch_version()}\n"
           f"{choice.line()}", flush=True)
     precision = choice.precision  # the concrete value every stage gets: fp32 or bf16
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg) | {"resolved_precision": precision}, indent=2))
-    data, manifest_path, vae_dir = out / "data", out / "manifest.json", out / "vae"
-    store_path, run = out / "store", out / "run"
-    results: dict = {}
+    paths = Paths.under(Path(cfg.out))
+    paths.out.mkdir(parents=True, exist_ok=True)
+    (paths.out / "demo_config.json").write_text(json.dumps(asdict(cfg) | {"resolved_precision": precision},
+                                                           indent=2))
+    make_data(cfg, paths)
+    train_vae(cfg, paths, precision)
+    encode_and_verify(cfg, paths)
+    train_dit(cfg, paths, precision)
+    results = {"samples": sample_videos(cfg, paths, precision), "eval": evaluate(cfg, paths, precision)}
 
-    t0 = _step(f"1/8 synthetic DMLab clips -> {data}")
-    stats = write_synthetic_dataset("dmlab", data, clips=cfg.clips, test_clips=cfg.test_clips, frames=cfg.frames,
-                                    seed=cfg.seed, workers=cfg.workers)
-    _done(t0, f"{stats['clips']} clips ready")
-
-    t0 = _step(f"2/8 manifest -> {manifest_path}")
-    manifest, skipped = build_manifest(data, "dmlab")
-    manifest.save(manifest_path)
-    _done(t0, f"{len(manifest.clips)} clips {manifest.split_counts()}")
-
-    t0 = _step(f"3/8 train the offline VAE -> {vae_dir}")
-    if (vae_dir / "config.json").exists():
-        _done(t0, "reusing the trained VAE")
-    else:
-        from stages.vae_train import main as vae_main
-
-        info = vae_main(VAETrainConfig(manifest=str(manifest_path), out=str(vae_dir), steps=cfg.vae_steps,
-                                       width=cfg.vae_width, precision=precision, seed=cfg.seed,
-                                       eval_every=cfg.vae_steps))  # one held-out PSNR, at the end
-        _done(t0, f"held-out PSNR {info['test_psnr']:.2f} dB "
-                  f"(mean-frame baseline {info['mean_frame_baseline_psnr']:.2f} dB)")
-
-    t0 = _step(f"4/8 encode every frame once -> {store_path}")
-    from minisora.store import LatentStore
-    from stages.encode import main as encode_main
-
-    if (store_path / "zarr.json").exists() and LatentStore(store_path).attrs.get("complete"):
-        _done(t0, "reusing the complete store")
-    else:
-        encode_main(EncodeConfig(manifest=str(manifest_path), vae=str(vae_dir), out=str(store_path),
-                                 frame_stride=cfg.frame_stride,
-                                 clips_per_shard=8))  # a clip is 0.6 MB of latents: ~32 MB shards would be one
-        _done(t0, "store complete")
-
-    t0 = _step("5/8 verify the store")
-    problems = LatentStore(store_path).verify()
-    if problems:
-        raise RuntimeError("store verify failed:\n" + "\n".join(problems))
-    info = LatentStore(store_path).info()
-    tr = info["splits"]["train"]
-    _done(t0, f"ok: {tr['clips']} train clips, {tr['bytes_per_frame']:.0f} B/latent frame vs "
-              f"{info['raw_pixel_bytes_per_latent_frame']} B of raw pixels")
-
-    t0 = _step(f"6/8 train a {cfg.model} DiT on the latents -> {run}")
-    from stages.train import main as train_main
-
-    # train's recipe, with the study's mix for steps without teacher forcing (those of --attention full)
-    flow = replace(TRAIN.flow, p_full=0.2, p_prefix=0.6)  # and p_independent 0.2
-    res = train_main(TrainConfig(
-        store=str(store_path), out=str(run), model=cfg.model, attention=cfg.attention, patch_size=cfg.patch_size,
-        frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps, seed=cfg.seed, flow=flow,
-        precision=precision,
-        lr=1e-3,  # the tiny DiT's rate in the recipe study (docs/design-notes.md)
-        ema_decay=0.995,  # 0.999 over 2800 steps still averages in early weights: -0.95 dB in the recipe study
-        use_actions=True,  # DMLab clips record their actions; continuations follow them
-        ckpt_every=250, keep_last=2,  # a killed demo loses at most 250 steps; two checkpoints on disk
-        log_every=25))  # ~100 loss points over the demo's 2800 steps
-    _done(t0, f"step {res['step']}, loss {res['loss']:.4f}")
-
-    t0 = _step("7/8 sample: a continuation of a held-out clip and an unconditional video")
-    from stages.sample import SampleConfig, main as sample_main
-
-    cont = sample_main(SampleConfig(checkpoint=str(run), out=str(out / "samples" / "continuation"),
-                                    context=f"{store_path}:test:0",
-                                    frames=3 * cfg.window, actions="context", seed=cfg.seed,
-                                    steps=cfg.sample_steps, precision=precision))
-    uncond = sample_main(SampleConfig(checkpoint=str(run), out=str(out / "samples" / "unconditional"),
-                                      num_videos=2, frames=2 * cfg.window, seed=cfg.seed,
-                                      steps=cfg.sample_steps, precision=precision))
-    results["samples"] = cont["written"] + uncond["written"]
-    _done(t0, f"{len(results['samples'])} files")
-
-    t0 = _step("8/8 evaluate continuations on held-out clips (TECO protocol)")
-    from stages.evaluate import EvalConfig, format_table, main as eval_main
-
-    report = eval_main(EvalConfig(checkpoint=str(run), store=str(store_path), frames=2 * cfg.window,
-                                  num_clips=cfg.eval_clips, out=str(out / "eval.json"),
-                                  steps=cfg.sample_steps, precision=precision,
-                                  seeds=2))  # a mean and a spread at two thirds of eval's 3 seeds
-    print(format_table(report))
-    results["eval"] = str(out / "eval.json")
-    _done(t0, "report written")
-
-    print(f"\nDone. Outputs in {out}/:")
+    print(f"\nDone. Outputs in {paths.out}/:")
     for k in ("data", "manifest.json", "vae", "store", "run", "samples", "eval.json"):
-        if (out / k).exists():
-            print(f"  {out / k}")
+        if (paths.out / k).exists():
+            print(f"  {paths.out / k}")
     total = time.time() - t_start
     print(f"Total wall time {total / 60:.1f} min ({total:.0f}s) with {choice.precision} on {cpu_facts().describe()}")
     results["seconds"] = total
