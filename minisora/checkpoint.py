@@ -9,6 +9,8 @@ Layout (RUN/checkpoints/step-00000100/, renamed from a .tmp directory when compl
     state.json        step, sampler position, LR scheduler, lr, loss-scaler state, world size, batch
                       size, resolved config
     pipeline/         what `minisora sample` loads (transformer/ + minisora_pipeline.json)
+    digests.json      sha256 of every file above, written last (before the rename); resume and sampling
+                      check a checkpoint against it, so a flipped byte is found before it is trained or sampled on
 
 Branches: resuming from step s while RUN/checkpoints holds newer steps would later collide with
 them, and `--resume auto` would jump back to the old history. So that is refused, listing the
@@ -20,16 +22,19 @@ at `step-*` directly under checkpoints/, so nothing abandoned is ever resumed or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from minisora.errors import MinisoraError
+from minisora.errors import MinisoraError, MinisoraWarning
 
+DIGESTS = "digests.json"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FIELDS = ("step", "loader", "scheduler", "world_size", "batch_size", "grad_accum", "config")
 
@@ -78,30 +83,94 @@ class Resume:
     path: Path | None  # the checkpoint to load (None: start at step 0)
     step: int
     newer: tuple[Path, ...]  # checkpoints of this run past `step`: abandoned when the run branches
+    skipped: tuple[str, ...] = ()  # `--resume auto`: damaged newer checkpoints passed over, each "path: why"
 
 
 def resolve_resume(resume: str | None, out: str | Path, branch: bool) -> Resume:
-    """What `--resume auto|PATH|none` means for run `out`; refuses to overwrite a newer history unless `branch`."""
+    """What `--resume auto|PATH|none` means for run `out`; refuses to overwrite a newer history unless `branch`.
+
+    Every checkpoint is checked against its digests.json first: `auto` passes over a damaged one (saying
+    which and why; it moves to abandoned-<time>/ with any newer ones) and takes the next older; an explicit
+    PATH that fails is an error naming the file."""
     ckpts = list_checkpoints(out)
+    skipped: list[str] = []
     if resume == "auto":
-        if not ckpts:
-            return Resume(None, 0, ())
-        path = ckpts[-1]
+        path = None
+        for cand in reversed(ckpts):
+            try:
+                read_state(cand)
+                optimizer_path(cand)
+                verify_digests(cand)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                warnings.warn(f"--resume auto skips {cand.name}: {e}", MinisoraWarning, stacklevel=2)
+                continue
+            path = cand
+            break
+        if ckpts and path is None:
+            raise CheckpointError(f"--resume auto: every checkpoint in {Path(out) / 'checkpoints'} is damaged "
+                                  f"({'; '.join(skipped)}); start a new --out, or restore one of them")
     elif resume:
         path = Path(resume)
         if not (path / "state.json").is_file():
             raise CheckpointError(f"--resume {path}: not a checkpoint directory (no state.json)")
+        read_state(path)
+        verify_digests(path)
     else:
         path = None
     step = int(read_state(path)["step"]) if path is not None else 0
     newer = tuple(p for p in ckpts if step_of(p) > step)
-    if newer and not branch:
+    if newer and not branch and len(newer) > len(skipped):
         names = ", ".join(p.name for p in newer)
         start = f"from {path}" if path is not None else "from scratch"
         raise CheckpointError(f"starting {start} (step {step}) would overwrite the newer checkpoints {names} in "
                               f"{Path(out) / 'checkpoints'}: resume the newest with --resume auto, or pass --branch "
                               "to start a branch here (the newer ones move to checkpoints/abandoned-<time>/)")
-    return Resume(path, step, newer)
+    return Resume(path, step, newer, tuple(skipped))
+
+
+# ------------------------------------------------------------------------------ digests
+def file_sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_digests(path: Path) -> None:
+    """PATH/digests.json: the sha256 of every file under PATH (relative POSIX paths), written through a rename."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (DIGESTS, DIGESTS + ".tmp"))
+    doc = {"sha256": {p.relative_to(path).as_posix(): file_sha256(p) for p in files}}
+    tmp = path / (DIGESTS + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path / DIGESTS)
+
+
+def verify_digests(path: Path, under: str = "") -> None:
+    """Check the files of checkpoint PATH (only those under `under`, e.g. "pipeline/") against its digests.json.
+
+    A missing or changed file is a CheckpointError naming it; a checkpoint without digests.json (written by an
+    older minisora) is accepted with one warning."""
+    path = Path(path)
+    file = path / DIGESTS
+    if not file.is_file():
+        warnings.warn(f"{path}: no {DIGESTS} (written by an older minisora), so its files cannot be checked "
+                      "for damage", MinisoraWarning, stacklevel=2)
+        return
+    try:
+        recorded = json.loads(file.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e}); the checkpoint cannot be checked: use another") from None
+    for rel, digest in sorted(recorded.items()):
+        if not rel.startswith(under):
+            continue
+        target = path / rel
+        if not target.is_file():
+            raise CheckpointError(f"{target}: missing (listed in {DIGESTS}); the checkpoint is damaged: use another")
+        if file_sha256(target) != digest:
+            raise CheckpointError(f"{target}: sha256 differs from the one recorded in {DIGESTS} when it was "
+                                  "saved; the file is damaged: use another checkpoint")
 
 
 def abandon(out: str | Path, newer: tuple[Path, ...], step: int) -> Path | None:
@@ -172,6 +241,7 @@ def save(booster, model, optimizer, final: Path, state: dict, write_rank0, rank:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     barrier()
     if rank == 0:
+        write_digests(tmp)  # every rank's files are there now
         os.replace(tmp, final)  # visible only when complete
     barrier()
     return final

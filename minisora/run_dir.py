@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from minisora.checkpoint import list_checkpoints
+from minisora.checkpoint import DIGESTS, list_checkpoints, verify_digests
 from minisora.errors import MinisoraError
 from minisora.model import VideoDiT
 
@@ -108,12 +108,25 @@ def load_run(cls: type[DiffusionPipeline], path: str | Path, device: torch.devic
     `torch_dtype` at load time rather than a cast afterwards; the VAE and the Euler integration stay float32.
     """
     pdir = resolve_pipeline_dir(path)
+    check_pipeline_files(pdir)
     dtype = dtype or sampling_dtype(torch.device(device))
     if (pdir / "model_index.json").exists():
         return cls.from_pretrained(str(pdir), torch_dtype={"transformer": dtype, "default": torch.float32}).to(device)
     meta = json.loads((pdir / PIPELINE_JSON).read_text())
     transformer = VideoDiT.from_pretrained(str(pdir / "transformer"), torch_dtype=dtype)
     return build_pipeline(cls, transformer, meta, device, str(pdir))
+
+
+def check_pipeline_files(pdir: Path) -> None:
+    """A checkpoint's pipeline/ checked against the checkpoint's digests.json (a damaged file: RunDirError naming
+    it; a checkpoint without digests: one warning). A pipeline directory outside a checkpoint is not checked."""
+    ckpt = pdir.parent
+    if pdir.name != "pipeline" or not ((ckpt / DIGESTS).is_file() or (ckpt / "state.json").is_file()):
+        return
+    try:
+        verify_digests(ckpt, under="pipeline/")
+    except MinisoraError as e:
+        raise RunDirError(str(e)) from None
 
 
 def sampling_dtype(device: torch.device) -> torch.dtype:

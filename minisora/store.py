@@ -19,6 +19,9 @@ shard file, so `verify` catches any flipped byte, and re-running encode skips co
 (and redoes those whose marker is missing or broken). New stores (root attribute chunk_checksum =
 "crc32c") also end every chunk with a crc32c of its stored bytes, which zarr checks on every read;
 older stores (no such attribute) read as before.
+
+Opening a complete store read-only checks its `vae` and `latent_stats` attributes against the digests
+recorded when it was finalized (minisora/store_meta.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from minisora.data.clips import ACTION_DTYPE
+from minisora.store_meta import check_meta, meta_digests
 from minisora.store_schema import (ARRAYS_5D, SCHEMA_VERSION, ShardCommit, SplitLayout, StoreError, _fs_and_root,
                                    _sha256, channel_sums, clips_per_shard_for, narrow)
 
@@ -66,6 +70,8 @@ class LatentStore:
         self._array_meta: dict[tuple[str, str], bytes] = {}  # zarr.json of each array, for read_shard
         if mode == "r" and self.attrs.get("schema") != "minisora.latents":
             raise StoreError(f"{self.url}: not a minisora latent store (attributes lack schema='minisora.latents')")
+        if mode == "r" and self.attrs.get("complete"):
+            check_meta(self.url, self.attrs)
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -106,6 +112,9 @@ class LatentStore:
         return store
 
     def set_attrs(self, **kv) -> None:
+        """Update root attributes; the digests of META_KEYS follow them (a change through here is no damage)."""
+        if "meta_sha256" in self.attrs or "latent_stats" in kv:
+            kv["meta_sha256"] = meta_digests({**self.attrs, **kv})
         self.group.attrs.update(kv)
         self.attrs.update(kv)
 

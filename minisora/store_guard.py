@@ -9,23 +9,88 @@ deletes only a minisora store, and of it only the entries above (anything else t
 stays, and so does the directory then). A store records the digest of its VAE's weights
 (`vae.weights_sha256`); latents are decoded only by a VAE with the same digest. Stores made before
 the digest existed cannot be checked: they are used with a warning.
+
+One `encode` at a time writes a local store: it holds LOCK_NAME in the store's directory (created with
+O_CREAT|O_EXCL, holding the pid and host), removed when it ends. A second one is refused, naming the
+holder; a lock left by a process that is gone (same host, dead pid) is taken over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import warnings
+from contextlib import contextmanager
 
 from minisora.errors import MinisoraWarning, unwritable_reason
 from minisora.store import ARRAYS_5D, StoreError, _fs_and_root
 
 SPLIT_ENTRIES = ("zarr.json", *ARRAYS_5D, "actions", "length", "_commits")
 ROOT_ENTRIES = ("zarr.json", "manifest.json")
+LOCK_NAME = ".minisora-encode.lock"  # not a store entry: never listed, never deleted by remove_store
 
 
 def _names(fs, path: str) -> set[str]:
-    return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)} - {LOCK_NAME}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _take_lock(file: str, url: str) -> bool:
+    """Create the lock file; False when a live process holds it (a dead holder's lock is taken over)."""
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    for _ in range(2):
+        try:
+            fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(open(file).read())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") != socket.gethostname() or _pid_alive(int(holder.get("pid", 0)) or 1):
+                raise StoreError(f"{url}: another encode is writing this store (lock {file} held by pid "
+                                 f"{holder.get('pid', '?')} on {holder.get('host', '?')} since "
+                                 f"{holder.get('since', '?')}); wait for it to end, or remove the lock file if that "
+                                 "process is gone")
+            os.unlink(file)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+@contextmanager
+def encode_lock(url: str):
+    """Hold the store's encode lock for the duration (local stores only).
+
+    An fsspec URL (s3://, memory://, ...) is not locked: object stores offer no atomic create-if-absent that
+    every backend honours, so two encodes there must be kept apart by the user."""
+    fs, root, local = _fs_and_root(url)
+    if not local:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    file = os.path.join(root, LOCK_NAME)
+    if not _take_lock(file, url):
+        raise StoreError(f"{url}: cannot take the lock {file}; try again")
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(file)
+        except FileNotFoundError:
+            pass
 
 
 def store_attrs(fs, root: str) -> dict | None:
@@ -95,7 +160,7 @@ def remove_store(url: str, splits) -> None:
     for name in ROOT_ENTRIES:
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")
-    if fs.isdir(root) and not _names(fs, root):
+    if fs.isdir(root) and not fs.ls(root, detail=False):  # a held lock keeps the directory
         fs.rm(root, recursive=True)
 
 

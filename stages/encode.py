@@ -13,6 +13,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict
 
 import numpy as np
@@ -27,12 +28,16 @@ from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import barrier, dist_info, init_distributed, print0, resolve_device
 from minisora.errors import MinisoraError
 from minisora.store import LatentStore, SplitLayout, StoreError, clips_per_shard_for, narrow
-from minisora.store_guard import check_out, remove_store
+from minisora.store_guard import LOCK_NAME, check_out, encode_lock, remove_store
+from minisora.store_meta import check_meta
 from minisora.vae import VideoVAE, frames_to_pixels
 
 
 class EncodeError(MinisoraError, RuntimeError):
     """A manifest, VAE or --out that encode cannot use; the message names it and says what to do."""
+
+
+DEFAULT_SPLITS = EncodeConfig.__dataclass_fields__["splits"].default
 
 
 def _used_frames(clip_frames: int, stride: int, vae: VideoVAE) -> int:
@@ -53,8 +58,12 @@ def plan_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE) -> tuple[di
     if h % sc or w % sc:
         raise EncodeError(f"frames of {h}x{w} are not divisible by the VAE's spatial compression {sc}")
     layouts = {}
+    has = manifest.split_counts()
     for split in cfg.splits:
         sc_clips = manifest.by_split(split)
+        if not sc_clips and tuple(cfg.splits) != DEFAULT_SPLITS:  # the default takes those of them it finds
+            raise EncodeError(f"--splits {split}: the manifest {cfg.manifest} has no clips in split {split!r} "
+                              f"(it has {', '.join(sorted(has))})")
         if not sc_clips:
             continue
         frames = max(vae.latent_frames(_used_frames(c.frames, cfg.frame_stride, vae)) for c in sc_clips)
@@ -109,6 +118,8 @@ def open_or_create_store(cfg: EncodeConfig, manifest: Manifest, vae: VideoVAE, a
             remove_store(cfg.out, layouts)  # only the store's own files
         else:
             store = LatentStore(cfg.out, mode="a")
+            if store.attrs.get("complete"):  # its statistics and VAE record as encoded, or an error naming them
+                check_meta(cfg.out, store.attrs)
             diffs = _same_plan(store, attrs, layouts)
             if diffs:
                 raise EncodeError(f"{cfg.out} exists and was encoded with other settings ({', '.join(diffs)} differ); "
@@ -136,7 +147,7 @@ def _interrupted_create(fs, root: str, layouts: dict[str, SplitLayout]) -> bool:
         attrs = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes") or {}
     except (ValueError, AttributeError):  # an empty or half-written zarr.json
         attrs = {}
-    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} - {LOCK_NAME}
     return ("schema" not in attrs and names <= {"zarr.json", "manifest.json", *layouts}
             and not any(fs.exists(f"{root}/{split}/_commits") for split in layouts))
 
@@ -152,6 +163,7 @@ def _rank0_view(flags: list[bool]) -> list[bool]:
 
 def _read(manifest: Manifest, clip: ManifestClip, stride: int, used: int):
     try:
+        manifest.check_clip(clip)  # the recorded sha256, when `data manifest --checksum` recorded one
         frames, actions = read_clip(manifest.abspath(clip), manifest.kind)
     except ClipError as e:
         return e
@@ -187,6 +199,11 @@ def encode_clip(vae: VideoVAE, frames: np.ndarray, cfg: EncodeConfig, device: to
 
 
 def main(cfg: EncodeConfig) -> dict:
+    with ExitStack() as held:  # rank 0 holds the store's encode lock until the end
+        return _main(cfg, held)
+
+
+def _main(cfg: EncodeConfig, held: ExitStack) -> dict:
     init_distributed()
     rank, world, _ = dist_info()
     device = resolve_device(cfg.device)
@@ -200,6 +217,7 @@ def main(cfg: EncodeConfig) -> dict:
     err = None
     if rank == 0:
         try:
+            held.enter_context(encode_lock(cfg.out))  # a second encode into the same --out is refused
             open_or_create_store(cfg, manifest, vae, attrs, layouts)
         except (EncodeError, StoreError) as e:
             err = e

@@ -31,6 +31,7 @@ from minisora.ema import EMA
 from minisora.flow import flow_loss, noisy, sample_times, teacher_forcing_times
 from minisora.hardware import PRECISIONS, enable_tf32, resolve_precision
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
+from minisora.resume_check import announcement, check_resume, store_identity
 from minisora.run_dir import save_run
 from minisora.store import LatentStore
 from minisora.train_report import Logger, Validator, config_json
@@ -82,6 +83,9 @@ def check_config(cfg: TrainConfig) -> None:
     if resolve_kernel(cfg.attention_kernel, torch.device("cpu")) == "flex" and on_cpu:  # also checks the name
         raise ValueError("--attention-kernel flex cannot train on the CPU: torch's CPU FlexAttention has no backward "
                          "pass; use --attention-kernel sdpa (or auto)")
+    if cfg.frames < 2:
+        raise ValueError(f"--frames {cfg.frames}: a training window needs at least 2 latent frames (the model learns "
+                         "to continue frames from earlier ones, and a 1-frame model cannot continue anything)")
     if cfg.model not in DIT_MODEL_SPECS:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_MODEL_SPECS)}")
     if cfg.precision not in PRECISIONS:
@@ -155,7 +159,8 @@ def save(run: Run, step: int, loader_state: dict) -> None:
     cfg, weights = run.cfg, pipeline_weights(run)
     state = {"step": step, "loader": loader_state, "scheduler": run.scheduler.state_dict(), "world_size": world,
              "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
-             "loss_scaler": plugins.scaler_state(plugins.find_loss_scaler(run.optimizer)), "config": config_json(cfg)}
+             "loss_scaler": plugins.scaler_state(plugins.find_loss_scaler(run.optimizer)), "config": config_json(cfg),
+             "store": store_identity(run.store)}
 
     def rank0_files(tmp: Path) -> None:
         if run.ema is not None:
@@ -175,15 +180,8 @@ def resume(run: Run, where: ckpt.Resume) -> tuple[int, dict | None, dict | None]
     Returns (step, loader state, the metrics.jsonl event that records where this history continues)."""
     cfg, (rank, world, _) = run.cfg, dist_info()
     state = ckpt.read_state(where.path) if where.path is not None else None
-    if state and (state["world_size"], state["batch_size"], state["grad_accum"]) != (world, cfg.batch_size,
-                                                                                     cfg.grad_accum):
-        raise ckpt.CheckpointError(
-            f"{where.path} was written by {state['world_size']} processes x batch {state['batch_size']} x accum "
-            f"{state['grad_accum']}; this run has {world} x {cfg.batch_size} x {cfg.grad_accum}. Resuming would change "
-            "the data order and the effective batch: run with the same sizes, or start a new --out (optionally "
-            "initialised from this checkpoint's pipeline/)")
+    recipe = check_resume(state, cfg, world, run.store, where.path) if state is not None else {}
     if state is not None:
-        check_same_model(state, cfg, where.path)
         ckpt.optimizer_path(where.path)  # an incomplete checkpoint fails here, before anything moves
     abandoned = ckpt.abandon(cfg.out, where.newer, where.step) if rank == 0 else None
     if rank == 0 and state is not None:
@@ -193,6 +191,11 @@ def resume(run: Run, where: ckpt.Resume) -> tuple[int, dict | None, dict | None]
              "start": str(where.path) if where.path is not None else "scratch"}
     if abandoned:
         event["abandoned"] = str(abandoned)
+    if where.skipped:
+        event["skipped_damaged"] = list(where.skipped)
+    for key, (before, now) in recipe.items():  # allowed, said, and recorded with the resume
+        print0(announcement(key, before, now, where.step))
+        event.setdefault("recipe_changes", {})[key] = [before, now]
     if state is None:
         return 0, None, event if abandoned else None
     ckpt.load(where.path, run.booster, run.model, run.optimizer, rank)
@@ -209,22 +212,6 @@ def resume(run: Run, where: ckpt.Resume) -> tuple[int, dict | None, dict | None]
     print0(f"resumed from {where.path} at step {where.step}"
            + (f"; the newer checkpoints moved to {abandoned}" if abandoned else ""))
     return where.step, state["loader"], event
-
-
-def check_same_model(state: dict, cfg: TrainConfig, path) -> None:
-    """Refuse to resume a checkpoint with another attention (the same weights, another model); announce a changed
-    training recipe."""
-    old = state["config"]
-    was = old.get("attention", "full")  # a config without the field is a full-attention model
-    if was != cfg.attention:
-        raise ckpt.CheckpointError(f"{path} was trained with --attention {was}; this run has --attention "
-                                   f"{cfg.attention}. Pass --attention {was} to resume it")
-    flow = old.get("flow", {})
-    for key in ("teacher_forcing", "context_noise", "logit_mean"):
-        before, now = flow.get(key) or 0.0, getattr(cfg.flow, key)  # absent in older checkpoints: 0
-        if before != now:
-            print0(f"--{key.replace('_', '-')} {now:g} replaces the checkpoint's {before:g} "
-                   f"from step {state['step']} on")
 
 
 def set_peak_lr(scheduler, lr: float) -> None:

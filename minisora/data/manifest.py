@@ -138,6 +138,19 @@ class Manifest:
         """root / clip.path, refusing anything that resolves outside root (.., absolute, symlinks)."""
         return Path(_join_inside(self.root, clip.path))
 
+    def check_clip(self, clip: ManifestClip) -> None:
+        """A ClipError when the clip's files no longer have the sha256 the manifest recorded (none recorded: no check)."""
+        if clip.sha256 is None:
+            return
+        path = self.abspath(clip)
+        try:
+            sha = _sha256(clip_files(path, self.kind))
+        except OSError as e:
+            raise ClipError(path, f"cannot read ({e.strerror or e})") from None
+        if sha != clip.sha256:
+            raise ClipError(path, f"sha256 {sha[:16]} differs from the {clip.sha256[:16]} the manifest recorded "
+                                  "(the clip was replaced or changed since `data manifest --checksum`)")
+
 
 _FIELDS = [f.name for f in fields(ManifestClip)]
 _FIELD_TYPES = {"split": str, "path": str, "frames": int, "height": int, "width": int, "has_actions": bool,
