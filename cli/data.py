@@ -40,8 +40,10 @@ def synth(
                                   "pauses, slow turns and stretches of standing still, in another palette and light."),
 ):
     """Write procedurally generated, learnable clips (with actions) in TECO's published layout."""
+    from minisora import paths
     from minisora.data.synthetic import write_synthetic_dataset
 
+    paths.check_output_dir(out)
     n_test = max(1, clips // 8) if test_clips is None else test_clips
     if kind != Kind.dmlab and motion != Motion.walk:
         msg = f"error: --motion {motion.value} exists for --kind dmlab only, not {kind.value}"
@@ -69,8 +71,12 @@ def manifest(
     workers: int = typer.Option(1, min=1, help="Worker processes for probing clips."),
 ):
     """Scan a clip root and write a per-clip manifest (the input of `minisora encode`)."""
+    from minisora import paths
     from minisora.data.manifest import build_manifest
 
+    if out.is_dir():  # before every clip is probed
+        raise paths.OutputPathError(f"{out}: is a directory; the manifest is a file")
+    paths.check_output_file(out)
     m, skipped = build_manifest(root, kind.value, checksum=checksum, on_error=on_error.value, min_frames=min_frames,
                                 workers=workers)
     m.save(out)
@@ -103,8 +109,12 @@ def download(
 
     Resumes interrupted downloads; checks sizes and md5/sha1 against the archive's <item>_files.xml.
     """
+    from minisora import paths
     from minisora.data.download import download_dataset
 
+    paths.check_output_dir(directory, "DIR")
+    if manifest is not None:
+        paths.check_output_file(manifest, "--manifest")
     report = download_dataset(kind.value, directory, base_url=base_url, manifest=manifest, keep_parts=keep_parts,
                               on_error=on_error.value, workers=workers, timeout=timeout, retries=retries,
                               progress=progress)

@@ -38,8 +38,10 @@ def demo(
 
     Sized for `make demo` within 20 minutes on a 2-core AVX2-only CPU in fp32 (docs/benchmarks.md).
     """
+    from minisora import paths
     from stages.demo import main
 
+    paths.check_output_dir(out)
     if precision not in ("auto", "fp32", "bf16"):
         raise typer.BadParameter(f"{precision!r}: choose auto, fp32 or bf16", param_hint="--precision")
     if attention not in ("causal", "full"):

@@ -50,8 +50,11 @@ def encode(
     """
     options = dict(locals())  # the options by name, each an EncodeConfig field
     from minisora.errors import MinisoraError
+    from minisora import paths
     from stages.encode import EncodeError, main
 
+    paths.check_vae(vae)
+    paths.check_store_output(out)
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter("must be fail or skip", param_hint="--on-error")
     if dtype not in ("fp32", "bf16", "fp16"):

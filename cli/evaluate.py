@@ -53,7 +53,12 @@ def evaluate(
     from minisora.errors import MinisoraError
     from stages.evaluate import EvalConfig, format_table, main
     from stages.sample import SampleError
+    from minisora import paths
 
+    paths.check_location(checkpoint, "--checkpoint", accepts="a local run, checkpoint or pipeline directory")
+    paths.check_store(store)
+    paths.check_location(i3d, "--i3d", accepts="a local TorchScript file")
+    paths.check_output_file(out)
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance,
                      batch_size=batch_size, i3d=i3d,

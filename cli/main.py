@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from cli import data, demo, encode, evaluate, sample, store, train, vae
-from minisora.errors import MinisoraError, MinisoraWarning, debug_enabled, user_message
+from minisora.errors import MinisoraError, MinisoraWarning, debug_enabled, is_remote_error, user_message
 
 # Third-party warnings that say nothing about a minisora run, hidden unless --debug (or MINISORA_DEBUG=1):
 # (message prefix, category, module). ColossalAI's imports ask for optional CUDA extensions that minisora does
@@ -18,6 +18,19 @@ QUIET_WARNINGS = (
     ("Please install the latest tensornvme", UserWarning, r"colossalai\.utils\.safetensors"),
     ("Please install apex from source", UserWarning, r"colossalai\.shardformer\.layer\.normalization"),
 )
+
+
+def where(args: list[str], e: BaseException) -> str | None:
+    """The path an error without a file of its own is about: the first URL of the command line for an S3 error,
+    else its --out (a full disk while writing it)."""
+    from minisora.paths import url_protocol
+
+    if is_remote_error(e) or not isinstance(e, MinisoraError):
+        urls = [a for a in args if url_protocol(a) not in (None, "file")]
+        if urls and (is_remote_error(e) or not isinstance(e, OSError) or e.errno != 28):
+            return urls[0]
+    outs = [b for a, b in zip(args, args[1:]) if a == "--out"] + [a[6:] for a in args if a.startswith("--out=")]
+    return outs[0] if outs else None
 
 
 def quiet_third_party_warnings() -> None:
@@ -29,8 +42,8 @@ def quiet_third_party_warnings() -> None:
 class _ReportingGroup(TyperGroup):
     """The one place that turns errors into the user's one line: `error: <path>: <problem>`, exit 1.
 
-    Every minisora error type (a MinisoraError) and OS errors (unwritable or missing paths, a full
-    disk) are reported this way; anything else is a bug and keeps its traceback. `--debug` or
+    Every minisora error type (a MinisoraError), OS errors (unwritable or missing paths, a full
+    disk) and S3 client errors (credentials, connection) are reported this way; anything else is a bug and keeps its traceback. `--debug` or
     MINISORA_DEBUG=1 shows the traceback of the reported errors too, and the third-party warnings that
     QUIET_WARNINGS hides otherwise.
     """
@@ -46,16 +59,17 @@ class _ReportingGroup(TyperGroup):
                     show(message, category, *args, **kwargs)
 
             warnings.showwarning = one_line
+            args = [*(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])), *ctx.args]
             try:
                 if ctx.invoked_subcommand is not None:  # a command runs (not --help): the process-wide CPU setting
                     from minisora.hardware import flush_denormals
 
                     flush_denormals()
                 return super().invoke(ctx)
-            except (MinisoraError, OSError) as e:
-                if debug_enabled():
+            except Exception as e:
+                if not isinstance(e, (MinisoraError, OSError)) and not is_remote_error(e) or debug_enabled():
                     raise
-                typer.secho(f"error: {user_message(e)}", fg="red", err=True)
+                typer.secho(f"error: {user_message(e, where(args, e))}", fg="red", err=True)
                 raise typer.Exit(1) from None
 
 

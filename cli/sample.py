@@ -54,9 +54,15 @@ def sample(
 
     With --context, also writes OUT-vs-truth.mp4/gif: ground truth | generation, context frames framed in red.
     """
+    from minisora import paths
     from minisora.errors import MinisoraError
     from stages.sample import SampleConfig, SampleError, main
 
+    paths.check_location(checkpoint, "--checkpoint", accepts="a local run, checkpoint or pipeline directory")
+    paths.check_context(context)
+    if actions and actions != "context":
+        paths.check_location(actions, "--actions", accepts="'context' or a local .npz/.npy file")
+    paths.check_output_stem(out)  # OUT is a stem: OUT.mp4, OUT-vs-truth.gif, ...
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     bad = [f for f in formats if f not in ("mp4", "gif", "npz")]
     if bad:

@@ -10,8 +10,10 @@ app = typer.Typer(no_args_is_help=True)
 
 
 def _open(url: str):
+    from minisora import paths
     from minisora.store import LatentStore
 
+    paths.check_store(url, "STORE")
     return LatentStore(url)  # a StoreError is reported by cli/main.py
 
 

@@ -110,7 +110,13 @@ def train(
     checkpoint with the same command.
     """
     options = dict(locals())  # the options by name: TrainConfig fields, and FLOW_OPTIONS of its flow
+    from minisora import paths
     from minisora.errors import MinisoraError, debug_enabled, user_message
+
+    paths.check_store(store)  # before any work: every path means what it says, OUT can be written
+    paths.check_output_dir(out)
+    if resume not in ("auto", "none"):
+        paths.check_location(resume, "--resume", accepts="a local checkpoint directory, auto or none")
     from stages.train import main
 
     try:

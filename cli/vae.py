@@ -65,8 +65,10 @@ def train(
     options = dict(locals())  # the options by name, each a VAETrainConfig field
     from minisora.data.clips import ClipError
     from minisora.data.manifest import ManifestError
+    from minisora import paths
     from stages.vae_train import VAETrainError, main
 
+    paths.check_output_dir(out)  # before minutes of training, not after
     if downsample not in (4, 8):
         raise typer.BadParameter("must be 4 or 8", param_hint="--downsample")
     if width % 8:
@@ -88,8 +90,10 @@ def info(
     revision: str = typer.Option(None, "--revision", "--vae-revision", help="Hub revision (branch, tag or commit)."),
 ):
     """Load a VAE and print what a latent store would record about it (JSON), plus its parameter count."""
+    from minisora import paths
     from minisora.vae import VAEError, VideoVAE
 
+    paths.check_vae(vae)
     try:
         model = VideoVAE.load(vae, subfolder=subfolder, revision=revision)
     except VAEError as e:

@@ -25,13 +25,38 @@ def debug_enabled() -> bool:
     return os.environ.get("MINISORA_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def user_message(e: BaseException) -> str:
-    """One line for an error the CLI reports: minisora errors as they are, OS errors as 'path: problem'."""
+def user_message(e: BaseException, where: str | None = None) -> str:
+    """One line for an error the CLI reports: minisora errors as they are, OS errors as 'path: problem'.
+
+    `where`: the path or URL the command was working on (the CLI passes its --out, or the URL it was given),
+    named for errors that carry no file of their own: a full disk (ENOSPC), S3 credentials or connection."""
     if isinstance(e, OSError) and not isinstance(e, MinisoraError) and e.filename is not None:
         target = f" -> {e.filename2}" if e.filename2 else ""
         return f"{e.filename}{target}: {e.strerror or e}"
-    text = str(e) or type(e).__name__
-    return " ".join(text.split("\n")) if "\n" in text.strip() else text.strip()
+    if (remote := _s3_message(e)) is not None:
+        return f"{where or 'S3'}: {remote}"
+    text = " ".join((str(e) or type(e).__name__).split())
+    if isinstance(e, OSError) and not isinstance(e, MinisoraError) and where:
+        return f"{where}: {text}"
+    return text
+
+
+def is_remote_error(e: BaseException) -> bool:
+    """An error of the S3 client (botocore), reported as one line like an OSError."""
+    return type(e).__module__.split(".")[0] in ("botocore", "aiobotocore")
+
+
+def _s3_message(e: BaseException) -> str | None:
+    """What went wrong talking to S3, and what to do, for botocore's errors; None for any other error."""
+    if not is_remote_error(e):
+        return None
+    name, text = type(e).__name__, " ".join(str(e).split())
+    if "Credentials" in name:
+        return (f"no usable S3 credentials ({text}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                f"AWS_PROFILE")
+    if "Connect" in name or "Timeout" in name:
+        return f"cannot reach the S3 endpoint ({text}); check AWS_ENDPOINT_URL and the network"
+    return f"S3 refused the request ({text}); check the credentials and the bucket"
 
 
 class OutputPathError(MinisoraError, ValueError):

@@ -167,6 +167,13 @@ class DiTPipeline(DiffusionPipeline):
             known += new
         return plan
 
+    def check_guidance(self, guidance: float) -> None:
+        """Refuse a guidance scale other than 1 for a model trained without actions (it would be ignored)."""
+        if guidance != 1.0 and self.transformer.config.num_actions == 0:
+            raise ValueError(f"--guidance {guidance:g}: classifier-free guidance is on actions, and this model was "
+                             "trained without them (num_actions 0); use --guidance 1 or a model trained with "
+                             "--use-actions")
+
     @torch.no_grad()
     def __call__(self, *, batch_size: int = 1, num_inference_steps: int = 20, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, context_latents: torch.Tensor | None = None,
@@ -199,6 +206,7 @@ class DiTPipeline(DiffusionPipeline):
         integrate = self._integrator(sampler)
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
+        self.check_guidance(guidance)
         ctx = self._context_latents(context_latents, context_frames)
         batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (batch_size, 0)
         total = num_frames or self.config.window_frames

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from minisora.configs import EncodeConfig, TrainConfig, VAETrainConfig, defaults
+from minisora.errors import MinisoraError
 
 
 TRAIN, VAE, ENCODE = defaults(TrainConfig), defaults(VAETrainConfig), defaults(EncodeConfig)
@@ -69,6 +70,44 @@ class Paths(NamedTuple):
     @classmethod
     def under(cls, out: Path) -> "Paths":
         return cls(out, out / "data", out / "manifest.json", out / "vae", out / "store", out / "run")
+
+
+# The settings each reusable step's output depends on (its own and those of the steps before it), and the file
+# whose presence means the step is done. A re-run that changes one of them for a finished step is refused: the
+# step would be reused, silently ignoring the new value.
+_DATA = ("clips", "test_clips", "frames", "seed")
+STEP_SETTINGS = {
+    "data": ("data", _DATA),
+    "vae": ("vae/config.json", _DATA + ("vae_steps", "vae_width", "resolved_precision")),
+    "store": ("store/zarr.json", _DATA + ("vae_steps", "vae_width", "resolved_precision", "frame_stride")),
+    "run": ("run/checkpoints", _DATA + ("vae_steps", "vae_width", "resolved_precision", "frame_stride", "model",
+                                       "attention", "patch_size", "window", "batch_size")),
+}
+
+
+class DemoError(MinisoraError, ValueError):
+    """A re-run of the demo whose settings differ from those its finished steps were made with."""
+
+
+def check_reuse(paths: Paths, settings: dict) -> None:
+    """Refuse, before any step runs, settings that differ from those of a finished step under OUT
+    (recorded in OUT/demo_config.json by the run that made it)."""
+    recorded = paths.out / "demo_config.json"
+    if not recorded.is_file():
+        return
+    try:
+        old = json.loads(recorded.read_text())
+    except (OSError, ValueError) as e:
+        raise DemoError(f"{recorded}: unreadable record of the demo's settings ({e}); choose a new --out") from e
+    for step, (marker, keys) in STEP_SETTINGS.items():
+        if not (paths.out / marker).exists():
+            continue
+        diff = [k for k in keys if k in old and old[k] != settings[k]]
+        if diff:
+            what = ", ".join(f"--{k.replace('_', '-')} {old[k]} there, {settings[k]} now" for k in diff)
+            raise DemoError(f"{paths.out / marker.split('/')[0]}: the {step} step was made with other settings "
+                            f"({what}); it would be reused as it is: repeat those settings, choose a new --out, "
+                            f"or delete {paths.out / marker.split('/')[0]} to redo it")
 
 
 def make_data(cfg: DemoConfig, paths: Paths) -> None:
@@ -179,9 +218,10 @@ def main(cfg: DemoConfig) -> dict:
           f"{choice.line()}", flush=True)
     precision = choice.precision  # the concrete value every stage gets: fp32 or bf16
     paths = Paths.under(Path(cfg.out))
+    settings = asdict(cfg) | {"resolved_precision": precision}
+    check_reuse(paths, settings)  # before anything is written, demo_config.json included
     paths.out.mkdir(parents=True, exist_ok=True)
-    (paths.out / "demo_config.json").write_text(json.dumps(asdict(cfg) | {"resolved_precision": precision},
-                                                           indent=2))
+    (paths.out / "demo_config.json").write_text(json.dumps(settings, indent=2))
     make_data(cfg, paths)
     train_vae(cfg, paths, precision)
     encode_and_verify(cfg, paths)

@@ -163,6 +163,7 @@ def main(cfg: EvalConfig) -> dict:
     pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     pipe.set_progress_bar_config(disable=True)
+    pipe.check_guidance(cfg.guidance)  # before the baselines are computed
     store = LatentStore(cfg.store)
     store.require_complete()
     check_vae(store.attrs.get("vae"), pipe.video_vae.identity(), cfg.store,

@@ -51,6 +51,7 @@ def main(cfg: SampleConfig) -> dict:
     device = resolve_device(cfg.device)
     pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     pipe.transformer.set_attention_kernel(cfg.attention_kernel)
+    pipe.check_guidance(cfg.guidance)  # before the context is loaded and encoded
     total = cfg.frames or pipe.config.window_frames
     if cfg.context and total <= cfg.context_frames:
         raise SampleError(f"--frames {total}{'' if cfg.frames else ' (the training window)'} must exceed "

@@ -143,6 +143,23 @@ def _check_params(root: Path, params: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_no_other_clips(root: Path, counts: dict[str, int]) -> None:
+    """Refuse to write fewer clips than `root` holds: the next manifest would find the others too.
+
+    Refused rather than removed: the other clips may be the ones the user meant to keep (a smaller --clips
+    by mistake), and a root is only ours when its synthetic.json says so."""
+    other = {}
+    for split, n in counts.items():
+        stems = {p.with_suffix("") for p in root.glob(f"{split}/[0-9][0-9][0-9][0-9]/[0-9][0-9][0-9][0-9][0-9].*")
+                 if p.suffix in (".npz", ".mp4")}
+        other[split] = sum(int(s.name) >= n for s in stems)
+    if sum(other.values()):
+        held = ", ".join(f"{n} {split}" for split, n in other.items() if n)
+        raise SynthError(f"{root}: holds {sum(other.values())} other clips ({held}) beyond the {counts['train']} train "
+                         f"+ {counts['test']} test asked for, and the next manifest would find them; choose a new "
+                         "empty --out, or ask for at least as many clips as are there")
+
+
 def write_synthetic_dataset(
     kind: str, out: str | Path, *, clips: int, test_clips: int = 0, frames: int = 300, seed: int = 0, workers: int = 1,
     progress: bool = True, motion: str = "walk",
@@ -167,6 +184,7 @@ def write_synthetic_dataset(
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
+    _check_no_other_clips(root, {"train": clips, "test": test_clips})
     root.mkdir(parents=True, exist_ok=True)
     params = {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames,
               "seed": seed}
