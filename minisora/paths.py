@@ -96,3 +96,21 @@ def check_store_output(value, option: str = "--out") -> None:
     check_store(value, option)
     if url_protocol(value) is None:
         check_output_dir(value, option)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's endpoint answers a TCP connection within `timeout` s (False with HF_HUB_OFFLINE set):
+    without it, a name missing from the local cache fails at once instead of after the Hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False

@@ -199,8 +199,10 @@ def read_vae_config(source: str, subfolder: str | None = None, revision: str | N
                        "stabilityai/sd-vae-ft-ema)")
     from huggingface_hub import hf_hub_download
 
+    from minisora.paths import hub_reachable
     try:
-        path = hf_hub_download(source, "config.json", subfolder=subfolder, revision=revision)
+        path = hf_hub_download(source, "config.json", subfolder=subfolder, revision=revision,
+                               local_files_only=not hub_reachable())  # a missing name fails at once
     except _hub_errors() as e:
         raise _hub_error(source, subfolder, revision, e) from e
     return json.loads(Path(path).read_text()), source

@@ -184,7 +184,9 @@ def sample_videos(cfg: DemoConfig, paths: Paths, precision: str) -> list[str]:
     t0 = _step("7/8 sample: a continuation of a held-out clip and an unconditional video")
     cont = sample_main(SampleConfig(checkpoint=str(paths.run), out=str(paths.out / "samples" / "continuation"),
                                     context=f"{paths.store}:test:0",
-                                    frames=3 * cfg.window, actions="context", seed=cfg.seed,
+                                    # the recorded actions end with the clip: at most its latent frames
+                                    frames=min(3 * cfg.window, cfg.frames // cfg.frame_stride),
+                                    actions="context", seed=cfg.seed,
                                     steps=cfg.sample_steps, precision=precision))
     uncond = sample_main(SampleConfig(checkpoint=str(paths.run), out=str(paths.out / "samples" / "unconditional"),
                                       num_videos=2, frames=2 * cfg.window, seed=cfg.seed,
