@@ -184,11 +184,11 @@ def write_synthetic_dataset(
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
-    _check_no_other_clips(root, {"train": clips, "test": test_clips})
     root.mkdir(parents=True, exist_ok=True)
     params = {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames,
               "seed": seed}
     _check_params(root, params if motion == "walk" else {**params, "motion": motion})
+    _check_no_other_clips(root, {"train": clips, "test": test_clips})
     jobs = [_ClipJob(kind, root, split, i, frames, seed, motion)
             for split, n in (("train", clips), ("test", test_clips)) for i in range(n)]
     start = time.perf_counter()
