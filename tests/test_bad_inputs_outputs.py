@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from _bad_world import (Case, World, eval_args, file_at, flip_byte, not_waiting_for_the_hub, run_case,
                         sample_args, store_copy, swap_weights, train_args, user_dir)
 from cli.main import app
+from minisora.checkpoint import write_digests
 from minisora.store import LatentStore
 
 
@@ -51,6 +52,7 @@ def _run_whose_vae_changed(w: World, tmp: Path) -> Path:
         meta = json.loads(meta_path.read_text())
         meta["vae"]["source"] = str(tmp / "vae")
         meta_path.write_text(json.dumps(meta))
+        write_digests(meta_path.parent.parent)  # as if trained with the VAE there: the checkpoint is intact
     swap_weights(w, tmp / "vae")
     return tmp / "run"
 
