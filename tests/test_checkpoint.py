@@ -97,3 +97,22 @@ def test_saving_over_an_existing_step_is_refused_before_writing(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"step-00000003 exists already: this run's history goes past"):
         ckpt.save(None, None, None, ckpt.step_dir(run, 3), {"step": 3}, None, 0, False, barrier=lambda: None)
     assert not (run / "checkpoints" / "step-00000003.tmp").exists()
+
+
+def test_digests_name_a_changed_or_missing_file_and_old_checkpoints_warn(tmp_path):
+    d = tmp_path / "step-00000001"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "w.bin").write_bytes(b"weights")
+    (d / "state.json").write_text("{}")
+    ckpt.write_digests(d)
+    ckpt.verify_digests(d)
+    (d / "model" / "w.bin").write_bytes(b"weightz")
+    ckpt.verify_digests(d, under="pipeline/")  # only the pipeline/ files are checked there
+    with pytest.raises(ckpt.CheckpointError, match=r"model/w.bin: sha256 differs from the one recorded"):
+        ckpt.verify_digests(d)
+    (d / "model" / "w.bin").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"model/w.bin: missing \(listed in digests.json\)"):
+        ckpt.verify_digests(d)
+    (d / "digests.json").unlink()
+    with pytest.warns(UserWarning, match="no digests.json"):
+        ckpt.verify_digests(d)

@@ -118,3 +118,15 @@ def test_reopened_store_writes_all_padding_shard_and_replaces_torn_files(tmp_pat
     assert torn.read_bytes() != b"half a shard"
     assert LatentStore(tmp_path / "s").attrs["skipped"] == [{"split": "train", "index": 0, "path": "train/a.npz",
                                                              "reason": "bad"}]
+
+
+def test_metadata_digests_follow_set_attrs_and_catch_hand_edits(tmp_path):
+    store, _ = make_store(tmp_path / "s", {"train": [3, 2]})
+    assert set(store.attrs["meta_sha256"]) == {"vae", "latent_stats"}
+    store.set_attrs(vae={**store.attrs["vae"], "scaling_factor": 0.5})  # through the library: digests follow
+    LatentStore(tmp_path / "s")
+    doc = json.loads((tmp_path / "s" / "zarr.json").read_text())
+    doc["attributes"]["latent_stats"]["mean"][0] += 1.0
+    (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"s: attribute 'latent_stats' in zarr.json differs"):
+        LatentStore(tmp_path / "s")

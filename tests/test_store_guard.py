@@ -131,3 +131,29 @@ def test_check_vae_names_both_digests_and_warns_on_old_stores():
         check_vae({"weights_sha256": "cd" * 32, "source": "/v"}, "ab" * 32, "S", "the pipeline's VAE (/w)")
     with pytest.warns(UserWarning, match="S: the store records no VAE weights digest"):
         check_vae({"source": "/v"}, "ab" * 32, "S", "the pipeline's VAE")
+
+
+# ---------------------------------------------------------------------------- the encode lock
+def test_encode_lock_refuses_a_live_holder_takes_over_a_dead_one_and_skips_fsspec(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from minisora.store_guard import LOCK_NAME, encode_lock
+
+    url = str(tmp_path / "s")
+    with encode_lock(url):
+        assert (tmp_path / "s" / LOCK_NAME).exists()
+        assert not is_store(fsspec.filesystem("file"), url) and check_out(url) is None  # the lock is no entry
+        with pytest.raises(StoreError, match=r"s: another encode is writing this store \(lock .* held by pid "):
+            with encode_lock(url):
+                pass
+    assert not (tmp_path / "s" / LOCK_NAME).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "s" / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with encode_lock(url):  # stale: taken over
+        assert json.loads((tmp_path / "s" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    with encode_lock("memory://locked/s"):  # no atomic create there: not locked
+        pass
