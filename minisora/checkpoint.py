@@ -227,6 +227,23 @@ def save(booster, model, optimizer, final: Path, state: dict, write_rank0, rank:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    try:
+        _write_files(booster, model, optimizer, tmp, state, write_rank0, rank, sharded_optimizer)
+    except OSError as e:  # a full disk, a lost mount: no half-written step-*.tmp is left for the next run
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({e.strerror or e}); nothing of it was kept, "
+                              "the run's earlier checkpoints are intact: free space and resume with --resume auto"
+                              ) from e
+    barrier()
+    if rank == 0:
+        write_digests(tmp)  # every rank's files are there now
+        os.replace(tmp, final)  # visible only when complete
+    barrier()
+    return final
+
+
+def _write_files(booster, model, optimizer, tmp: Path, state: dict, write_rank0, rank: int,
+                 sharded_optimizer: bool) -> None:
     booster.save_model(model, str(tmp / "model"), shard=True)
     booster.save_optimizer(optimizer, str(tmp / ("optimizer" if sharded_optimizer else "optimizer.bin")),
                            shard=sharded_optimizer)
@@ -239,12 +256,6 @@ def save(booster, model, optimizer, final: Path, state: dict, write_rank0, rank:
     if rank == 0:
         write_rank0(tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    barrier()
-    if rank == 0:
-        write_digests(tmp)  # every rank's files are there now
-        os.replace(tmp, final)  # visible only when complete
-    barrier()
-    return final
 
 
 def prune(out: str | Path, keep_last: int) -> None:
@@ -257,8 +268,13 @@ def load(path: Path, booster, model, optimizer, rank: int = 0) -> None:
     if not (path / "model").exists():
         raise CheckpointError(f"{path} has no model/: the checkpoint is incomplete; resume from another step-*")
     opt = optimizer_path(path)
-    booster.load_model(model, str(path / "model"))  # ZeRO: also copies the working weights into the masters ...
-    booster.load_optimizer(optimizer, str(opt))
+    for what, load_fn in ((path / "model", booster.load_model), (opt, booster.load_optimizer)):
+        try:  # ZeRO's load_model also copies the working weights into the masters ...
+            load_fn(model if what.name == "model" else optimizer, str(what))
+        except (RuntimeError, OSError, ValueError, KeyError) as e:  # e.g. a truncated file: torch names none
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{what}: cannot be loaded ({reason}); resume from another step-* directory "
+                                  "(--resume PATH), or start a new --out") from e
     masters = master_shards(model, optimizer)
     saved = path / f"zero-masters-rank{rank}.safetensors"
     if masters and saved.exists():  # ... so the exact fp32 masters are put back

@@ -116,3 +116,24 @@ def test_digests_name_a_changed_or_missing_file_and_old_checkpoints_warn(tmp_pat
     (d / "digests.json").unlink()
     with pytest.warns(UserWarning, match="no digests.json"):
         ckpt.verify_digests(d)
+
+
+class _FullDiskBooster:
+    """A booster whose model save meets a full disk (ENOSPC), as ColossalAI's would."""
+
+    def save_model(self, model, path, shard):
+        import errno
+        import os
+
+        Path(path).mkdir()
+        (Path(path) / "part.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def test_a_full_disk_while_saving_leaves_no_tmp_and_names_the_checkpoint(tmp_path):
+    final = ckpt.step_dir(tmp_path, 4)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000004: cannot write the checkpoint \(No space left on "
+                                                     r"device\); nothing of it was kept"):
+        ckpt.save(_FullDiskBooster(), None, None, final, {**STATE, "step": 4}, lambda tmp: None, 0,
+                  sharded_optimizer=False, barrier=lambda: None)
+    assert not final.exists() and not final.with_name(final.name + ".tmp").exists()

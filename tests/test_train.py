@@ -273,3 +273,16 @@ def test_resuming_with_another_attention_is_refused_and_a_changed_recipe_announc
     r = _train(store, run, "--steps", "2", "--ckpt-every", "1", "--attention", "full", "--logit-mean", "0")
     assert r.exit_code == 0, r.output
     assert "--logit-mean 0 replaces the checkpoint's 0.5 from step 1 on" in r.output
+
+
+def test_a_truncated_optimizer_file_is_a_one_line_error_naming_it(store, tmp_path):
+    run = tmp_path / "run"
+    assert _train(store, run, "--steps", "1", "--ckpt-every", "1").exit_code == 0
+    ckpt = run / "checkpoints" / "step-00000001"
+    (ckpt / "digests.json").unlink()  # a checkpoint of an older minisora: nothing to catch the damage before torch
+    opt = ckpt / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    r = _train(store, run, "--steps", "2", "--resume", str(ckpt))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{opt}: cannot be loaded (" in r.output.replace("\n", "")
+    assert ckpt.is_dir()  # nothing moved or deleted
