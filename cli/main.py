@@ -43,9 +43,9 @@ class _ReportingGroup(TyperGroup):
     """The one place that turns errors into the user's one line: `error: <path>: <problem>`, exit 1.
 
     Every minisora error type (a MinisoraError), OS errors (unwritable or missing paths, a full
-    disk) and S3 client errors (credentials, connection) are reported this way; anything else is a bug and keeps its traceback. `--debug` or
-    MINISORA_DEBUG=1 shows the traceback of the reported errors too, and the third-party warnings that
-    QUIET_WARNINGS hides otherwise.
+    disk) and S3 client errors (credentials, connection) are reported this way; anything else is a
+    bug and keeps its traceback. `--debug` or MINISORA_DEBUG=1 shows the traceback of the reported
+    errors too, and the third-party warnings that QUIET_WARNINGS hides otherwise.
     """
 
     def invoke(self, ctx):

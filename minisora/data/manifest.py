@@ -139,7 +139,8 @@ class Manifest:
         return Path(_join_inside(self.root, clip.path))
 
     def check_clip(self, clip: ManifestClip) -> None:
-        """A ClipError when the clip's files no longer have the sha256 the manifest recorded (none recorded: no check)."""
+        """A ClipError when the clip's files no longer have the sha256 the manifest recorded (none recorded: no
+        check)."""
         if clip.sha256 is None:
             return
         path = self.abspath(clip)
