@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minisora.data.clips import KINDS, ClipError, clip_files, clip_suffix, probe_clip
-from minisora.errors import MinisoraError
+from minisora.errors import MinisoraError, MinisoraWarning
 
 SPLITS = ("train", "test")
 VERSION = 1
@@ -283,5 +284,24 @@ def build_manifest(root, kind, checksum=False, on_error="fail", min_frames=1,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # on failure, do not wait for the rest of the scan
+    warn_missing_actions(kind, root, clips)
     recorded = [{"path": p, "reason": r} for p, r in skipped]
     return Manifest(kind=kind, root=str(root), clips=clips, skipped=recorded), skipped
+
+
+def warn_missing_actions(kind: str, root: Path, clips: list[ManifestClip]) -> None:
+    """One warning when the dataset card says every clip records actions and some of these have none: encode
+    stores theirs as -1 (no action), which an action-conditioned model then reads as "no action taken"."""
+    from minisora.data import load_dataset_card
+
+    missing = [c for c in clips if not c.has_actions]
+    if not missing:
+        return
+    try:
+        card_has_actions = "actions" in load_dataset_card(kind).get("clip", {}).get("arrays", {})
+    except (OSError, ValueError):  # no card for this kind: nothing to compare with
+        return
+    if card_has_actions:
+        warnings.warn(f"{root / missing[0].path}: has no `actions` array, and {len(missing) - 1} other clip(s) "
+                      f"neither, though the {kind} dataset card says each clip records one action per frame; "
+                      "encode stores them as -1 (no action)", MinisoraWarning, stacklevel=2)
