@@ -51,9 +51,10 @@ def synth(
         raise typer.Exit(1)
     stats = write_synthetic_dataset(kind.value, out, clips=clips, test_clips=n_test, frames=frames, seed=seed,
                                     workers=workers, motion=motion.value)
+    reused = f"; reused {stats['reused']} clips already there" if stats["reused"] else ""
     typer.echo(
-        f"wrote {stats['clips']} {kind.value} clips ({stats['frames']} frames) to {out} "
-        f"in {stats['seconds']:.1f}s: {stats['clips'] / max(stats['seconds'], 1e-9):.1f} clips/s"
+        f"wrote {stats['written']} {kind.value} clips ({stats['written'] * frames} frames) to {out}{reused} "
+        f"in {stats['seconds']:.1f}s: {stats['written'] / max(stats['seconds'], 1e-9):.1f} clips/s"
     )
 
 

@@ -275,6 +275,10 @@ def test_cli_data_synth(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote 3 dmlab clips (18 frames) to {out}" in result.output
     assert sorted(p.name for p in Path(out).rglob("*.npz")) == ["00000.npz", "00000.npz", "00001.npz"]
+    again = CliRunner().invoke(app, ["data", "synth", "--kind", "dmlab", "--out", str(out), "--clips", "2",
+                                      "--test-clips", "1", "--frames", "6"])
+    assert again.exit_code == 0, again.output
+    assert f"wrote 0 dmlab clips (0 frames) to {out}; reused 3 clips already there" in again.output
     with np.load(out / "test/0000/00000.npz", allow_pickle=False) as z:
         assert z["video"].shape == (6, 64, 64, 3) and z["actions"].shape == (6,)
 
