@@ -91,3 +91,15 @@ def test_a_missing_vae_name_fails_at_once_offline(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     text = _cli("vae", "info", "no-such-vae-name")
     assert "no-such-vae-name: cannot reach the Hugging Face Hub" in text
+
+
+def test_s3_with_no_server_is_one_line_naming_the_url(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minisora")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "minisora")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    text = _cli("store", "info", "s3://minisora-none/store")
+    assert "error: s3://minisora-none/store: cannot reach the S3 endpoint" in text and "Traceback" not in text
+    fsspec.filesystem("s3").clear_instance_cache()
