@@ -15,9 +15,19 @@ class Kind(str, Enum):
     minecraft = "minecraft"
 
 
+class SynthKind(str, Enum):
+    dmlab = "dmlab"
+    minecraft = "minecraft"
+    doom = "doom"
+
+
 class Motion(str, Enum):
     walk = "walk"
     calm = "calm"
+    look = "look"
+
+
+MOTIONS = {"dmlab": ("walk", "calm"), "minecraft": ("walk",), "doom": ("walk", "look")}
 
 
 class OnError(str, Enum):
@@ -27,8 +37,10 @@ class OnError(str, Enum):
 
 @app.command()
 def synth(
-    kind: Kind = typer.Option(Kind.dmlab, help="dmlab: 64x64 first-person maze (.npz); "
-                              "minecraft: 128x128 blocky world (.mp4 + actions .npz)."),
+    kind: SynthKind = typer.Option(SynthKind.dmlab, help="dmlab: 64x64 first-person maze (.npz); "
+                                   "minecraft: 128x128 blocky world (.mp4 + actions .npz); doom: Freedoom levels "
+                                   "rendered by the ViZDoom engine, in DMLab's .npz layout (read them with "
+                                   "`data manifest --kind dmlab`; needs pip install 'minisora[doom]')."),
     out: Path = typer.Option(..., help="Root directory to write, in TECO layout: "
                              "OUT/{train,test}/<subdir>/<name>.{npz,mp4}."),
     clips: int = typer.Option(64, min=1, help="Number of training clips."),
@@ -36,8 +48,11 @@ def synth(
     frames: int = typer.Option(300, min=2, help="Frames per clip (TECO uses 300)."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same clips byte for byte."),
     workers: int = typer.Option(1, min=1, help="Worker processes."),
-    motion: Motion = typer.Option(Motion.walk, help="dmlab only. walk: the default smooth walk; calm: sticky actions, "
-                                  "pauses, slow turns and stretches of standing still, in another palette and light."),
+    motion: Motion = typer.Option(Motion.walk, help="walk: the default smooth random walk (every kind); dmlab's "
+                                  "calm: sticky actions, pauses, slow turns and stretches of standing still, in "
+                                  "another palette and light; doom's look: stands on the spot, turning and pausing."),
+    size: int = typer.Option(None, help="Frame size in pixels, doom only: 64 (DMLab's, the default) or 128 "
+                             "(Minecraft's)."),
 ):
     """Write procedurally generated, learnable clips (with actions) in TECO's published layout."""
     from minisora import paths
@@ -45,12 +60,18 @@ def synth(
 
     paths.check_output_dir(out)
     n_test = max(1, clips // 8) if test_clips is None else test_clips
-    if kind != Kind.dmlab and motion != Motion.walk:
-        msg = f"error: --motion {motion.value} exists for --kind dmlab only, not {kind.value}"
+    if motion.value not in MOTIONS[kind.value]:
+        having = [k for k, m in MOTIONS.items() if motion.value in m]
+        msg = f"error: --motion {motion.value} exists for --kind {' and '.join(having)} only, not {kind.value}"
+        typer.secho(msg, fg="red", err=True)
+        raise typer.Exit(1)
+    if size is not None and (kind != SynthKind.doom or size not in (64, 128)):
+        msg = (f"error: --size {size}: doom clips are 64 or 128 pixels" if kind == SynthKind.doom else
+               f"error: --size exists for --kind doom only; {kind.value} clips have one size")
         typer.secho(msg, fg="red", err=True)
         raise typer.Exit(1)
     stats = write_synthetic_dataset(kind.value, out, clips=clips, test_clips=n_test, frames=frames, seed=seed,
-                                    workers=workers, motion=motion.value)
+                                    workers=workers, motion=motion.value, size=size)
     reused = f"; reused {stats['reused']} clips already there" if stats["reused"] else ""
     typer.echo(
         f"wrote {stats['written']} {kind.value} clips ({stats['written'] * frames} frames) to {out}{reused} "

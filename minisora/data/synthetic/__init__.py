@@ -2,7 +2,9 @@
 
 One renderer per file: `maze.py` (`dmlab`: a first-person walk through a random grid maze, drawn
 by a numpy raycaster at 64x64) and `world.py` (`minecraft`: a walk over a blocky heightmap world,
-drawn by a voxel-space renderer at 128x128). This module writes datasets of either kind.
+drawn by a voxel-space renderer at 128x128); `doom.py` (`doom`: not drawn here but by a real game
+engine, ViZDoom, at 64x64 or 128x128, written in DMLab's npz layout). This module writes datasets of
+each kind.
 `dmlab` has two motion families: `walk` (the default, above) and `calm` (`calm.py`: sticky actions,
 pauses, slow turns and stretches of standing still, in a dusk palette with planked walls).
 
@@ -14,6 +16,7 @@ before the first frame, so `actions[0]` is real too).
 
 On disk (TECO's layout, read by `minisora.data.clips`):
     dmlab:      OUT/{train,test}/0000/00000.npz   video uint8 (T, 64, 64, 3), actions int64 (T,)
+    doom:       OUT/{train,test}/0000/00000.npz   video uint8 (T, S, S, 3), S = 64 or 128, as dmlab
     minecraft:  OUT/{train,test}/0000/00000.mp4   T frames 128x128 at 20 fps (H.264)
                 OUT/{train,test}/0000/00000.npz   actions int64 (T,)
 1000 clips per subdirectory. Clip i of a split is rendered from a seed derived from
@@ -38,6 +41,7 @@ from tqdm import tqdm
 
 from minisora.data.synthetic.calm import CALM_LOOK, calm_walk, render_calm_clip
 from minisora.data.synthetic.common import DMLAB_ACTIONS, MINECRAFT_ACTIONS
+from minisora.data.synthetic.doom import DOOM_MOTIONS, DOOM_SIZES, import_vizdoom, render_doom_clip
 from minisora.data.synthetic.maze import (MAZE_RADIUS, MAZE_SPEED, MAZE_TURN, WALK_LOOK, Maze, MazeLook, MazePose,
                                           dmlab_walk, make_maze, maze_clearance, move_in_maze, render_dmlab_clip,
                                           render_maze)
@@ -51,8 +55,10 @@ __all__ = ["DMLAB_ACTIONS", "MINECRAFT_ACTIONS", "KINDS", "SPLITS", "MAZE_RADIUS
            "render_minecraft_clip", "render_world", "world_clearance", "clip_stem", "clip_seed", "save_npz",
            "write_synthetic_dataset", "MOTIONS", "CALM_LOOK", "WALK_LOOK", "MazeLook", "calm_walk", "render_calm_clip"]
 
-KINDS = ("dmlab", "minecraft")
+KINDS = ("dmlab", "minecraft", "doom")
 MOTIONS = ("walk", "calm")  # dmlab's motion families; minecraft has walk only
+KIND_MOTIONS = {"dmlab": MOTIONS, "minecraft": ("walk",), "doom": DOOM_MOTIONS}
+KIND_SIZES = {"dmlab": (64,), "minecraft": (128,), "doom": tuple(DOOM_SIZES)}
 SPLITS = ("train", "test")
 CLIPS_PER_SUBDIR = 1000
 GENERATOR_VERSION = 1  # bump when a change alters the rendered pixels
@@ -91,12 +97,13 @@ class _ClipJob:
     frames: int
     seed: int
     motion: str = "walk"
+    size: int = 64
 
 
 def _write_clip(job: _ClipJob) -> bool:
     """Render and write one clip unless it is already complete; True if it was written."""
     stem = clip_stem(job.root, job.split, job.index)
-    final = stem.with_suffix(".npz" if job.kind == "dmlab" else ".mp4")
+    final = stem.with_suffix(".mp4" if job.kind == "minecraft" else ".npz")
     if final.exists():
         return False
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +111,11 @@ def _write_clip(job: _ClipJob) -> bool:
     partial.mkdir(exist_ok=True)
     tmp = partial / f"{job.split}-{job.index:05d}-{os.getpid()}"
     seed = clip_seed(job.seed, job.split, job.index)
-    if job.kind == "dmlab":
-        render = render_calm_clip if job.motion == "calm" else render_dmlab_clip
-        video, actions = render(seed, job.frames)
+    if job.kind in ("dmlab", "doom"):
+        if job.kind == "doom":
+            video, actions = render_doom_clip(seed, job.frames, job.size, job.motion)
+        else:
+            video, actions = (render_calm_clip if job.motion == "calm" else render_dmlab_clip)(seed, job.frames)
         save_npz(tmp.with_suffix(".npz"), video=video, actions=actions)
         os.replace(tmp.with_suffix(".npz"), final)
     else:
@@ -162,12 +171,13 @@ def _check_no_other_clips(root: Path, counts: dict[str, int]) -> None:
 
 def write_synthetic_dataset(
     kind: str, out: str | Path, *, clips: int, test_clips: int = 0, frames: int = 300, seed: int = 0, workers: int = 1,
-    progress: bool = True, motion: str = "walk",
+    progress: bool = True, motion: str = "walk", size: int | None = None,
 ) -> dict:
     """Write `clips` train and `test_clips` test clips of `kind` under `out` in TECO's layout.
 
-    `motion` picks dmlab's family (MOTIONS); a non-default one is recorded in synthetic.json (the
-    default writes the same bytes as before the option existed).
+    `motion` picks dmlab's family (MOTIONS) or doom's policy (DOOM_MOTIONS); a non-default one is recorded
+    in synthetic.json (the default writes the same bytes as before the option existed). `size` is the
+    frame size, which only doom lets choose (64 or 128; None: the kind's first).
 
     Complete clips already there (from an interrupted or smaller run with the same kind, frames
     and seed) are kept. Returns {"kind", "clips" (train + test), "train", "test", "frames" (all
@@ -175,21 +185,26 @@ def write_synthetic_dataset(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {KINDS}")
-    if motion not in MOTIONS or (kind != "dmlab" and motion != "walk"):
-        raise ValueError(f"unknown motion {motion!r} for synthetic kind {kind!r}; "
-                         f"dmlab has {MOTIONS}, minecraft walk only")
+    if motion not in KIND_MOTIONS[kind]:
+        raise ValueError(f"unknown motion {motion!r} for synthetic kind {kind!r}; it has {KIND_MOTIONS[kind]}")
+    size = KIND_SIZES[kind][0] if size is None else size
+    if size not in KIND_SIZES[kind]:
+        raise ValueError(f"size {size} for synthetic kind {kind!r}: it has {KIND_SIZES[kind]}")
     if clips < 0 or test_clips < 0 or frames < 2 or workers < 1:
         raise ValueError(f"need clips >= 0, test_clips >= 0, frames >= 2, workers >= 1; "
                          f"got {clips}, {test_clips}, {frames}, {workers}")
+    engine = import_vizdoom().__version__ if kind == "doom" else None  # without it: how to install, nothing written
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise SynthError(f"{root}: is an existing file; --out must be a new or existing directory")
     root.mkdir(parents=True, exist_ok=True)
     params = {"generator": "minisora.data.synthetic", "version": GENERATOR_VERSION, "kind": kind, "frames": frames,
               "seed": seed}
-    _check_params(root, params if motion == "walk" else {**params, "motion": motion})
+    if kind == "doom":  # the engine and its version decide the pixels
+        params |= {"size": size, "motion": motion, "vizdoom": engine}
+    _check_params(root, params if motion == "walk" or kind == "doom" else {**params, "motion": motion})
     _check_no_other_clips(root, {"train": clips, "test": test_clips})
-    jobs = [_ClipJob(kind, root, split, i, frames, seed, motion)
+    jobs = [_ClipJob(kind, root, split, i, frames, seed, motion, size)
             for split, n in (("train", clips), ("test", test_clips)) for i in range(n)]
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"synth {kind}", unit="clip", disable=not progress)
