@@ -74,7 +74,8 @@ def test_128_pixels():
 
 
 @needs_vizdoom
-def test_cli_writes_dmlab_layout_that_manifest_reads(tmp_path):
+def test_cli_writes_dmlab_layout_that_manifest_reads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "doom"
     result = CliRunner().invoke(app, ["data", "synth", "--kind", "doom", "--out", str(out), "--clips", "2",
                                       "--test-clips", "1", "--frames", "6", "--seed", "3", "--workers", "2"])
@@ -93,6 +94,7 @@ def test_cli_writes_dmlab_layout_that_manifest_reads(tmp_path):
     write_synthetic_dataset("doom", one, clips=2, test_clips=1, frames=6, seed=3, progress=False)
     for p in sorted(out.rglob("*.npz")):
         assert p.read_bytes() == (one / p.relative_to(out)).read_bytes()
+    assert not list(tmp_path.glob("_vizdoom*"))  # the engine's settings files stay out of the working directory
     refused = CliRunner().invoke(app, ["data", "synth", "--kind", "doom", "--size", "128", "--out", str(out),
                                        "--clips", "2", "--test-clips", "1", "--frames", "6", "--seed", "3"])
     assert refused.exit_code == 1 and "size: 64 there, 128 now" in refused.output

@@ -27,6 +27,10 @@ version: its renderer, physics and assets decide the pixels, and the policy read
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 
 from minisora.errors import MinisoraError
@@ -63,9 +67,12 @@ def import_vizdoom():
     return vizdoom
 
 
-def _new_game(vzd, level: str, size: int, seed: int):
-    """A headless engine on `level`, rendering RGB and depth at the resolution for `size`, initialised."""
+def _new_game(vzd, level: str, size: int, seed: int, config_dir: str):
+    """A headless engine on `level`, rendering RGB and depth at the resolution for `size`, initialised.
+
+    The engine writes its settings (_vizdoom.ini, ./_vizdoom/) into `config_dir`, not the working directory."""
     game = vzd.DoomGame()
+    game.set_doom_config_path(os.path.join(config_dir, "_vizdoom.ini"))
     game.set_doom_game_path(f"{vzd.__path__[0]}/freedoom2.wad")
     if level == "my_way_home":
         game.set_doom_scenario_path(f"{vzd.scenarios_path}/my_way_home.wad")
@@ -84,7 +91,12 @@ def _new_game(vzd, level: str, size: int, seed: int):
     game.set_available_game_variables([vzd.GameVariable.POSITION_X, vzd.GameVariable.POSITION_Y])
     game.set_episode_timeout(0)
     game.set_seed(seed % 2**31)
-    game.init()
+    here = os.getcwd()
+    os.chdir(config_dir)  # the engine process starts here and makes its ./_vizdoom folder here, not in ours
+    try:
+        game.init()
+    finally:
+        os.chdir(here)
     return game
 
 
@@ -130,7 +142,8 @@ def _episode(vzd, seed: int, frames: int, size: int, motion: str) -> tuple[np.nd
     """One episode's clip, or None when the map ended or the player died before `frames` frames."""
     rng = np.random.default_rng(seed)
     level = DOOM_LEVELS[int(rng.integers(len(DOOM_LEVELS)))]
-    game = _new_game(vzd, level, size, int(rng.integers(2**31)))
+    config_dir = tempfile.mkdtemp(prefix="minisora-doom-")
+    game = _new_game(vzd, level, size, int(rng.integers(2**31)), config_dir)
     try:
         game.new_episode()
         game.send_game_command("god")
@@ -151,6 +164,7 @@ def _episode(vzd, seed: int, frames: int, size: int, motion: str) -> tuple[np.nd
         return video, actions
     finally:
         game.close()
+        shutil.rmtree(config_dir, ignore_errors=True)
 
 
 def render_doom_clip(seed: int, frames: int, size: int = 64, motion: str = "walk") -> tuple[np.ndarray, np.ndarray]:
