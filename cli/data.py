@@ -25,9 +25,10 @@ class Motion(str, Enum):
     walk = "walk"
     calm = "calm"
     look = "look"
+    revisit = "revisit"
 
 
-MOTIONS = {"dmlab": ("walk", "calm"), "minecraft": ("walk",), "doom": ("walk", "look")}
+MOTIONS = {"dmlab": ("walk", "calm", "revisit"), "minecraft": ("walk",), "doom": ("walk", "look")}
 
 
 class OnError(str, Enum):
@@ -50,7 +51,10 @@ def synth(
     workers: int = typer.Option(1, min=1, help="Worker processes."),
     motion: Motion = typer.Option(Motion.walk, help="walk: the default smooth random walk (every kind); dmlab's "
                                   "calm: sticky actions, pauses, slow turns and stretches of standing still, in "
-                                  "another palette and light; doom's look: stands on the spot, turning and pausing."),
+                                  "another palette and light; dmlab's revisit: a memory test (full circles on the "
+                                  "spot, walks out and back the same way, loops walked twice: views come back 36 to "
+                                  "100+ frames after they were seen); doom's look: stands on the spot, turning and "
+                                  "pausing."),
     size: int = typer.Option(None, help="Frame size in pixels, doom only: 64 (DMLab's, the default) or 128 "
                              "(Minecraft's)."),
 ):

@@ -19,6 +19,8 @@ from minisora.data.synthetic import (
     MAZE_SPEED,
     MAZE_TURN,
     MINECRAFT_ACTIONS,
+    REVISIT_CIRCLE,
+    REVISIT_TURN,
     WORLD_EYE,
     MazePose,
     calm_walk,
@@ -34,7 +36,9 @@ from minisora.data.synthetic import (
     render_dmlab_clip,
     render_maze,
     render_minecraft_clip,
+    render_revisit_clip,
     render_world,
+    revisit_walk,
     save_npz,
     write_synthetic_dataset,
 )
@@ -396,3 +400,63 @@ def test_cli_data_synth_motion_calm(tmp_path):
                                       str(tmp_path / "m"), "--clips", "1"])
     assert result.exit_code == 1 and "--motion calm exists for --kind dmlab only, not minecraft" in result.output
     assert "--motion" in CliRunner().invoke(app, ["data", "synth", "--help"]).output
+
+
+# --- the revisit family (dmlab --motion revisit): a memory test ----------------------------------
+# pinned like the others above (checked with NPY_DISABLE_CPU_FEATURES=X86_V4 too)
+REVISIT_ARRAYS_SHA256 = "6eda789d772f3a005770e2632ff7195d54221d96222742e6f57a388d87421992"
+
+
+def _seen_long_ago_share(video: np.ndarray, gap: int = 16, tol: float = 1.0) -> float:
+    """The share of frames t >= gap that some frame j <= t - gap matches to within `tol` mean abs difference."""
+    x = video.reshape(len(video), -1).astype(np.float32)
+    return float(np.mean([np.abs(x[: t - gap + 1] - x[t]).mean(1).min() < tol for t in range(gap, len(x))]))
+
+
+def test_revisit_clip_is_pinned_deterministic_and_comes_back_to_what_it_saw():
+    import hashlib
+
+    video, actions = render_revisit_clip(5, 120)
+    assert video.shape == (120, 64, 64, 3) and video.dtype == np.uint8 and actions.dtype == np.int64
+    assert hashlib.sha256(video.tobytes() + actions.tobytes()).hexdigest() == REVISIT_ARRAYS_SHA256
+    assert not np.array_equal(video, render_revisit_clip(6, 120)[0])
+    # over 3 clips of 300 frames: most frames repeat one seen 16+ frames earlier; in the default walk few do
+    revisit = [_seen_long_ago_share(render_revisit_clip(s, 300)[0]) for s in range(3)]
+    walk = [_seen_long_ago_share(render_dmlab_clip(s, 300)[0]) for s in range(3)]
+    assert np.mean(revisit) > 0.4 and np.mean(walk) < 0.1, (revisit, walk)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_revisit_walk_moves_straight_turns_at_one_rate_and_returns_to_earlier_poses(seed):
+    rng = np.random.default_rng(seed)
+    maze = make_maze(rng)
+    pos, angles, actions = revisit_walk(maze, rng, 300)
+    assert pos.shape == (300, 2) and angles.shape == (300,) and actions.shape == (300,)
+    assert_clear_of_walls(maze, pos)
+    step = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    turn = np.diff(angles)
+    names = np.array(DMLAB_ACTIONS)[actions[1:]]
+    assert np.allclose(step[names == "forward"], MAZE_SPEED) and (step[names != "forward"] == 0).all()
+    assert np.allclose(turn[names == "turn_left"], REVISIT_TURN) and np.allclose(turn[names == "turn_right"],
+                                                                                 -REVISIT_TURN)
+    assert (turn[names == "forward"] == 0).all() and REVISIT_CIRCLE == 36
+    # poses come back: a frame whose pose (position and heading) equals one 36+ frames before it
+    heading = np.stack([np.cos(angles), np.sin(angles)], 1)
+    back = [t for t in range(REVISIT_CIRCLE, 300)
+            if (np.abs(pos[: t - REVISIT_CIRCLE + 1] - pos[t]).max(1) + np.abs(heading[: t - REVISIT_CIRCLE + 1]
+                                                                              - heading[t]).max(1) < 1e-9).any()]
+    assert len(back) > 60
+
+
+def test_cli_data_synth_motion_revisit(tmp_path):
+    out = tmp_path / "revisit"
+    result = CliRunner().invoke(app, ["data", "synth", "--kind", "dmlab", "--motion", "revisit", "--out", str(out),
+                                      "--clips", "1", "--test-clips", "1", "--frames", "8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "synthetic.json").read_text())["motion"] == "revisit"
+    with np.load(out / "test/0000/00000.npz", allow_pickle=False) as z:
+        video, actions = render_revisit_clip(clip_seed(0, "test", 0), 8)
+        assert np.array_equal(z["video"], video) and np.array_equal(z["actions"], actions)
+    result = CliRunner().invoke(app, ["data", "synth", "--kind", "minecraft", "--motion", "revisit", "--out",
+                                      str(tmp_path / "m"), "--clips", "1"])
+    assert result.exit_code == 1 and "--motion revisit exists for --kind dmlab only, not minecraft" in result.output

@@ -5,8 +5,9 @@ by a numpy raycaster at 64x64) and `world.py` (`minecraft`: a walk over a blocky
 drawn by a voxel-space renderer at 128x128); `doom.py` (`doom`: not drawn here but by a real game
 engine, ViZDoom, at 64x64 or 128x128, written in DMLab's npz layout). This module writes datasets of
 each kind.
-`dmlab` has two motion families: `walk` (the default, above) and `calm` (`calm.py`: sticky actions,
-pauses, slow turns and stretches of standing still, in a dusk palette with planked walls).
+`dmlab` has three motion families: `walk` (the default, above), `calm` (`calm.py`: sticky actions,
+pauses, slow turns and stretches of standing still, in a dusk palette with planked walls) and `revisit`
+(`revisit.py`: full circles on the spot, walks out and back the same way, loops walked twice: a memory test).
 
 Both walks are a random but smooth policy over discrete actions: an action is held for several
 frames, and a step that would walk into a wall (or up a cliff) is replaced by a turn, so the view
@@ -45,6 +46,7 @@ from minisora.data.synthetic.doom import DOOM_MOTIONS, DOOM_SIZES, import_vizdoo
 from minisora.data.synthetic.maze import (MAZE_RADIUS, MAZE_SPEED, MAZE_TURN, WALK_LOOK, Maze, MazeLook, MazePose,
                                           dmlab_walk, make_maze, maze_clearance, move_in_maze, render_dmlab_clip,
                                           render_maze)
+from minisora.data.synthetic.revisit import REVISIT_CIRCLE, REVISIT_TURN, render_revisit_clip, revisit_walk
 from minisora.data.synthetic.world import (WORLD_EYE, Player, World, make_world, minecraft_walk, move_in_world,
                                            render_minecraft_clip, render_world, world_clearance)
 from minisora.errors import MinisoraError
@@ -53,10 +55,11 @@ __all__ = ["DMLAB_ACTIONS", "MINECRAFT_ACTIONS", "KINDS", "SPLITS", "MAZE_RADIUS
            "Maze", "MazePose", "dmlab_walk", "make_maze", "maze_clearance", "move_in_maze", "render_dmlab_clip",
            "render_maze", "WORLD_EYE", "Player", "World", "make_world", "minecraft_walk", "move_in_world",
            "render_minecraft_clip", "render_world", "world_clearance", "clip_stem", "clip_seed", "save_npz",
-           "write_synthetic_dataset", "MOTIONS", "CALM_LOOK", "WALK_LOOK", "MazeLook", "calm_walk", "render_calm_clip"]
+           "write_synthetic_dataset", "MOTIONS", "CALM_LOOK", "WALK_LOOK", "MazeLook", "calm_walk", "render_calm_clip",
+           "REVISIT_CIRCLE", "REVISIT_TURN", "render_revisit_clip", "revisit_walk"]
 
 KINDS = ("dmlab", "minecraft", "doom")
-MOTIONS = ("walk", "calm")  # dmlab's motion families; minecraft has walk only
+MOTIONS = ("walk", "calm", "revisit")  # dmlab's motion families; minecraft has walk only
 KIND_MOTIONS = {"dmlab": MOTIONS, "minecraft": ("walk",), "doom": DOOM_MOTIONS}
 KIND_SIZES = {"dmlab": (64,), "minecraft": (128,), "doom": tuple(DOOM_SIZES)}
 SPLITS = ("train", "test")
@@ -115,7 +118,8 @@ def _write_clip(job: _ClipJob) -> bool:
         if job.kind == "doom":
             video, actions = render_doom_clip(seed, job.frames, job.size, job.motion)
         else:
-            video, actions = (render_calm_clip if job.motion == "calm" else render_dmlab_clip)(seed, job.frames)
+            render = {"calm": render_calm_clip, "revisit": render_revisit_clip}.get(job.motion, render_dmlab_clip)
+            video, actions = render(seed, job.frames)
         save_npz(tmp.with_suffix(".npz"), video=video, actions=actions)
         os.replace(tmp.with_suffix(".npz"), final)
     else:
