@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from cli import options
-from minisora.configs import EvalConfig, defaults
+from minisora.configs import EvalConfig, SDEConfig, defaults
 
-E = defaults(EvalConfig)
+E, SDE = defaults(EvalConfig), defaults(SDEConfig)
 
 
 def evaluate(
@@ -35,8 +35,10 @@ def evaluate(
                                         help="Noise level t at which known (context and "
                                         "already generated) frames are shown to the model; a model trained with "
                                         "--context-noise continues better from a small one (0: clean)."),
-    sampler: str = typer.Option(E.sampler, help="euler, or heun (second order: 2 x steps - 1 model calls per window; "
-                                "compare with euler at that many steps)."),
+    sampler: str = options.sampler(E.sampler),
+    sde_diffusion: str = options.sde_diffusion(SDE.diffusion),
+    sde_norm: float = options.sde_norm(SDE.norm),
+    sde_last_step: str = options.sde_last_step(SDE.last_step),
     batch_size: int = typer.Option(E.batch_size, min=1, help="Clips generated per pipeline call."),
     i3d: str = typer.Option(E.i3d,
                             help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) to compute FVD; skipped "
@@ -59,10 +61,14 @@ def evaluate(
     paths.check_store(store)
     paths.check_location(i3d, "--i3d", accepts="a local TorchScript file")
     paths.check_output_file(out)
+    try:
+        sde = SDEConfig(diffusion=sde_diffusion, norm=sde_norm, last_step=sde_last_step)
+    except ValueError as e:
+        raise SampleError(str(e)) from e
     cfg = EvalConfig(checkpoint=checkpoint, store=store, split=split, context_frames=context_frames, frames=frames,
                      num_clips=num_clips, seeds=seeds, steps=steps, shift=shift, chunk=chunk, guidance=guidance,
                      batch_size=batch_size, i3d=i3d,
-                     context_noise=context_noise, sampler=sampler, precision=precision,
+                     context_noise=context_noise, sampler=sampler, sde=sde, precision=precision,
                      device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache,
                      attention_kernel=attention_kernel)
     try:

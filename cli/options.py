@@ -28,3 +28,27 @@ def attention_kernel(default: str):
 def no_kv_cache():
     return typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, as for "
                         "full-attention models (for comparison; slow).")
+
+
+def sampler(default: str):
+    return typer.Option(default, help="How each window integrates from noise: euler (the flow ODE, one model call per "
+                        "step), heun (second order: 2 x steps - 1 calls; compare with euler at that many steps) or sde "
+                        "(SiT's Euler-Maruyama: the ODE's velocity minus w(t) x score, plus noise; one call per step; "
+                        "--sde-* options).")
+
+
+def sde_diffusion(default: str):
+    return typer.Option(default, help="--sampler sde: the diffusion coefficient w(t) (SiT's forms; t=1 noise): "
+                        "constant, sbdm (score-based diffusion's reverse SDE: beta(t)/2 on vp), sigma (s(t), the "
+                        "noise scale of the path), linear (t), decreasing (large at noise, 0 at data) or "
+                        "increasing-decreasing (sin(pi t)^2: 0 at both ends).")
+
+
+def sde_norm(default: float):
+    return typer.Option(default, min=0.0, help="--sampler sde: the scale of w(t) (0: the Euler ODE sampler).")
+
+
+def sde_last_step(default: str):
+    return typer.Option(default, help="--sampler sde: the last step, into t = 0, adds no noise: mean (the SDE's "
+                        "drift), tweedie (the model's estimate of the clean latents, E[x0 | x_t]) or euler (the "
+                        "ODE's step).")

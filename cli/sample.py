@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from cli import options
-from minisora.configs import SampleConfig, defaults
+from minisora.configs import SampleConfig, SDEConfig, defaults
 
-S = defaults(SampleConfig)
+S, SDE = defaults(SampleConfig), defaults(SDEConfig)
 
 
 def sample(
@@ -20,7 +20,7 @@ def sample(
                                help="Latent frames per video, context included (= video frames for image "
                                "VAEs); more than the training window rolls out window by window (e.g. 300) (default: "
                                "the training window)."),
-    steps: int = typer.Option(S.steps, min=1, help="Euler steps of the flow ODE per window."),
+    steps: int = typer.Option(S.steps, min=1, help="Integration steps per window (see --sampler)."),
     shift: float = typer.Option(S.shift,
                                 help="Time shift t' = s t / (1 + (s - 1) t); > 1 spends more steps at high noise "
                                 "(default: the pipeline's)."),
@@ -42,6 +42,10 @@ def sample(
                               help="New latent frames per rollout window, each conditioned on the window - "
                               "chunk frames before them (1: frame by frame; larger: fewer windows, faster; "
                               "docs/design-notes.md compares them)."),
+    sampler: str = options.sampler(S.sampler),
+    sde_diffusion: str = options.sde_diffusion(SDE.diffusion),
+    sde_norm: float = options.sde_norm(SDE.norm),
+    sde_last_step: str = options.sde_last_step(SDE.last_step),
     kv_cache: str = options.kv_cache(S.kv_cache),
     no_kv_cache: bool = options.no_kv_cache(),
     attention_kernel: str = options.attention_kernel(S.attention_kernel),
@@ -67,11 +71,16 @@ def sample(
     bad = [f for f in formats if f not in ("mp4", "gif", "npz")]
     if bad:
         raise typer.BadParameter(f"unknown format(s) {bad}; use mp4, gif, npz", param_hint="--format")
+    try:
+        sde = SDEConfig(diffusion=sde_diffusion, norm=sde_norm, last_step=sde_last_step)
+    except ValueError as e:
+        raise SampleError(str(e)) from e
     cfg = SampleConfig(checkpoint=checkpoint, out=out, num_videos=num_videos, frames=frames, steps=steps, shift=shift,
                        seed=seed, device=device, precision=precision,
                        context=context, context_frames=context_frames, actions=actions,
                        guidance=guidance, formats=formats, chunk=chunk, fps=fps,
-                       kv_cache="off" if no_kv_cache else kv_cache, attention_kernel=attention_kernel)
+                       kv_cache="off" if no_kv_cache else kv_cache, attention_kernel=attention_kernel,
+                       sampler=sampler, sde=sde)
     try:
         result = main(cfg)
     except MinisoraError:

@@ -11,7 +11,8 @@ from minisora.configs import TrainConfig, defaults
 from minisora.contracts import contracts_help
 
 T = defaults(TrainConfig)  # every option's default is its TrainConfig field's (T.flow: the flow recipe's)
-FLOW_OPTIONS = ("p_full", "p_prefix", "p_independent", "context_noise", "teacher_forcing", "logit_mean")
+FLOW_OPTIONS = ("p_full", "p_prefix", "p_independent", "context_noise", "teacher_forcing", "logit_mean", "path",
+                "prediction")
 
 # kept literal so that `minisora --help` does not import diffusers; the parameter count of the chosen
 # preset is printed when training starts (minisora.model.count_params / DIT_MODEL_SPECS)
@@ -96,6 +97,13 @@ def train(
     logit_mean: float = typer.Option(T.flow.logit_mean, help="Training times t = sigmoid(N(logit_mean, 1)): > 0 puts "
                                      "more of the loss at high noise, where a frame's layout is decided, < 0 at low "
                                      "noise."),
+    path: str = typer.Option(T.flow.path, help="The interpolant x_t = a(t) x0 + s(t) e from data (t=0) to noise (t=1) "
+                             "(SiT): linear (a = 1 - t, s = t: rectified flow), gvp (a = cos(pi t/2), s = sin(pi t/2)) "
+                             "or vp (DDPM's linear-beta VP, beta 0.1..20). Saved with the run: sampling follows it."),
+    prediction: str = typer.Option(T.flow.prediction, help="What the network predicts (SiT): velocity (loss "
+                                   "|v - v*|^2), noise (|e - e*|^2) or score (|s(t) q + e|^2: score matching weighted "
+                                   "by s^2). "
+                                   "Saved with the run: sampling converts it to a velocity."),
     cache_shards: int = typer.Option(T.cache_shards, min=1, help="Open store shards each rank mixes its batches from "
                                      "and keeps in RAM (3 more are read ahead); part of the data order, so a resumed "
                                      "run needs the same value."),

@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from types import SimpleNamespace
 
+# SiT's choices (minisora.interpolants, minisora.sde), listed here so that `--help` needs no torch
+PATHS = ("linear", "gvp", "vp")  # x_t = a(t) x0 + s(t) e: straight, trigonometric, variance-preserving
+PREDICTIONS = ("velocity", "noise", "score")  # what the network outputs
+SAMPLERS = ("euler", "heun", "sde")
+SDE_DIFFUSIONS = ("constant", "sbdm", "sigma", "linear", "decreasing", "increasing-decreasing")
+SDE_LAST_STEPS = ("mean", "tweedie", "euler")
+
 
 def defaults(cls) -> SimpleNamespace:
     """Every field of the dataclass `cls` that has a default, by name (a default_factory is called);
@@ -42,6 +49,8 @@ class FlowConfig:
     # share of steps that show a clean copy of the window as context (causal models); None: the train stage
     # picks it (1 for causal models, 0 for full attention)
     teacher_forcing: float | None = None
+    path: str = "linear"  # the interpolant: linear | gvp | vp (minisora.interpolants)
+    prediction: str = "velocity"  # what the network predicts: velocity | noise | score
 
     def __post_init__(self) -> None:
         probs = (self.p_full, self.p_prefix, self.p_independent)
@@ -58,6 +67,29 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.context_noise must be in [0, 1), got {self.context_noise}")
         if self.teacher_forcing is not None and not 0.0 <= self.teacher_forcing <= 1.0:
             raise ValueError(f"FlowConfig.teacher_forcing must be in [0, 1], got {self.teacher_forcing}")
+        _check_choice("FlowConfig.path", self.path, PATHS)
+        _check_choice("FlowConfig.prediction", self.prediction, PREDICTIONS)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class SDEConfig:
+    """SiT's Euler-Maruyama sampler (minisora.sde): its diffusion coefficient w(t), scaled by `norm`, and the rule
+    of its last step into t = 0. The defaults are SiT's."""
+
+    diffusion: str = "sigma"  # constant | sbdm | sigma | linear | decreasing | increasing-decreasing
+    norm: float = 1.0
+    last_step: str = "mean"  # mean | tweedie | euler
+
+    def __post_init__(self) -> None:
+        _check_choice("SDEConfig.diffusion (--sde-diffusion)", self.diffusion, SDE_DIFFUSIONS)
+        _check_choice("SDEConfig.last_step (--sde-last-step)", self.last_step, SDE_LAST_STEPS)
+        if self.norm < 0:
+            raise ValueError(f"SDEConfig.norm (--sde-norm) must be >= 0, got {self.norm}")
 
 
 def train_recipe() -> FlowConfig:
@@ -172,6 +204,8 @@ class SampleConfig:
     fps: float | None = None
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
+    sampler: str = "euler"  # euler | heun (2 steps - 1 model calls per window) | sde (minisora.sde)
+    sde: SDEConfig = field(default_factory=SDEConfig)  # the sde sampler's options
 
 
 @dataclass
@@ -189,7 +223,8 @@ class EvalConfig:
     chunk: int = 1  # new latent frames per rollout window
     guidance: float = 1.0  # classifier-free guidance scale on actions (models trained with actions)
     context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
-    sampler: str = "euler"  # or "heun": 2 steps - 1 model calls per window
+    sampler: str = "euler"  # euler | heun (2 steps - 1 model calls per window) | sde (minisora.sde)
+    sde: SDEConfig = field(default_factory=SDEConfig)  # the sde sampler's options
     batch_size: int = 8  # clips per pipeline call
     i3d: str | None = None
     device: str = "auto"

@@ -1,12 +1,15 @@
-"""Rectified-flow objective and Euler sampler for video latents, with one time per latent frame.
+"""Flow-matching objective and ODE samplers for video latents, with one time per latent frame.
 
 Convention (the diffusers FlowMatch one). Data x0, Gaussian noise e, time t in [0, 1], t = 1 is pure
-noise:
+noise. By default (FlowConfig.path = "linear", prediction = "velocity"):
 
     x_t = (1 - t) * x0 + t * e          the straight path from data (t=0) to noise (t=1)
     v   = d x_t / d t = e - x0          what the model predicts
 
-Sampling integrates dx = v dt from t = 1 down to t = 0.
+SiT's other interpolants (gvp, vp: x_t = a(t) x0 + s(t) e) and predictions (noise, score), with their losses
+and the conversions between them, are minisora.interpolants'; every function here takes `path` (and the loss
+`prediction`). Sampling integrates dx = v dt from t = 1 down to t = 0 (Euler, Heun; minisora.sde adds SiT's
+SDE), from the velocity the model's prediction converts to.
 
 Latents are (B, T, C, H, W) and **every latent frame has its own t**, a (B, T) tensor (Diffusion
 Forcing). Context frames get t = 0, so x_t equals x0 exactly there, and they are left out of the
@@ -15,7 +18,7 @@ loss; that is what lets one model do unconditional generation, continuation and 
 Context noise (GameNGen, Diffusion Forcing): with FlowConfig.context_noise = c > 0, training noises
 each context frame to its own t ~ U(0, c) (still left out of the loss), so the model learns to
 continue from slightly corrupted context, as it meets its own outputs in a rollout; at sampling,
-`euler_sample(context_t=s)` holds the context at x_s = (1 - s) x0 + s e (its e from `noise`) with t = s.
+`euler_sample(context_t=s)` holds the context at x_s = a(s) x0 + s(s) e (its e from `noise`) with t = s.
 Both are 0 by default: clean context at t = 0 (FlowConfig, in minisora.configs; `minisora train`
 noises context with c = 0.1: minisora.configs.train_recipe).
 
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor
 
 from minisora.configs import FlowConfig  # torch-free, so `minisora train --help` shows its defaults
+from minisora.interpolants import interpolate, residual
 
 
 def logit_normal(
@@ -91,50 +95,59 @@ def _check_latents(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be (B, T, C, H, W) latents, got shape {tuple(x.shape)}")
 
 
-def noisy(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """x_t = (1 - t) x0 + t e with t (B, T) broadcast over (C, H, W); frames with t = 0 return x0 exactly."""
+def noisy(x0: Tensor, noise: Tensor, t: Tensor, path: str = "linear") -> Tensor:
+    """x_t = a(t) x0 + s(t) e of `path` ((1 - t) x0 + t e on linear) with t (B, T) broadcast over (C, H, W);
+    frames with t = 0 return x0 exactly."""
     _check_latents("x0", x0)
     if noise.shape != x0.shape or t.shape != x0.shape[:2]:
         raise ValueError(f"noisy: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and t {tuple(t.shape)} disagree")
-    t = t.to(x0.dtype)[:, :, None, None, None]  # (B, T) -> (B, T, 1, 1, 1)
-    return (1 - t) * x0 + t * noise
+    return interpolate(path, x0, noise, t)
 
 
-def flow_loss(velocity: Tensor, x0: Tensor, noise: Tensor, context: Tensor | None = None) -> Tensor:
-    """Mean squared error of `velocity` against e - x0, averaged over non-context frames (each frame
-    weighs the same), computed in float32. Context frames contribute nothing, whatever the model
-    predicted there (even inf/nan). A scalar; 0 if every frame is context. No host synchronisation."""
-    _check_latents("velocity", velocity)
-    if velocity.shape != x0.shape or noise.shape != x0.shape:
+def flow_loss(output: Tensor, x0: Tensor, noise: Tensor, context: Tensor | None = None, t: Tensor | None = None,
+              path: str = "linear", prediction: str = "velocity") -> Tensor:
+    """Mean squared error of the model's `output` against its target (e - x0 for the linear path's velocity; the
+    other paths and predictions need the times t (B, T): minisora.interpolants states each loss and weighting),
+    averaged over non-context frames (each frame weighs the same), computed in float32. Context frames contribute
+    nothing, whatever the model predicted there (even inf/nan), nor any gradient. A scalar; 0 if every frame is
+    context. No host synchronisation."""
+    _check_latents("output", output)
+    if output.shape != x0.shape or noise.shape != x0.shape:
         raise ValueError(
-            f"flow_loss: velocity {tuple(velocity.shape)}, x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} differ"
+            f"flow_loss: output {tuple(output.shape)}, x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} differ"
         )
-    target = noise.float() - x0.float()
-    per_frame = (velocity.float() - target).square().mean(dim=(2, 3, 4))  # (B, T)
+    if t is None and (path, prediction) != ("linear", "velocity"):
+        raise ValueError(f"flow_loss: the {path} path's {prediction} loss needs the times t (B, T)")
+    err = residual(prediction, path, output.float(), x0.float(), noise.float(), t)  # (B, T, C, H, W)
     if context is None:
-        return per_frame.mean()
-    if context.shape != per_frame.shape:
-        raise ValueError(f"flow_loss: context mask {tuple(context.shape)} must be (B, T) = {tuple(per_frame.shape)}")
-    per_frame = torch.where(context, torch.zeros_like(per_frame), per_frame)
+        return err.square().mean(dim=(2, 3, 4)).mean()
+    if context.shape != err.shape[:2]:
+        raise ValueError(f"flow_loss: context mask {tuple(context.shape)} must be (B, T) = {tuple(err.shape[:2])}")
+    err = torch.where(context[:, :, None, None, None], torch.zeros_like(err), err)  # before squaring: no nan grads
+    per_frame = err.square().mean(dim=(2, 3, 4))  # (B, T)
     return per_frame.sum() / (~context).sum().clamp_min(1)
 
 
-def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
-    """The `steps + 1` sampling times from 1 to 0, float32: t' = shift t / (1 + (shift - 1) t) of a uniform grid.
+def time_grid(steps: int, shift: float = 1.0, device=None, start: float = 1.0) -> Tensor:
+    """The `steps + 1` sampling times from `start` (1) to 0, float32: start * t' with t' = shift t / (1 + (shift - 1) t)
+    of a uniform grid t from 1 to 0.
 
     shift > 1 moves every interior time towards 1, so more of the steps are spent at high noise (where
-    the coarse layout is decided) and the last steps near t = 0 are longer; shift = 1 is uniform.
+    the coarse layout is decided) and the last steps near t = 0 are longer; shift = 1 is uniform. start < 1
+    (minisora.interpolants.sample_start) keeps the model away from t = 1 where a prediction cannot give the velocity.
     """
     if steps < 1:
         raise ValueError(f"time_grid needs steps >= 1, got {steps}")
     if shift <= 0:
         raise ValueError(f"time_grid needs shift > 0, got {shift}")
+    if not 0 < start <= 1:
+        raise ValueError(f"time_grid needs start in (0, 1], got {start}")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
-    return (shift * t / (1 + (shift - 1) * t)).float()
+    return (start * (shift * t / (1 + (shift - 1) * t))).float()
 
 
-def _held_context(
-    name: str, noise: Tensor, context: Tensor | None, context_mask: Tensor | None, context_t: float
+def held_context(
+    name: str, noise: Tensor, context: Tensor | None, context_mask: Tensor | None, context_t: float, path: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Check a sampler's arguments; (context values to hold (B, T, C, H, W), context_mask (B, T), \
 keep (B, T, 1, 1, 1))."""
@@ -153,7 +166,7 @@ keep (B, T, 1, 1, 1))."""
     if not 0.0 <= context_t < 1.0:
         raise ValueError(f"{name}: context_t must be in [0, 1), got {context_t}")
     if context_t > 0:
-        context = noisy(context, noise, torch.full((batch, frames), context_t, device=noise.device))
+        context = noisy(context, noise, torch.full((batch, frames), context_t, device=noise.device), path)
     return context, context_mask, context_mask[:, :, None, None, None]
 
 
@@ -165,16 +178,19 @@ def euler_sample(
     context: Tensor | None = None,
     context_mask: Tensor | None = None,
     context_t: float = 0.0,
+    *,
+    path: str = "linear",
+    start: float = 1.0,
 ) -> Tensor:
-    """Integrate dx = v dt from t = 1 (x = noise) to t = 0 with Euler steps on `time_grid(steps, shift)`.
+    """Integrate dx = v dt from t = start (x = noise) to t = 0 with Euler steps on `time_grid(steps, shift, start)`.
 
     velocity_fn(x_t (B, T, C, H, W), t (B, T)) -> v. Frames where context_mask (B, T) is True are held
     exactly at their clean values from `context` (B, T, C, H, W), with t = 0, at every step; with
-    context_t = s > 0 they are held at noisy(context, noise, s) with t = s instead.
+    context_t = s > 0 they are held at noisy(context, noise, s, path) with t = s instead.
     """
-    context, context_mask, keep = _held_context("euler_sample", noise, context, context_mask, context_t)
+    context, context_mask, keep = held_context("euler_sample", noise, context, context_mask, context_t, path)
     batch, frames = noise.shape[:2]
-    grid = time_grid(steps, shift, device=noise.device)
+    grid = time_grid(steps, shift, device=noise.device, start=start)
     x = torch.where(keep, context, noise)
     for i in range(steps):
         t = torch.where(context_mask, context_t, grid[i].expand(batch, frames))  # (B, T)
@@ -192,14 +208,17 @@ def heun_sample(
     context: Tensor | None = None,
     context_mask: Tensor | None = None,
     context_t: float = 0.0,
+    *,
+    path: str = "linear",
+    start: float = 1.0,
 ) -> Tensor:
     """As `euler_sample`, with Heun's second-order steps (EDM): an Euler step to the next time, then
     the average of the velocities at both ends; the last step, to t = 0, stays Euler. It costs
     2 * steps - 1 model calls, so Heun with n steps compares with Euler at 2n - 1 steps.
     """
-    context, context_mask, keep = _held_context("heun_sample", noise, context, context_mask, context_t)
+    context, context_mask, keep = held_context("heun_sample", noise, context, context_mask, context_t, path)
     batch, frames = noise.shape[:2]
-    grid = time_grid(steps, shift, device=noise.device)
+    grid = time_grid(steps, shift, device=noise.device, start=start)
     x = torch.where(keep, context, noise)
     for i in range(steps):
         t = torch.where(context_mask, context_t, grid[i].expand(batch, frames))  # (B, T)

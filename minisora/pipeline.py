@@ -28,6 +28,7 @@ t = 0 and kept per block, and each Euler step runs only the new frames' tokens a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -37,9 +38,12 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from minisora import run_dir
+from minisora.configs import SAMPLERS, SDEConfig
 from minisora.flow import euler_sample, heun_sample
+from minisora.interpolants import check_path, convert, sample_start
 from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
+from minisora.sde import sde_sample
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
 
 
@@ -53,7 +57,7 @@ class VideoOutput:
 
 class _Solver(NamedTuple):
     """How every window of a rollout integrates: what both rollout algorithms share."""
-    integrate: Callable  # minisora.flow.euler_sample or heun_sample
+    integrate: Callable  # minisora.flow.euler_sample, heun_sample or minisora.sde.sde_sample, with the path bound
     steps: int
     shift: float
     guidance: float
@@ -67,15 +71,18 @@ class DiTPipeline(DiffusionPipeline):
     def __init__(self, transformer: VideoDiT, vae, scheduler: FlowMatchEulerDiscreteScheduler,
                  latents_mean: list[float] | None = None, latents_std: list[float] | None = None,
                  window_frames: int = 8, latent_size: list[int] | None = None, fps: float | None = None,
-                 frame_stride: int = 1, resolution: list[int] | None = None):
+                 frame_stride: int = 1, resolution: list[int] | None = None, path: str = "linear",
+                 prediction: str = "velocity"):
         super().__init__()
+        check_path(path, prediction)  # the interpolant the transformer was trained on, and what it predicts
         transformer.eval()  # sampling: no action dropout (a DiT built with from_config starts in train mode)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         c = transformer.config.in_channels
         self.register_to_config(latents_mean=list(latents_mean or [0.0] * c),
                                 latents_std=list(latents_std or [1.0] * c), window_frames=window_frames,
                                 latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
-                                frame_stride=frame_stride, resolution=None if resolution is None else list(resolution))
+                                frame_stride=frame_stride, resolution=None if resolution is None else list(resolution),
+                                path=path, prediction=prediction)
         self.video_vae = VideoVAE.from_model(vae)
 
     # ------------------------------------------------------------------ the run directory (minisora.run_dir)
@@ -127,8 +134,10 @@ class DiTPipeline(DiffusionPipeline):
     def _velocity(self, actions: torch.Tensor | None, guidance: float, bar=None, kv_cache: KVCache | None = None):
         """v(x_t, t) for euler_sample: the transformer, with classifier-free guidance on actions when
         guidance != 1 (one batched call: conditional and null-action halves), attending to `kv_cache`
-        if given (then holding both halves). Ticks `bar` once per call."""
+        if given (then holding both halves), its prediction converted to a velocity on the pipeline's path
+        (minisora.interpolants; guidance commutes with the conversion). Ticks `bar` once per call."""
         model = self.transformer
+        path, prediction = self.config.get("path", "linear"), self.config.get("prediction", "velocity")
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if actions is None or guidance == 1.0:
@@ -138,6 +147,8 @@ class DiTPipeline(DiffusionPipeline):
                              kv_cache=kv_cache).float()
                 cond, uncond = both.chunk(2)
                 v = uncond + guidance * (cond - uncond)  # classifier-free guidance on actions
+            if prediction != "velocity":
+                v = convert(v, x.float(), t, path, prediction, "velocity")
             if bar is not None:
                 bar.update(1)
             return v
@@ -180,7 +191,8 @@ class DiTPipeline(DiffusionPipeline):
                  context_frames: np.ndarray | torch.Tensor | None = None, actions: torch.Tensor | None = None,
                  guidance: float = 1.0, shift: float | None = None, chunk: int = 1,
                  generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
-                 kv_cache: str = "auto", context_t: float = 0.0, sampler: str = "euler") -> VideoOutput:
+                 kv_cache: str = "auto", context_t: float = 0.0, sampler: str = "euler",
+                 sde: SDEConfig | None = None) -> VideoOutput:
         """Generate (or continue) videos of `num_frames` latent frames, context included.
 
         Args:
@@ -193,7 +205,8 @@ class DiTPipeline(DiffusionPipeline):
                 (B, T, H, W, 3) that the pipeline's VAE encodes.
             actions: (B, num_frames) ints in [0, num_actions), one per latent frame (-1: none), or None.
             guidance: > 1 pushes the sample towards `actions` (classifier-free guidance against the null action).
-            shift: the time shift (default: the scheduler's). sampler: "euler", or "heun" (2 steps - 1 model calls).
+            shift: the time shift (default: the scheduler's). sampler: "euler", "heun" (2 steps - 1 model calls) or
+                "sde" (SiT's Euler-Maruyama, minisora.sde, with the options `sde`; its noise from `generator`).
             chunk: new latent frames per rollout window (1: frame by frame; docs/design-notes.md compares sizes).
             generator: draws the noise of every window, in order. progress: a bar, one tick per model call.
             output_type: "uint8" -> (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent": no decoding.
@@ -203,7 +216,7 @@ class DiTPipeline(DiffusionPipeline):
                 0: clean). The KV cache holds clean frames, so "auto" turns it off for context_t > 0.
         """
         # 1. check the inputs
-        integrate = self._integrator(sampler)
+        integrate = self._integrator(sampler, generator, sde)
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
         self.check_guidance(guidance)
@@ -281,11 +294,17 @@ class DiTPipeline(DiffusionPipeline):
         return randn_tensor((batch, n, c, h, w), generator=solver.generator, device=self.device)
 
     # ------------------------------------------------------------------ input checks
-    @staticmethod
-    def _integrator(sampler: str):
-        if sampler not in ("euler", "heun"):
-            raise ValueError(f"sampler must be euler or heun, got {sampler!r}")
-        return heun_sample if sampler == "heun" else euler_sample
+    def _integrator(self, sampler: str, generator: torch.Generator | None = None, sde: SDEConfig | None = None):
+        """`sampler`'s integrator with the pipeline's path bound, starting where its prediction gives a velocity
+        (minisora.interpolants.sample_start); the sde's noise comes from `generator`."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        sde = sde or SDEConfig()
+        path, prediction = self.config.get("path", "linear"), self.config.get("prediction", "velocity")
+        bound = {"path": path, "start": sample_start(path, prediction, sde.diffusion if sampler == "sde" else None)}
+        if sampler == "sde":
+            return partial(sde_sample, sde=sde, generator=generator, **bound)
+        return partial(heun_sample if sampler == "heun" else euler_sample, **bound)
 
     def _context_latents(self, context_latents: torch.Tensor | None,
                          context_frames: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:

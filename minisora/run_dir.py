@@ -6,7 +6,9 @@ A training run `RUN/` holds `checkpoints/step-N/`, and each checkpoint a `pipeli
     pipeline/minisora_pipeline.json  what sampling needs besides the weights (pipeline_meta): the VAE to
                                      decode with (source, revision, weights_sha256), the store's latent
                                      statistics and source (fps, frame stride, resolution), the window,
-                                     the latent size, actions and the scheduler's time shift
+                                     the latent size, actions, the scheduler's time shift, and the
+                                     flow the transformer was trained with ("flow": path and prediction,
+                                     minisora.interpolants; a run written before it loads as linear, velocity)
 
 The VAE is named, not copied (docs/design-notes.md). A full `DiTPipeline.save_pretrained` directory
 (model_index.json) is self-contained and loads too. `DiTPipeline.save_run` / `DiTPipeline.from_run`
@@ -24,6 +26,7 @@ import torch
 
 from minisora.checkpoint import DIGESTS, list_checkpoints, verify_digests
 from minisora.errors import MinisoraError
+from minisora.interpolants import check_path
 from minisora.model import VideoDiT
 
 if TYPE_CHECKING:
@@ -46,7 +49,8 @@ def pipeline_meta(store: LatentStore, cfg, num_actions: int) -> dict:
     return {"vae": store.attrs["vae"], "latent_stats": store.attrs["latent_stats"], "source": store.attrs["source"],
             "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width],
             "use_actions": cfg.use_actions, "num_actions": num_actions,
-            "scheduler": {"type": "flow_euler", "shift": 1.0}}
+            "scheduler": {"type": "flow_euler", "shift": 1.0},
+            "flow": {"path": cfg.flow.path, "prediction": cfg.flow.prediction}}
 
 
 def save_run(path: Path, model: VideoDiT, weights: dict[str, torch.Tensor], store: LatentStore, cfg) -> None:
@@ -76,8 +80,9 @@ def resolve_pipeline_dir(path: str | Path) -> Path:
 
 def pipeline_kwargs(meta: dict) -> dict:
     """DiTPipeline's config values from a training pipeline description."""
-    src = meta.get("source", {})
-    return {"latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
+    src, flow = meta.get("source", {}), meta.get("flow", {})  # no "flow": a run from before SiT's choices
+    return {"path": flow.get("path", "linear"), "prediction": flow.get("prediction", "velocity"),
+            "latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
             "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
             "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution")}
 
@@ -90,6 +95,10 @@ def build_pipeline(cls: type[DiffusionPipeline], transformer: VideoDiT, meta: di
 
     from minisora.vae import VideoVAE
 
+    try:
+        check_path(meta.get("flow", {}).get("path", "linear"), meta.get("flow", {}).get("prediction", "velocity"))
+    except ValueError as e:
+        raise RunDirError(f"{where}: {PIPELINE_JSON}'s flow: {e}") from None
     v = meta["vae"]
     vae = VideoVAE.load(v["source"], subfolder=v.get("subfolder"), revision=v.get("revision"), device=device)
     if v.get("weights_sha256") not in (None, vae.info.weights_sha256):

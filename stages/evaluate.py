@@ -135,8 +135,8 @@ def _generate(cfg: EvalConfig, pipe, latents_gt: torch.Tensor, acts: np.ndarray 
         out = pipe(num_inference_steps=cfg.steps, num_frames=cfg.frames,
                    context_latents=latents_gt[sl, : cfg.context_frames],
                    actions=None if acts is None else torch.from_numpy(acts[sl]), shift=cfg.shift, chunk=cfg.chunk,
-                   guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler, generator=gen,
-                   progress=False, kv_cache=kv_mode)
+                   guidance=cfg.guidance, context_t=cfg.context_noise, sampler=cfg.sampler, sde=cfg.sde,
+                   generator=gen, progress=False, kv_cache=kv_mode)
         frames.append(out.frames)
     return np.concatenate(frames)[:, :n_pix]
 

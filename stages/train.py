@@ -240,7 +240,7 @@ def train_step(run: Run, loader: WindowLoader, step: int, stats: tuple[torch.Ten
             t, t_clean = plugins.time_as_seen(c, run.precision, t), plugins.time_as_seen(c, run.precision, t_clean)
             context = None
             clean = x0 if cfg.flow.context_noise == 0 else noisy(x0, torch.randn(x0.shape, generator=gen,
-                                                                                device=device), t_clean)
+                                                                                device=device), t_clean, cfg.flow.path)
         else:
             t, context = sample_times(x0.shape[0], x0.shape[1], cfg.flow, generator=gen, device=device)
             t = plugins.time_as_seen(c, run.precision, t)  # (B, F) fp32, exactly what the model is given
@@ -248,8 +248,8 @@ def train_step(run: Run, loader: WindowLoader, step: int, stats: tuple[torch.Ten
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with plugins.micro_step(run.booster, run.model, run.optimizer, c, last=micro == cfg.grad_accum - 1):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                v = run.model(noisy(x0, noise, t), t, actions, clean=clean, clean_timesteps=t_clean)
-            loss = flow_loss(v.float(), x0, noise, context) / cfg.grad_accum
+                out = run.model(noisy(x0, noise, t, cfg.flow.path), t, actions, clean=clean, clean_timesteps=t_clean)
+            loss = flow_loss(out.float(), x0, noise, context, t, cfg.flow.path, cfg.flow.prediction) / cfg.grad_accum
             run.booster.backward(loss, run.optimizer)
         loss_sum += loss.detach()
     norm = plugins.clip_and_step(run.optimizer, c, cfg.grad_clip)

@@ -68,8 +68,10 @@ def _field_defaults(cls) -> dict:
 
 
 def _field_of(option: str, known: dict) -> str | None:
-    """The field an option fills: the one of its name, or train's flow field of its name."""
-    return next((name for name in (option, f"flow.{option}") if name in known), None)
+    """The field an option fills: the one of its name, train's flow field of its name, or sample's and eval's
+    SDEConfig field (--sde-norm: sde.norm)."""
+    return next((name for name in (option, f"flow.{option}", option.replace("sde_", "sde.", 1)) if name in known),
+                None)
 
 
 def test_every_command_is_placed():

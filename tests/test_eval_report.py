@@ -221,5 +221,8 @@ def test_eval_heun_sampler_runs_and_is_recorded(trained, tmp_path):
     heun = main(EvalConfig(**base, steps=2, sampler="heun", out=str(tmp_path / "h.json")))  # 3 model calls each
     assert heun["config"]["sampler"] == "heun" and euler["config"]["sampler"] == "euler"
     assert heun["per_seed"][0]["psnr_mse"] != euler["per_seed"][0]["psnr_mse"]
-    with pytest.raises(ValueError, match="sampler must be euler or heun, got 'rk4'"):
+    sde = main(EvalConfig(**base, steps=3, sampler="sde", out=str(tmp_path / "s.json")))  # SiT's SDE, its defaults
+    assert sde["config"]["sde"] == {"diffusion": "sigma", "norm": 1.0, "last_step": "mean"}
+    assert sde["per_seed"][0]["psnr_mse"] != euler["per_seed"][0]["psnr_mse"]
+    with pytest.raises(ValueError, match="sampler must be one of euler, heun, sde, got 'rk4'"):
         main(EvalConfig(**base, steps=2, sampler="rk4", out=str(tmp_path / "x.json")))
