@@ -8,7 +8,7 @@ import warnings
 import typer
 from typer.core import TyperGroup
 
-from cli import data, demo, encode, evaluate, sample, store, train, vae
+from cli import data, demo, encode, evaluate, play, sample, store, train, vae
 from minisora.errors import MinisoraError, MinisoraWarning, debug_enabled, is_remote_error, user_message
 
 # Third-party warnings that say nothing about a minisora run, hidden unless --debug (or MINISORA_DEBUG=1):
@@ -100,6 +100,7 @@ app.command(name="train")(train.train)
 app.command(name="sample")(sample.sample)
 app.command(name="eval")(evaluate.evaluate)
 app.command(name="demo")(demo.demo)
+app.command(name="play")(play.play)
 
 
 if __name__ == "__main__":

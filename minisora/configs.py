@@ -231,3 +231,21 @@ class EvalConfig:
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+
+
+@dataclass
+class PlayConfig:
+    checkpoint: str
+    store: str | None = None  # the store the context clip comes from; None: the run's own (its pipeline records it)
+    clip: str = "test:0"  # SPLIT:INDEX of the context clip in the store
+    context: str | None = None  # a TECO clip file (.npz / .mp4) to start from instead of a store clip
+    context_frames: int = 4  # latent frames of context
+    steps: int = 5  # Euler steps per frame: the demo's sample_steps (stages.demo.DemoConfig; 5 beat 20 there)
+    shift: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port
+    record_dir: str = "outputs/play"  # recorded sessions: RECORD_DIR/test/0000/NNNNN.npz + .mp4 (a TECO root)

@@ -78,6 +78,14 @@ def resolve_pipeline_dir(path: str | Path) -> Path:
                       f"model_index.json or {PIPELINE_JSON})")
 
 
+def read_description(path: str | Path) -> dict:
+    """The training pipeline description (pipeline_meta) of a run, checkpoint or pipeline directory: its store, source
+    dataset, actions; {} for a `save_pretrained` directory, which records none."""
+    pdir = resolve_pipeline_dir(path)
+    meta = pdir / PIPELINE_JSON
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def pipeline_kwargs(meta: dict) -> dict:
     """DiTPipeline's config values from a training pipeline description."""
     src, flow = meta.get("source", {}), meta.get("flow", {})  # no "flow": a run from before SiT's choices

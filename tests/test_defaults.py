@@ -15,10 +15,11 @@ from cli.main import app
 from minisora.configs import EncodeConfig, TrainConfig, VAETrainConfig, defaults
 from stages.demo import DemoConfig
 from stages.evaluate import EvalConfig
+from stages.play import PlayConfig
 from stages.sample import SampleConfig
 
 CONFIGS = {"train": TrainConfig, "encode": EncodeConfig, "vae train": VAETrainConfig, "demo": DemoConfig,
-           "sample": SampleConfig, "eval": EvalConfig}
+           "sample": SampleConfig, "eval": EvalConfig, "play": PlayConfig}
 WITHOUT_CONFIG = {"data synth", "data manifest", "data download", "store info", "store verify", "vae info"}
 # (the options of those go straight to a function, not into a config)
 
@@ -38,6 +39,7 @@ CONFIG_ONLY = {
     "demo": {"frame_stride", "sample_steps", "workers"},
     "sample": set(),
     "eval": set(),
+    "play": set(),
 }
 
 
