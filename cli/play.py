@@ -24,7 +24,10 @@ def play(
     shift: float = typer.Option(P.shift, help="Time shift t' = s t / (1 + (s - 1) t) (default: the pipeline's)."),
     seed: int = typer.Option(P.seed, help="Noise seed; reset restarts it, so the same keys replay the same frames."),
     device: str = typer.Option(P.device, help="auto (cuda if available), cpu, cuda[:N]."),
-    precision: str = options.transformer_precision(P.precision),
+    precision: str = typer.Option(P.precision, help="Transformer dtype: auto (fp32 on a CPU, where bf16 plays "
+                                  "slower one frame at a time; bf16 on CUDA), fp32, bf16, fp16. The VAE stays fp32."),
+    threads: int = typer.Option(P.threads, min=1, help="torch CPU threads of the generator (1 leaves a core to the "
+                                "browser and the server)."),
     attention_kernel: str = options.attention_kernel(P.attention_kernel),
     host: str = typer.Option(P.host, help="Address to serve the page on (127.0.0.1: this machine only)."),
     port: int = typer.Option(P.port, min=0, max=65535, help="Port to serve on (0: a free one; the address is "
@@ -49,5 +52,5 @@ def play(
         raise typer.BadParameter("give --context CLIP_FILE or --store STORE --clip SPLIT:INDEX, not both",
                                  param_hint="--context")
     main(PlayConfig(checkpoint=checkpoint, store=store, clip=clip, context=context, context_frames=context_frames,
-                    steps=steps, shift=shift, seed=seed, device=device, precision=precision,
+                    steps=steps, shift=shift, seed=seed, device=device, precision=precision, threads=threads,
                     attention_kernel=attention_kernel, host=host, port=port, record_dir=record_dir))

@@ -244,7 +244,10 @@ class PlayConfig:
     shift: float | None = None
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    # the transformer's dtype; auto: fp32 on a CPU (one frame of tokens at a time: bf16 played several times slower
+    # on an AVX512-BF16 CPU, benchmarks/play.py), else minisora.hardware.resolve_precision (bf16 on CUDA)
+    precision: str = "auto"
+    threads: int | None = 1  # torch CPU threads of the generator (None: torch's default); 1 leaves a core to the page
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port

@@ -6,8 +6,10 @@ into steps that each take one action:
 - `reset()` puts the context's clean latent frames into a KVCache (minisora.kv_cache) at t = 0,
   the last window - 1 of them, with their recorded actions;
 - `step(action)` integrates one new latent frame with minisora.flow.euler_sample, every Euler step
-  running only that frame's tokens against the cache, then adds the frame to the cache once, clean,
-  keeps the newest window - 1 frames, and decodes the frame with the run's VAE.
+  running only that frame's tokens against the cache, decodes it with the run's VAE, then adds the
+  frame to the cache once, clean, and keeps the newest window - 1 frames. It is `propose` (sample and
+  decode, interruptible between Euler steps) then `accept` (the cache update), so a server can drop a
+  frame made for an action that is no longer held (minisora.play_app).
 The noise of a step is drawn as the pipeline draws it (a whole window from one generator, the new
 frame last), so the same seed and actions give the pipeline's frames (tests/test_play.py checks it).
 
@@ -18,7 +20,7 @@ would recompute its whole window for every frame, and a video VAE decodes severa
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +43,12 @@ class LiveFrame(NamedTuple):
     action: int  # the action id it was conditioned on (-1: the null action)
     index: int  # frames generated since the last reset (0: the first after the context)
     steps: int  # Euler steps it took
-    seconds: float  # wall time of the step: sampling, cache update and decoding
+    seconds: float  # wall time of the step: sampling, decoding and (once accepted) the cache update
+    latent: torch.Tensor  # (1, 1, C, h, w) the normalised latent frame
+
+
+class _Interrupted(Exception):
+    """Raised inside a proposal's Euler loop when its caller no longer wants the frame."""
 
 
 def check_playable(pipe: DiTPipeline, where: str) -> None:
@@ -107,31 +114,53 @@ class LiveGenerator:
                    update_cache=True)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.known = k  # latent frames so far, context included
-        self.index = 0
+        self.index = 0  # frames accepted since the reset
+        self.noise: torch.Tensor | None = None  # the next frame's noise (1, 1, C, h, w), kept until it is accepted
 
-    @torch.no_grad()
     def step(self, action: int) -> LiveFrame:
         """The next frame, conditioned on `action` (an id in [0, num_actions), or -1 for the null action)."""
+        return self.accept(self.propose(action))
+
+    @torch.no_grad()
+    def propose(self, action: int, interrupt: Callable[[], bool] | None = None) -> LiveFrame | None:
+        """The next frame for `action`, sampled and decoded but not yet part of the rollout (`accept` adds it), so
+        a frame made for an action that is no longer held can be dropped. `interrupt()` is asked before every
+        Euler step; if it says True the frame is abandoned and None returned. Either way the next proposal
+        starts from the same noise: the frames depend on the seed and the accepted actions only."""
         if action != -1 and not 0 <= action < self.num_actions:
             raise ValueError(f"action {action} must be in [0, {self.num_actions}) or -1 (none)")
         t0 = time.perf_counter()
-        _, _, c, h, w = self.context.shape
-        n = min(self.known, self.window - 1) + 1  # the pipeline's window for this frame: its noise is drawn whole
-        noise = randn_tensor((1, n, c, h, w), generator=self.generator, device=self.context.device)[:, -1:]
+        if self.noise is None:  # the pipeline's window for this frame, drawn whole; the new frame is its last
+            _, _, c, h, w = self.context.shape
+            n = min(self.known, self.window - 1) + 1
+            self.noise = randn_tensor((1, n, c, h, w), generator=self.generator, device=self.context.device)[:, -1:]
         act = torch.full((1, 1), action, dtype=torch.long, device=self.context.device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if interrupt is not None and interrupt():
+                raise _Interrupted
             return self.model(x, t, self._actions(act), kv_cache=self.cache).float()
 
-        latent = euler_sample(velocity, noise, self.steps, shift=self.shift)  # (1, 1, C, h, w)
-        self.model(latent, torch.zeros(1, 1, device=latent.device), self._actions(act), kv_cache=self.cache,
-                   update_cache=True)  # the new frame joins the cache once, clean
-        self.cache.keep_last(self.window - 1)
+        try:
+            latent = euler_sample(velocity, self.noise, self.steps, shift=self.shift)  # (1, 1, C, h, w)
+        except _Interrupted:
+            return None
         pixels = pixels_to_frames(self.pipe.decode_latents(latent))[0, 0]  # (H, W, 3) uint8
-        frame = LiveFrame(np.asarray(pixels), action, self.index, self.steps, time.perf_counter() - t0)
-        self.known += 1
-        self.index += 1
-        return frame
+        return LiveFrame(np.asarray(pixels), action, self.index, self.steps, time.perf_counter() - t0, latent)
+
+    @torch.no_grad()
+    def accept(self, frame: LiveFrame) -> LiveFrame:
+        """Make a proposed frame (the latest `propose`) the rollout's next: it joins the KV cache once, clean, and
+        the cache keeps the newest window - 1 frames. Returns it, with the time of the cache update added."""
+        if frame.index != self.index:
+            raise ValueError(f"frame {frame.index} was proposed before frame {self.index}: propose it again")
+        t0 = time.perf_counter()
+        act = torch.full((1, 1), frame.action, dtype=torch.long, device=self.context.device)
+        self.model(frame.latent, torch.zeros(1, 1, device=frame.latent.device), self._actions(act),
+                   kv_cache=self.cache, update_cache=True)
+        self.cache.keep_last(self.window - 1)
+        self.known, self.index, self.noise = self.known + 1, self.index + 1, None
+        return frame._replace(seconds=frame.seconds + time.perf_counter() - t0)
 
     @torch.no_grad()
     def context_pixels(self) -> np.ndarray:

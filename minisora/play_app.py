@@ -12,8 +12,10 @@ LiveGenerator (minisora.live) over the shared pipeline. Messages:
 
 The run-ahead rule: the server sends frame n, generates frame n + 1 (with the action held at that
 moment) while the page draws n, and sends n + 1 only once the page has shown n. So it never holds more
-than one frame the page has not shown, and a key press is in the first frame whose generation starts
-after it arrives: within two frame times, never behind a queue.
+than one frame the page has not shown. A frame is only proposed until it is sent (minisora.live:
+`propose`, then `accept`): when the held action changes, the proposal under way is abandoned at its
+next Euler step, or a finished one dropped, and made again for the new action. So the next frame sent
+after a key press arrives shows it: one frame time, never behind a queue.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import socket
 import struct
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -140,15 +143,28 @@ class Session:
                 await self.ws.send_json({"type": "recorded", "path": str(path), "frames": len(frames)})
         return reset
 
+    def _let_go(self, action: int) -> bool:
+        return self.action != action
+
+    async def propose(self) -> LiveFrame:
+        """A frame for the action held now; abandoned and made again whenever the held action changes meanwhile."""
+        while True:
+            action = self.action
+            frame = await run_in_threadpool(self.live.propose, action, partial(self._let_go, action))
+            if frame is not None:
+                return frame
+
     async def play(self) -> None:
         """The generation loop, under the run-ahead rule (the module docstring)."""
         ahead: LiveFrame | None = None
         while True:
             if await self.apply_controls():
-                ahead = None  # generated before the reset: another timeline
-            frame = ahead or await run_in_threadpool(self.live.step, self.action)
-            seq = await self.send_frame(frame)
-            ahead = await run_in_threadpool(self.live.step, self.action)  # while the page draws `frame`
+                ahead = None  # proposed before the reset: another timeline
+            if ahead is None or ahead.action != self.action:  # made for a key no longer held: made again
+                ahead = await self.propose()
+            seq = await self.send_frame(ahead)
+            await run_in_threadpool(self.live.accept, ahead)
+            ahead = await self.propose()  # the next frame, while the page draws this one
             await self.wait_shown(seq)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from starlette.applications import Starlette
 
 from minisora.configs import PlayConfig  # noqa: F401 (re-exported: stages.play.PlayConfig)
@@ -49,16 +50,20 @@ def context_source(cfg: PlayConfig, description: dict) -> str:
 
 
 def key_lines(actions: ActionSet) -> list[str]:
-    """The key map for the terminal, one line."""
-    shown = [f"{'/'.join(k.removeprefix('Key').removeprefix('Digit') for k, a in actions.keys.items() if a == i)} "
-             f"{name}" for i, name in enumerate(actions.names) if i in actions.keys.values()]
-    return [f"keys: {', '.join(shown)}; no key: {actions.label(actions.idle)} (actions from {actions.source})"]
+    """The key map for the terminal, one line: keys = name (id), and what no key sends."""
+    shown = [f"{'/'.join(k.removeprefix('Key').removeprefix('Digit') for k, a in actions.keys.items() if a == i)} = "
+             f"{name} ({i})" for i, name in enumerate(actions.names) if i in actions.keys.values()]
+    idle = "the null action" if actions.idle < 0 else actions.names[actions.idle]
+    return [f"keys: {', '.join(shown)}; no key = {idle} ({actions.idle}); actions from {actions.source}"]
 
 
 def prepare(cfg: PlayConfig) -> Playable:
     """Load and check everything `main` serves (the app and its lines), without serving it."""
     device = resolve_device(cfg.device)
-    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = "fp32" if cfg.precision == "auto" and device.type == "cpu" else cfg.precision  # PlayConfig: why
+    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(precision, device))
     pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     check_playable(pipe, cfg.checkpoint)  # before the context is loaded and encoded
     if cfg.steps < 1:
