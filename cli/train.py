@@ -37,6 +37,15 @@ def train(
                                    "h*w / patch^2 (4 makes a 16x16 latent 16 tokens: 4x cheaper, coarser)."),
     frames: int = typer.Option(T.frames, min=1, help="Latent frames per training window (clips shorter than this are "
                                "not used)."),
+    short_frames: int = typer.Option(T.short_frames, min=0, help="Long-short attention (--attention causal): a frame "
+                                     "attends to the last N frames (itself included) at full resolution and to older "
+                                     "frames of the window through a compressed memory, their keys and values pooled "
+                                     "--memory-pool x --memory-pool over the token grid, so long --frames cost nearly "
+                                     "linearly; the KV cache of a rollout keeps N-1 frames in full. 0: every frame in "
+                                     "full (quadratic in --frames). Saved with the weights."),
+    memory_pool: int = typer.Option(T.memory_pool, min=1, help="With --short-frames: average keys and values of "
+                                    "older frames over P x P patches of the token grid (P must divide it: latent size "
+                                    "/ --patch-size), so each costs 1/P^2 of a full frame. Saved with the weights."),
     batch_size: int = typer.Option(T.batch_size, min=1, help="Windows per process per micro-step (global batch = "
                                    "processes x this x grad-accum)."),
     lr: float = typer.Option(T.lr, help="Peak AdamW learning rate."),

@@ -155,6 +155,10 @@ class TrainConfig:
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     patch_size: int = 2  # spatial patch on the latents (tokens per frame = h*w / patch_size^2)
     frames: int = 8  # latent frames per training window
+    # long-short attention (causal): a frame sees the last short_frames frames at full resolution and older frames'
+    # keys/values pooled memory_pool x memory_pool over the token grid (minisora.blocks); 0: every frame in full
+    short_frames: int = 0
+    memory_pool: int = 2
     batch_size: int = 8  # windows per rank per micro-step
     lr: float = 3e-4
     warmup: int = 100

@@ -6,12 +6,67 @@ keys and values once and keep them: `KVCache` holds, per transformer block, the 
 values of clean (temporal-patch) frames, and the absolute frame position of the next frame;
 `keep_last` rolls it. RoPE only sees position differences, so positions may grow past the training
 window without changing a result (tests/test_kvcache.py checks this).
+
+A long-short model (VideoDiT short_frames > 0) also caches each committed frame's memory tokens
+(pooled keys and values, minisora.blocks) and keeps full keys only for the frames a next query can
+still see at full resolution (`keep_full`, short_frames - 1 of them). In a rolling rollout of window W
+and chunk c the cache then holds, per block, full keys and values of min(short - 1, W - c) frames
+and memory of W - c frames: (short - 1) * tokens + (W - c) * tokens / pool^2 tokens, against
+(W - c) * tokens without memory.
+
+Keys and values live in preallocated buffers that grow by doubling: a pass writes its frames'
+keys after the cached ones and attends to one slice of the buffer (no concatenation per block and
+pass); dropping old frames moves a start index, and the live part moves to the buffer's front only
+when the buffer's end is reached.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+class _Buffer:
+    """Keys and values (B, heads, tokens, head_dim) of consecutive frames of one block: live tokens [start, end)."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.start = self.end = 0
+
+    def live(self) -> tuple[Tensor, Tensor] | None:
+        return None if self.k is None else (self.k[:, :, self.start:self.end], self.v[:, :, self.start:self.end])
+
+    def extend(self, k: Tensor, v: Tensor, commit: bool) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, heads, n, d) after the live tokens; views of live + new. commit: keep them."""
+        if self.k is not None and self.k.shape[0] != k.shape[0]:
+            raise ValueError(f"KVCache holds batch {self.k.shape[0]}, got keys for batch {k.shape[0]}")
+        n, live = k.shape[2], self.end - self.start
+        if self.k is None or self.k.dtype != k.dtype or self.end + n > self.k.shape[2]:
+            self._make_room(k, live + n)
+        self.k[:, :, self.end:self.end + n] = k
+        self.v[:, :, self.end:self.end + n] = v
+        stop = self.end + n
+        if commit:
+            self.end = stop
+        return self.k[:, :, self.start:stop], self.v[:, :, self.start:stop]
+
+    def _make_room(self, like: Tensor, need: int) -> None:
+        """Move the live tokens to the front of a buffer of at least `need` tokens (twice that when it grows)."""
+        old = self.live()
+        capacity = 0 if self.k is None else self.k.shape[2]
+        if self.k is None or self.k.dtype != like.dtype or need > capacity:
+            capacity = 2 * need
+            b, h, _, d = like.shape
+            self.k, self.v = (torch.empty(b, h, capacity, d, dtype=like.dtype, device=like.device) for _ in range(2))
+        live = 0 if old is None else old[0].shape[2]
+        if live:  # clones first: the old slice may overlap its destination
+            k, v = old[0].clone(), old[1].clone()
+            self.k[:, :, :live], self.v[:, :, :live] = k.to(like.dtype), v.to(like.dtype)
+        self.start, self.end = 0, live
+
+    def drop(self, tokens: int) -> None:
+        self.start = min(self.end, self.start + tokens)
 
 
 class KVCache:
@@ -29,33 +84,58 @@ class KVCache:
 
     def reset(self, position: int = 0) -> None:
         """Forget every cached frame; the next frame fed goes to absolute frame `position`."""
-        self.keys: list[Tensor | None] = [None] * self.depth  # each (B, heads, frames * tokens, head_dim)
-        self.values: list[Tensor | None] = [None] * self.depth
-        self.frames, self.tokens, self.position = 0, 0, position
+        self._full = [_Buffer() for _ in range(self.depth)]
+        self._memory = [_Buffer() for _ in range(self.depth)]
+        # frames with full keys (the newest), frames with memory tokens (the newest), tokens per frame of each
+        self.frames, self.memory_frames, self.tokens, self.memory_tokens, self.position = 0, 0, 0, 0, position
+
+    @property
+    def keys(self) -> list[Tensor | None]:
+        """Each block's cached full keys (B, heads, frames * tokens, head_dim), or None."""
+        return [None if b.k is None else b.live()[0] for b in self._full]
+
+    @property
+    def values(self) -> list[Tensor | None]:
+        return [None if b.k is None else b.live()[1] for b in self._full]
 
     def past(self, layer: int) -> tuple[Tensor, Tensor] | None:
-        k, v = self.keys[layer], self.values[layer]
-        return None if k is None else (k, v)
+        return self._full[layer].live()
+
+    def extend(self, layer: int, k: Tensor, v: Tensor, commit: bool = False) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, heads, cached + new tokens, head_dim) of the cached frames then the new ones
+        (B, heads, new tokens, head_dim); commit: keep the new ones too (frames being committed, see `advance`)."""
+        return self._full[layer].extend(k, v, commit)
+
+    def extend_memory(self, layer: int, k: Tensor, v: Tensor, commit: bool = False) -> tuple[Tensor, Tensor]:
+        """`extend` for memory tokens: the cached frames' memory then the new frames'."""
+        return self._memory[layer].extend(k, v, commit)
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Append one block's keys/values (B, heads, new frames * tokens, head_dim) for frames being committed."""
-        past = self.past(layer)
-        if past is not None and past[0].shape[0] != k.shape[0]:
-            raise ValueError(f"KVCache holds batch {past[0].shape[0]}, got keys for batch {k.shape[0]}")
-        self.keys[layer] = k if past is None else torch.cat([past[0], k], dim=2)
-        self.values[layer] = v if past is None else torch.cat([past[1], v], dim=2)
+        self.extend(layer, k, v, commit=True)
 
-    def advance(self, frames: int, tokens: int) -> None:
-        """After a committing pass of `frames` frames of `tokens` tokens each: move the position on."""
+    def advance(self, frames: int, tokens: int, memory_tokens: int = 0) -> None:
+        """After a committing pass of `frames` frames of `tokens` tokens each (and `memory_tokens` memory tokens
+        each, long-short models): move the position on."""
         self.frames, self.tokens, self.position = self.frames + frames, tokens, self.position + frames
+        if memory_tokens:
+            self.memory_frames, self.memory_tokens = self.memory_frames + frames, memory_tokens
+
+    def keep_full(self, frames: int) -> None:
+        """Drop the full keys of all but the newest `frames` frames (memory tokens stay)."""
+        if frames < 0:
+            raise ValueError(f"keep_full needs frames >= 0, got {frames}")
+        drop = max(0, self.frames - frames)
+        for buffer in self._full:
+            buffer.drop(drop * self.tokens)
+        self.frames -= drop
 
     def keep_last(self, frames: int) -> None:
         """Drop the oldest cached frames so that at most `frames` remain (positions stay as they are)."""
         if frames < 0:
             raise ValueError(f"keep_last needs frames >= 0, got {frames}")
-        drop = max(0, self.frames - frames)
-        if drop:
-            cut = drop * self.tokens
-            self.keys = [None if k is None else k[:, :, cut:].contiguous() for k in self.keys]
-            self.values = [None if v is None else v[:, :, cut:].contiguous() for v in self.values]
-            self.frames -= drop
+        self.keep_full(frames)
+        drop = max(0, self.memory_frames - frames)
+        for buffer in self._memory:
+            buffer.drop(drop * self.memory_tokens)
+        self.memory_frames -= drop

@@ -9,8 +9,11 @@ A DiT (Peebles & Xie) lifted to video:
   layer start at zero, so a fresh model predicts zero velocity;
 - q/k RMSNorm and attention over all T*h*w tokens: bidirectional (attention="full") or frame-causal
   (attention="causal": a token sees its own frame and earlier frames only), in which case a rollout
-  can reuse clean frames' keys and values (minisora.kv_cache). The kernel (SDPA or FlexAttention) is
-  a runtime choice, `set_attention_kernel`, not part of the saved config (minisora.attention).
+  can reuse clean frames' keys and values (minisora.kv_cache). A causal model with short_frames > 0
+  attends long-short (minisora.blocks): full tokens of the last short_frames frames, and of older
+  frames only their keys and values pooled memory_pool x memory_pool (0, the default: every frame
+  full). The kernel (SDPA or FlexAttention) is a runtime choice, `set_attention_kernel`, not part
+  of the saved config (minisora.attention).
 
 A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
 `enable_gradient_checkpointing()` work as for any diffusers model.
@@ -27,7 +30,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import Tensor, nn
 
-from minisora.attention import KERNELS, FrameMask, attend, causal_mask, teacher_forcing_mask
+from minisora.attention import KERNELS, FrameMask, LongShort, causal_mask, long_short_mask, teacher_forcing_mask
+from minisora.blocks import DiTBlock, FinalLayer, Memory, apply_rope, rope_angles, rope_cos_sin  # noqa: F401
 from minisora.kv_cache import KVCache
 
 ATTENTION_MODES = ("full", "causal")
@@ -50,110 +54,6 @@ DIT_MODEL_SPECS: dict[str, dict] = {
 }
 
 
-def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """How a head's channels split across (frame, row, column) rotations (Wan's split); all even."""
-    hw = 2 * (head_dim // 6)
-    return head_dim - 2 * hw, hw, hw
-
-
-def rope_angles(frames: int, height: int, width: int, head_dim: int, theta: float = 10000.0,
-                frame_offset: float = 0.0, device=None) -> Tensor:
-    """Rotation angles (frames*height*width, head_dim // 2), float32, tokens in (t, h, w) order.
-
-    Channel pair i of a token at (t, h, w) is rotated by pos_axis * theta^(-2j / dim_axis) for the axis
-    and index j that pair belongs to, so q.k of two tokens depends only on their position difference.
-    """
-    angles = []
-    for size, dim, offset in zip((frames, height, width), rope_axis_dims(head_dim), (frame_offset, 0.0, 0.0)):
-        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # (dim/2,)
-        pos = torch.arange(size, dtype=torch.float64, device=device) + offset
-        angles.append(torch.outer(pos, freqs))  # (size, dim/2)
-    a_t, a_h, a_w = angles
-    grid = torch.cat([  # broadcast each axis over the other two -> (T, H, W, head_dim/2)
-        a_t[:, None, None, :].expand(frames, height, width, -1),
-        a_h[None, :, None, :].expand(frames, height, width, -1),
-        a_w[None, None, :, :].expand(frames, height, width, -1),
-    ], dim=-1)
-    return rearrange(grid, "t h w d -> (t h w) d").float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x (B, heads, N, head_dim) by angles with cos/sin (N, head_dim/2).
-
-    Computed in x's dtype (cos/sin are cast to it): no fp32 copies of q and k under bf16."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    pairs = rearrange(x, "b n l (d two) -> b n l d two", two=2)
-    x1, x2 = pairs[..., 0], pairs[..., 1]  # each (B, heads, N, head_dim/2)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rearrange(out, "b n l d two -> b n l (d two)")
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x (B, T, S, D) with per-frame shift/scale (B, T, 1, D)."""
-    return x * (1 + scale) + shift
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
-                cache: KVCache | None = None, layer: int = 0, update_cache: bool = False) -> Tensor:
-        # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
-        q, k, v = rearrange(self.qkv(x), "b l (three n d) -> three b n l d", three=3, n=self.num_heads)
-        # norms in the weights' dtype (fp32 under autocast: no bf16-vs-fp32 mix), q, k back in v's for the kernel
-        dtype = self.qkv.weight.dtype
-        q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = None if cache is None else cache.past(layer)
-        if update_cache:
-            cache.store(layer, k, v)
-        if past is not None:  # cached clean frames come first: (B, heads, cached + N, head_dim)
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = attend(q, k, v, mask)
-        return self.proj(rearrange(out, "b n l d -> b l (n d)"))  # out (B, heads, N, head_dim)
-
-
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block; each frame's conditioning sets its tokens' shift, scale and gates."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
-                cache: KVCache | None = None, layer: int = 0, update_cache: bool = False) -> Tensor:
-        # x (B, T, S, D) tokens per frame; c (B, T, D) -> six (B, T, 1, D) modulations
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)
-        frames = x.shape[1]
-        h = rearrange(modulate(self.norm1(x), shift_a, scale_a), "b t s d -> b (t s) d")
-        h = rearrange(self.attn(h, cos, sin, mask, cache, layer, update_cache), "b (t s) d -> b t s d", t=frames)
-        x = x + gate_a * h
-        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, out_dim)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, :, None].chunk(2, dim=-1)  # each (B, T, 1, D)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, S, out_dim)
-
-
 class VideoDiT(ModelMixin, ConfigMixin):
     """Velocity model v(x_t, t, actions) for flow matching on video latents (see minisora.flow)."""
 
@@ -164,10 +64,15 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_actions: int = 0,
                  action_dropout: float = 0.1, rope_theta: float = 10000.0, frequency_dim: int = 256,
-                 timestep_scale: float = 1000.0, attention: str = "full"):
+                 timestep_scale: float = 1000.0, attention: str = "full", short_frames: int = 0, memory_pool: int = 2):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if short_frames < 0 or memory_pool < 1:
+            raise ValueError(f"short_frames must be >= 0 and memory_pool >= 1, got {short_frames} and {memory_pool}")
+        if short_frames and attention != "causal":
+            raise ValueError(f"short_frames {short_frames} (long-short attention) needs attention='causal', "
+                             f"got {attention!r}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
         if not 0.0 <= action_dropout <= 1.0:
@@ -278,10 +183,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         grid = self._grid(latents, timesteps)
         x, c = self._embed(latents, timesteps, actions)
         cos, sin = self._rope(grid, 0, x.device)
-        mask = None
-        if self.config.attention == "causal":
+        mask, memory = None, None
+        if self.config.short_frames:
+            mask, memory = self._long_short(grid, x.device, memory_frames=0, full_frames=0, new_frames=grid.frames)
+        elif self.config.attention == "causal":
             mask = causal_mask(0, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
-        x = self._run_blocks(x, c, cos, sin, mask)
+        x = self._run_blocks(x, c, cos, sin, mask, memory=memory)
         return self._unpatchify(self.final_layer(x, c), grid)
 
     def forward_cached(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None,
@@ -301,10 +208,19 @@ class VideoDiT(ModelMixin, ConfigMixin):
             raise ValueError("update_cache=True needs a kv_cache")
         x, c = self._embed(latents, timesteps, actions)
         cos, sin = self._rope(grid, kv_cache.position, x.device)
-        mask = causal_mask(kv_cache.frames, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
-        x = self._run_blocks(x, c, cos, sin, mask, kv_cache, update_cache)
+        if self.config.short_frames:
+            mask, memory = self._long_short(grid, x.device, kv_cache.memory_frames, kv_cache.frames, grid.frames,
+                                            offset=kv_cache.position, cached=True)
+        else:
+            mask = causal_mask(kv_cache.frames, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
+            memory = None
+        x = self._run_blocks(x, c, cos, sin, mask, kv_cache, update_cache, memory)
         if update_cache:
-            kv_cache.advance(grid.frames, grid.height * grid.width)
+            pool = self.config.memory_pool
+            kv_cache.advance(grid.frames, grid.height * grid.width,
+                             (grid.height // pool) * (grid.width // pool) if memory is not None else 0)
+            if memory is not None:  # full keys only where a next query frame can see them
+                kv_cache.keep_full(self.config.short_frames - 1)
         return self._unpatchify(self.final_layer(x, c), grid)
 
     def forward_teacher_forcing(self, latents: Tensor, timesteps: Tensor, clean: Tensor,
@@ -329,8 +245,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x, c = self._embed(torch.cat([clean, latents], 1), torch.cat([clean_t, timesteps], 1), both)  # 2T frames
         cos, sin = self._rope(grid, 0, x.device)
         cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])  # both copies of frame i at position i
-        mask = teacher_forcing_mask(grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
-        x = self._run_blocks(x, c, cos, sin, mask)
+        if self.config.short_frames:  # the memory of the clean copy's frames
+            mask, memory = self._long_short(grid, x.device, 0, 0, grid.frames, teacher_forcing=True)
+        else:
+            mask = teacher_forcing_mask(grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
+            memory = None
+        x = self._run_blocks(x, c, cos, sin, mask, memory=memory)
         return self._unpatchify(self.final_layer(x[:, grid.frames:], c[:, grid.frames:]), grid)  # noisy copy only
 
     def _grid(self, latents: Tensor, timesteps: Tensor) -> PatchGrid:
@@ -360,18 +280,38 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x = rearrange(latents.to(self.dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
         return self.patch_embed(x), c
 
-    def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        cfg = self.config  # the frames from absolute frame `frame_offset` on
-        angles = rope_angles(grid.frames, grid.height, grid.width, cfg.hidden_size // cfg.num_heads, cfg.rope_theta,
-                             frame_offset=frame_offset, device=device)
-        return angles.cos(), angles.sin()  # each (T/pt*h*w, head_dim/2)
+    def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device, stride: int = 1) -> tuple[Tensor, Tensor]:
+        cfg = self.config  # the frames from absolute frame `frame_offset` on; each (T/pt*h*w, head_dim/2)
+        return rope_cos_sin(grid.frames, grid.height, grid.width, cfg.hidden_size // cfg.num_heads, cfg.rope_theta,
+                            frame_offset, torch.device(device), stride)
+
+    def _long_short(self, grid: PatchGrid, device: torch.device, memory_frames: int, full_frames: int,
+                    new_frames: int, offset: int = 0, cached: bool = False,
+                    teacher_forcing: bool = False) -> tuple[FrameMask | None, Memory | None]:
+        """The mask and memory of a long-short pass of `new_frames` frames after `memory_frames` cached frames'
+        memory and `full_frames` cached frames' full keys (the newest), from absolute frame `offset`. A cached pass
+        pools every new frame (the cache keeps them), an uncached one only the frames some query sees as memory."""
+        short, pool = self.config.short_frames, self.config.memory_pool
+        if grid.height % pool or grid.width % pool:
+            raise ValueError(f"memory_pool {pool} must divide the token grid {grid.height}x{grid.width} (latent size "
+                             f"/ patch_size {self.config.patch_size})")
+        tokens, memory_tokens = grid.height * grid.width, (grid.height // pool) * (grid.width // pool)
+        visible = max(0, memory_frames + new_frames - short)  # memory frames <= the last query frame - short
+        ls = LongShort(short, tokens, memory_tokens, new_frames, -memory_frames, visible, -full_frames,
+                       full_frames + new_frames, teacher_forcing)
+        mask = long_short_mask(ls, device, self.attention_kernel)
+        pooled = new_frames if cached else visible
+        if pooled == 0:
+            return mask, None
+        cos, sin = self._rope(PatchGrid(pooled, grid.height // pool, grid.width // pool), offset, device, pool)
+        return mask, Memory(pool, pooled, grid.height, grid.width, visible, cos, sin)
 
     def _run_blocks(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None,
-                    cache: KVCache | None = None, update_cache: bool = False) -> Tensor:
+                    cache: KVCache | None = None, update_cache: bool = False, memory: Memory | None = None) -> Tensor:
         # gradient checkpointing recomputes a block in backward, which would read and write a cache again
         checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing and cache is None
         for i, block in enumerate(self.blocks):
-            args = (x, c, cos, sin, mask, cache, i, update_cache)
+            args = (x, c, cos, sin, mask, cache, i, update_cache, memory)
             x = self._gradient_checkpointing_func(block, *args) if checkpoint else block(*args)
         return x
 

@@ -75,6 +75,14 @@ def is_teacher_forcing_step(cfg: TrainConfig, step: int) -> bool:
     return torch.rand((), generator=torch.Generator().manual_seed(step_seed(cfg.seed, step, 0))).item() < p
 
 
+def long_short_line(cfg: TrainConfig) -> str:
+    """How a long-short model attends, for the start-of-training line ("" for every frame in full)."""
+    if not cfg.short_frames:
+        return ""
+    return (f", long-short: the last {cfg.short_frames} frames in full, older ones pooled "
+            f"{cfg.memory_pool}x{cfg.memory_pool}")
+
+
 def check_config(cfg: TrainConfig) -> None:
     if teacher_forcing_share(cfg) > 0 and cfg.attention != "causal":
         raise ValueError(f"--teacher-forcing {cfg.flow.teacher_forcing} needs --attention causal (a full-attention "
@@ -83,6 +91,11 @@ def check_config(cfg: TrainConfig) -> None:
     if resolve_kernel(cfg.attention_kernel, torch.device("cpu")) == "flex" and on_cpu:  # also checks the name
         raise ValueError("--attention-kernel flex cannot train on the CPU: torch's CPU FlexAttention has no backward "
                          "pass; use --attention-kernel sdpa (or auto)")
+    if cfg.short_frames and cfg.attention != "causal":
+        raise ValueError(f"--short-frames {cfg.short_frames} (long-short attention) needs --attention causal")
+    if cfg.short_frames < 0 or cfg.memory_pool < 1:
+        raise ValueError(f"--short-frames must be >= 0 and --memory-pool >= 1, got {cfg.short_frames} and "
+                         f"{cfg.memory_pool}")
     if cfg.frames < 2:
         raise ValueError(f"--frames {cfg.frames}: a training window needs at least 2 latent frames (the model learns "
                          "to continue frames from earlier ones, and a 1-frame model cannot continue anything)")
@@ -128,7 +141,8 @@ def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, devi
         raise ValueError(f"--patch-size {cfg.patch_size} does not divide the store's {lay.height}x{lay.width} latents")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = VideoDiT.from_preset(cfg.model, in_channels=lay.channels, patch_size=cfg.patch_size,
-                                  num_actions=num_actions, attention=cfg.attention)
+                                  num_actions=num_actions, attention=cfg.attention, short_frames=cfg.short_frames,
+                                  memory_pool=cfg.memory_pool)
     module.set_attention_kernel(cfg.attention_kernel)
     if cfg.grad_checkpoint:
         module.enable_gradient_checkpointing()
@@ -319,7 +333,7 @@ def main(cfg: TrainConfig) -> dict:
     print0(f"train: {cfg.model} DiT, {run.params / 1e6:.2f}M parameters; {len(run.windows.usable)} clips in "
            f"{cfg.split}, {run.sampler.batches_per_epoch()} batches/epoch; {world} process(es) x batch "
            f"{cfg.batch_size} x accum {cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {choice.precision}, "
-           f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)})")
+           f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)}){long_short_line(cfg)}")
     validator = Validator(cfg, run.store, run.module, device) if cfg.sample_every > 0 and rank == 0 else None
     from tqdm.auto import tqdm
 

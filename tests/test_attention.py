@@ -117,7 +117,7 @@ def test_q_k_v_reach_the_kernel_in_one_dtype_when_the_norm_runs_in_fp32(kernel, 
         seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, mask)
 
-    monkeypatch.setattr("minisora.model.attend", spy)
+    monkeypatch.setattr("minisora.blocks.attend", spy)
     x, t = torch.randn(1, 2, 4, 4, 4), torch.rand(1, 2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         v = model(x, t)

@@ -1,0 +1,164 @@
+"""The parts of a VideoDiT block: 3D RoPE, attention (with its KV cache and long-short memory), the block, the head.
+
+Long-short attention (FAR, arXiv 2503.19325): a query frame sees the full-resolution keys and values of
+the last `short_frames` frames (itself included) and, of every older frame, a compressed memory: that
+frame's keys and values averaged over pool x pool patches of its token grid (no new parameters). Keys
+are pooled before their rotation and rotated at the patch centre, so a memory token sits where the
+tokens it summarises sat. Which memory frames a query sees is minisora.attention's `long_short_mask`;
+here a pass computes the memory tokens of its frames (`Memory`) and puts them in front of the full
+keys: [memory tokens | full tokens].
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from minisora.attention import FrameMask, attend
+from minisora.kv_cache import KVCache
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """How a head's channels split across (frame, row, column) rotations (Wan's split); all even."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(frames: int, height: int, width: int, head_dim: int, theta: float = 10000.0,
+                frame_offset: float = 0.0, device=None, stride: float = 1.0) -> Tensor:
+    """Rotation angles (frames*height*width, head_dim // 2), float32, tokens in (t, h, w) order.
+
+    Channel pair i of a token at (t, h, w) is rotated by pos_axis * theta^(-2j / dim_axis) for the axis
+    and index j that pair belongs to, so q.k of two tokens depends only on their position difference.
+    Rows and columns sit at stride * index + (stride - 1) / 2: stride p gives the centres of p x p patches.
+    """
+    angles = []
+    spatial = (stride - 1) / 2
+    for size, dim, offset, step in zip((frames, height, width), rope_axis_dims(head_dim),
+                                       (frame_offset, spatial, spatial), (1.0, stride, stride)):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # (dim/2,)
+        pos = torch.arange(size, dtype=torch.float64, device=device) * step + offset
+        angles.append(torch.outer(pos, freqs))  # (size, dim/2)
+    a_t, a_h, a_w = angles
+    grid = torch.cat([  # broadcast each axis over the other two -> (T, H, W, head_dim/2)
+        a_t[:, None, None, :].expand(frames, height, width, -1),
+        a_h[None, :, None, :].expand(frames, height, width, -1),
+        a_w[None, None, :, :].expand(frames, height, width, -1),
+    ], dim=-1)
+    return rearrange(grid, "t h w d -> (t h w) d").float()
+
+
+@lru_cache(maxsize=256)
+def rope_cos_sin(frames: int, height: int, width: int, head_dim: int, theta: float, frame_offset: int,
+                 device: torch.device, stride: int = 1) -> tuple[Tensor, Tensor]:
+    """cos and sin of `rope_angles`, each (frames*height*width, head_dim/2), cached: the passes of one rollout
+    step (every Euler step and the commit) share their frame offset, and training windows share theirs."""
+    angles = rope_angles(frames, height, width, head_dim, theta, frame_offset, device, stride)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of x (B, heads, N, head_dim) by angles with cos/sin (N, head_dim/2).
+
+    Computed in x's dtype (cos/sin are cast to it): no fp32 copies of q and k under bf16."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    pairs = rearrange(x, "b n l (d two) -> b n l d two", two=2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]  # each (B, heads, N, head_dim/2)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rearrange(out, "b n l d two -> b n l (d two)")
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x (B, T, S, D) with per-frame shift/scale (B, T, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class Memory(NamedTuple):
+    """Long-short attention in one pass: which of its tokens are pooled into memory, and how many memory frames
+    the keys hold. The pass's first `frames` frames (height x width tokens each) give memory tokens, pooled
+    pool x pool; the keys are [cached memory | these frames' memory][:visible frames] + full tokens."""
+    pool: int
+    frames: int
+    height: int
+    width: int
+    visible: int  # memory frames in the key sequence (cached ones first)
+    cos: Tensor  # (frames * (height/pool) * (width/pool), head_dim/2): rotations at the patch centres
+    sin: Tensor
+
+
+def pool_tokens(x: Tensor, memory: Memory) -> Tensor:
+    """x (B, heads, N, d) whose first memory.frames * height * width tokens are pooled -> (B, heads, F * M, d)."""
+    p, f, h, w = memory.pool, memory.frames, memory.height, memory.width
+    grid = rearrange(x[:, :, :f * h * w], "b n (f h ph w pw) d -> b n f h w (ph pw) d", f=f, h=h // p, ph=p, pw=p)
+    return rearrange(grid.mean(dim=-2), "b n f h w d -> b n (f h w) d")  # mean over each p x p patch
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
+                cache: KVCache | None = None, layer: int = 0, update_cache: bool = False,
+                memory: Memory | None = None) -> Tensor:
+        # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
+        q, k, v = rearrange(self.qkv(x), "b l (three n d) -> three b n l d", three=3, n=self.num_heads)
+        # norms in the weights' dtype (fp32 under autocast: no bf16-vs-fp32 mix), q, k back in v's for the kernel
+        dtype = self.qkv.weight.dtype
+        q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
+        if memory is not None:  # pooled before the rotation, rotated at the patch centres
+            mem_k, mem_v = apply_rope(pool_tokens(k, memory), memory.cos, memory.sin), pool_tokens(v, memory)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # cached clean frames come first: (B, heads, cached + N, head_dim), views of its buffer
+            k, v = cache.extend(layer, k, v, commit=update_cache)
+            if memory is not None:
+                mem_k, mem_v = cache.extend_memory(layer, mem_k, mem_v, commit=update_cache)
+        if memory is not None:  # [memory tokens | full tokens]
+            seen = memory.visible * (memory.height // memory.pool) * (memory.width // memory.pool)
+            k, v = torch.cat([mem_k[:, :, :seen], k], dim=2), torch.cat([mem_v[:, :, :seen], v], dim=2)
+        out = attend(q, k, v, mask)
+        return self.proj(rearrange(out, "b n l d -> b l (n d)"))  # out (B, heads, N, head_dim)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; each frame's conditioning sets its tokens' shift, scale and gates."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
+                cache: KVCache | None = None, layer: int = 0, update_cache: bool = False,
+                memory: Memory | None = None) -> Tensor:
+        # x (B, T, S, D) tokens per frame; c (B, T, D) -> six (B, T, 1, D) modulations
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)
+        frames = x.shape[1]
+        h = rearrange(modulate(self.norm1(x), shift_a, scale_a), "b t s d -> b (t s) d")
+        h = self.attn(h, cos, sin, mask, cache, layer, update_cache, memory)
+        x = x + gate_a * rearrange(h, "b (t s) d -> b t s d", t=frames)
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, :, None].chunk(2, dim=-1)  # each (B, T, 1, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, S, out_dim)
