@@ -1,6 +1,7 @@
 """Long-rollout speed: full attention with window recompute vs causal attention with a KV cache.
 
-    python benchmarks/rollout.py [--model tiny] [--window 16] [--frames 300] [--steps 20] [--chunk 1] [--device cpu]
+    python benchmarks/rollout.py [--model tiny] [--window 16] [--long-window 64] [--frames 300] [--steps 20]
+                                 [--chunk 1] [--short-frames 8] [--memory-pool 2] [--device cpu]
 
 Continues 4 clean context latent frames to --frames latent frames with DiTPipeline, window by
 window, at the same model size, window, chunk and steps (random weights: the work does not depend
@@ -8,14 +9,18 @@ on them), side by side in one run:
   1. full attention, window recompute (every Euler step runs the whole window);
   2. causal attention, window recompute (the same work, a masked attention);
   3. causal attention, KV cache "window" (context recomputed once per window, then only new tokens);
-  4. causal attention, KV cache "rolling" (the pipeline's default: each frame's keys/values once).
+  4. causal attention, KV cache "rolling" (the pipeline's default: each frame's keys/values once);
+  5. long-short attention (--short-frames, --memory-pool), KV cache "rolling".
+Then, at --long-window (64), rows 4 and 5 again: the cost of a generated frame against the window.
 The last row runs the whole rollout of row 4, from 4 context frames to --frames. Rows 1-3 would
 take minutes to get there, so every mode is first timed in its steady state, which is what almost
-all of a long rollout costs: from window - chunk context frames (every window full) for
---timed-frames new frames, one mode right after the other, so that a shared machine's load drifts
-little between them. (From 4 context frames to 300 the recompute's first 12 windows are shorter:
-that would make it 1.3% faster at window 16.) The last lines give the speed-ups over row 1: of the
-steady states, and of the whole rolling rollout, the pipeline's default.
+all of a long rollout costs: from window - chunk context frames (every window full), the time of
+1 + --timed-frames windows less that of the first one (which also fills the KV cache), one mode
+right after the other, so that a shared machine's load drifts little between them. (From 4
+context frames to 300 the recompute's first 12 windows are shorter: that would make it 1.3%
+faster at window 16.) The last lines give the speed-ups over row 1: of the
+steady states, and of the whole rolling rollout, the pipeline's default; the line before them the
+cost of a generated frame at --long-window over its cost at --window.
 """
 
 from __future__ import annotations
@@ -31,21 +36,27 @@ from minisora.pipeline import DiTPipeline
 from minisora.vae import build_vae, tiny_vae_config
 
 CONTEXT = 4
-# (attention, kv_cache mode, whole rollout?, label); the steady-state rows first, close together in time
-ROWS = [("full", "off", False, "full attention, window recompute"),
-        ("causal", "rolling", False, "causal attention, KV cache (rolling)"),
-        ("causal", "off", False, "causal attention, window recompute"),
-        ("causal", "window", False, "causal attention, KV cache (window)"),
-        ("causal", "rolling", True, "causal attention, KV cache (rolling)")]
+# (attention, kv_cache mode, window, whole rollout?, label); the steady-state rows first, close together in time;
+# window "long" is --long-window, else --window; attention "long-short" is causal with --short-frames
+ROWS = [("full", "off", "short", False, "full attention, window recompute"),
+        ("causal", "rolling", "short", False, "causal attention, KV cache (rolling)"),
+        ("causal", "off", "short", False, "causal attention, window recompute"),
+        ("causal", "window", "short", False, "causal attention, KV cache (window)"),
+        ("long-short", "rolling", "short", False, "long-short attention, KV cache (rolling)"),
+        ("causal", "rolling", "long", False, "causal attention, KV cache (rolling)"),
+        ("long-short", "rolling", "long", False, "long-short attention, KV cache (rolling)"),
+        ("causal", "rolling", "short", True, "causal attention, KV cache (rolling)")]
 
 
-def build(attention: str, args, vae) -> DiTPipeline:
+def build(attention: str, window: int, args, vae) -> DiTPipeline:
     torch.manual_seed(0)
-    dit = VideoDiT.from_preset(args.model, in_channels=4, patch_size=args.patch_size, attention=attention)
+    extra = dict(short_frames=args.short_frames, memory_pool=args.memory_pool) if attention == "long-short" else {}
+    dit = VideoDiT.from_preset(args.model, in_channels=4, patch_size=args.patch_size,
+                               attention="full" if attention == "full" else "causal", **extra)
     with torch.no_grad():  # the work does not depend on the weights; random ones make the latents move
         for p in dit.parameters():
             p.normal_(0.0, 0.02)
-    pipe = DiTPipeline(dit, vae.model, FlowMatchEulerDiscreteScheduler(), window_frames=args.window,
+    pipe = DiTPipeline(dit, vae.model, FlowMatchEulerDiscreteScheduler(), window_frames=window,
                        latent_size=[args.latent_size] * 2).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -68,6 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", choices=sorted(DIT_MODEL_SPECS), help="VideoDiT size preset.")
     ap.add_argument("--window", type=int, default=16, help="Latent frames per window (the training window).")
+    ap.add_argument("--long-window", type=int, default=64, help="The second table's window (rolling rows only).")
+    ap.add_argument("--short-frames", type=int, default=8, help="Long-short rows: frames attended in full.")
+    ap.add_argument("--memory-pool", type=int, default=2, help="Long-short rows: older frames pooled P x P.")
     ap.add_argument("--frames", type=int, default=300, help="Latent frames of the rollout, 4 context frames included.")
     ap.add_argument("--timed-frames", type=int, default=6,
                     help="New latent frames that the recompute and window-cache rows generate in their steady state.")
@@ -84,23 +98,36 @@ def main() -> None:
     torch.manual_seed(0)
     vae = build_vae("kl", tiny_vae_config("kl"))  # only there to complete the pipeline: nothing is decoded
     tokens = (args.latent_size // args.patch_size) ** 2
-    print(f"{args.model} DiT, window {args.window}, chunk {args.chunk}, {args.steps} steps, {tokens} tokens/frame, "
-          f"{CONTEXT} context -> {args.frames} latent frames, {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'mode':<40}{'context -> frames':>18}{'seconds':>10}{'frames/s':>10}")
-    rates = {}
-    for attention, mode, whole, label in ROWS:
-        pipe = build(attention, args, vae)
-        context = CONTEXT if whole else args.window - args.chunk
-        frames = args.frames if whole else context + args.timed_frames
+    print(f"{args.model} DiT, chunk {args.chunk}, {args.steps} steps, {tokens} tokens/frame, {args.device}, "
+          f"{torch.get_num_threads()} threads; long-short: the last {args.short_frames} frames in full, older ones "
+          f"pooled {args.memory_pool}x{args.memory_pool} ({tokens // args.memory_pool ** 2} tokens)")
+    rates, table = {}, None
+    for attention, mode, size, whole, label in ROWS:
+        window = args.long_window if size == "long" else args.window
+        if (size, whole) != table:
+            table = (size, whole)
+            what = f"{CONTEXT} context -> {args.frames} latent frames" if whole else "steady state"
+            print(f"\nwindow {window}, {what}\n{'mode':<42}{'context -> frames':>18}{'seconds':>10}{'frames/s':>10}")
+        pipe = build(attention, window, args, vae)
+        context = CONTEXT if whole else window - args.chunk
+        frames = args.frames if whole else context + args.chunk + args.timed_frames
         time_rollout(pipe, context, context + args.chunk, mode, args)  # warm-up: one window
         seconds = time_rollout(pipe, context, frames, mode, args)
-        rates[(attention, mode, whole)] = (frames - context) / seconds
-        print(f"{label:<40}{f'{context} -> {frames}':>18}{seconds:>10.2f}{(frames - context) / seconds:>10.3f}",
+        if not whole:  # less the first window (and the cache's first fill): the steady state alone
+            seconds -= time_rollout(pipe, context, context + args.chunk, mode, args)
+            context += args.chunk
+        rates[(attention, mode, size, whole)] = (frames - context) / seconds
+        print(f"{label:<42}{f'{context} -> {frames}':>18}{seconds:>10.2f}{(frames - context) / seconds:>10.3f}",
               flush=True)
-    full = rates[("full", "off", False)]
-    print(f"steady state over full recompute: kv-cache (window) {rates[('causal', 'window', False)] / full:.1f}x, "
-          f"kv-cache (rolling) {rates[('causal', 'rolling', False)] / full:.1f}x")
-    print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling', True)] / full:.1f}x")
+    full = rates[("full", "off", "short", False)]
+    growth = {a: rates[(a, "rolling", "short", False)] / rates[(a, "rolling", "long", False)]
+              for a in ("causal", "long-short")}
+    print(f"\ncost of a generated frame at window {args.long_window} / window {args.window} (rolling KV cache): "
+          f"causal {growth['causal']:.2f}x, long-short {growth['long-short']:.2f}x")
+    window_cache, rolling = rates[("causal", "window", "short", False)], rates[("causal", "rolling", "short", False)]
+    print(f"steady state over full recompute: kv-cache (window) {window_cache / full:.1f}x, "
+          f"kv-cache (rolling) {rolling / full:.1f}x")
+    print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling', 'short', True)] / full:.1f}x")
 
 
 if __name__ == "__main__":

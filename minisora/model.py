@@ -113,6 +113,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(DIT_MODEL_SPECS)}")
         return cls(**{**DIT_MODEL_SPECS[name], **overrides})
 
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The weights' dtype (diffusers' `dtype` walks every module: a rollout step asks twice per pass)."""
+        return self.patch_embed.weight.dtype
+
     def set_attention_kernel(self, kernel: str) -> "VideoDiT":
         """Attend with `kernel`: "sdpa", "flex" or "auto" (flex on CUDA, SDPA elsewhere); see minisora.attention."""
         if kernel not in KERNELS:
@@ -131,7 +136,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         """Per-frame conditioning c (B, T, D) from times (B, T) and actions (B, T) (None or < 0 -> null)."""
         batch, frames = timesteps.shape
         t_freq = self.time_proj(rearrange(timesteps.float(), "b t -> (b t)") * self.config.timestep_scale)
-        c = rearrange(self.time_embed(t_freq.to(self.dtype)), "(b t) d -> b t d", b=batch)
+        c = rearrange(self.time_embed(t_freq.to(self.param_dtype)), "(b t) d -> b t d", b=batch)
         if self.action_embed is None:
             if actions is not None:
                 raise ValueError("actions were given but this model has num_actions=0")
@@ -277,7 +282,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         pt, p = self.config.patch_size_t, self.config.patch_size
         c = self.condition(timesteps, actions)  # (B, T, D)
         c = rearrange(c, "b (t pt) d -> b t pt d", pt=pt).mean(dim=2)  # (B, T/pt, D): a temporal patch shares it
-        x = rearrange(latents.to(self.dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
+        x = rearrange(latents.to(self.param_dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)",
+                      pt=pt, ph=p, pw=p)
         return self.patch_embed(x), c
 
     def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device, stride: int = 1) -> tuple[Tensor, Tensor]:
