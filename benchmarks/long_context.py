@@ -109,7 +109,8 @@ def main() -> None:
         frame = {n: 1e3 * best_of(generated_frame(m, window, args), args.repeats) for n, m in models.items()}
         first = first or {"step": step, "frame": frame}
         cells = [f"{step[n]:>11.3f}" for n in names] + [f"{frame[n]:>11.1f}" for n in names]
-        cells += [f"{cost[n] / first[key][n]:>10.1f}x" for key, cost in (("step", step), ("frame", frame)) for n in names]
+        cells += [f"{cost[n] / first[key][n]:>10.1f}x" for key, cost in (("step", step), ("frame", frame))
+                  for n in names]
         print(f"{window:>7}{''.join(cells)}", flush=True)
     print(f"growth: the cost at the window / the cost at window {args.windows[0]}")
 
