@@ -11,7 +11,10 @@ D = DemoConfig()  # each option's default is its DemoConfig field's (stages/demo
 
 def demo(
     out: str = typer.Option(D.out, help="Where every step writes; re-running reuses finished steps."),
-    clips: int = typer.Option(D.clips, min=2, help="Synthetic DMLab training clips."),
+    data: str = typer.Option(D.data, help="dmlab: synthetic first-person maze clips (the default); doom: frames of "
+                             "a real game engine, ViZDoom on Freedoom levels, 64x64 (needs pip install "
+                             "'minisora[doom]', which make setup installs)."),
+    clips: int = typer.Option(D.clips, min=2, help="Training clips."),
     test_clips: int = typer.Option(D.test_clips, min=1, help="Held-out synthetic clips: sampling continues the "
                                    "first, eval uses the first EVAL_CLIPS of them."),
     eval_clips: int = typer.Option(None, min=1, help="Held-out clips evaluated (default: all TEST_CLIPS)."),
@@ -39,16 +42,19 @@ def demo(
     Sized for `make demo` within 20 minutes on a 2-core AVX2-only CPU in fp32 (docs/benchmarks.md).
     """
     from minisora import paths
-    from stages.demo import main
+    from stages.demo import DATA_TITLES, main
 
     paths.check_output_dir(out)
     if precision not in ("auto", "fp32", "bf16"):
         raise typer.BadParameter(f"{precision!r}: choose auto, fp32 or bf16", param_hint="--precision")
+    if data not in DATA_TITLES:
+        raise typer.BadParameter(f"{data!r}: choose {' or '.join(DATA_TITLES)}", param_hint="--data")
     if attention not in ("causal", "full"):
         raise typer.BadParameter(f"{attention!r}: choose causal or full", param_hint="--attention")
     if vae_width % 8:
         raise typer.BadParameter(f"{vae_width} is not a multiple of 8", param_hint="--vae-width")
-    main(DemoConfig(out=out, clips=clips, test_clips=test_clips, eval_clips=min(eval_clips or test_clips, test_clips),
+    main(DemoConfig(out=out, data=data, clips=clips, test_clips=test_clips,
+                    eval_clips=min(eval_clips or test_clips, test_clips),
                     frames=frames, vae_steps=vae_steps, vae_width=vae_width,
                     train_steps=train_steps, batch_size=batch_size,
                     window=window, patch_size=patch_size, model=model, attention=attention, precision=precision,

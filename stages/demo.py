@@ -1,5 +1,7 @@
 """The whole pipeline on the embedded default: synthetic DMLab -> VAE -> store -> DiT -> samples -> eval.
 
+`--data doom` runs it on frames of a real game engine instead (ViZDoom, 64x64, `data synth --kind doom`).
+
 `make demo` (or `minisora demo`) runs it. Every step writes under OUT and is skipped (or resumed)
 when its output is already there, so a second run reuses what the first one did.
 
@@ -29,7 +31,8 @@ class DemoConfig:
     """The demo's sizes; every other setting is its stage's default, or overridden in main() with its reason."""
 
     out: str = "outputs/demo"
-    clips: int = 32  # training clips of synthetic DMLab
+    data: str = "dmlab"  # dmlab: the synthetic maze; doom: ViZDoom frames at 64x64 (needs the doom extra)
+    clips: int = 32  # training clips
     test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
     frame_stride: int = ENCODE.frame_stride  # every frame, as TECO (stride 2 doubles the motion between latent frames)
@@ -75,7 +78,7 @@ class Paths(NamedTuple):
 # The settings each reusable step's output depends on (its own and those of the steps before it), and the file
 # whose presence means the step is done. A re-run that changes one of them for a finished step is refused: the
 # step would be reused, silently ignoring the new value.
-_DATA = ("clips", "test_clips", "frames", "seed")
+_DATA = ("data", "clips", "test_clips", "frames", "seed")
 STEP_SETTINGS = {
     "data": ("data", _DATA),
     "vae": ("vae/config.json", _DATA + ("vae_steps", "vae_width", "resolved_precision")),
@@ -110,16 +113,19 @@ def check_reuse(paths: Paths, settings: dict) -> None:
                             f"or delete {paths.out / marker.split('/')[0]} to redo it")
 
 
+DATA_TITLES = {"dmlab": "synthetic DMLab", "doom": "ViZDoom (Freedoom levels, walk)"}  # what --data may name
+
+
 def make_data(cfg: DemoConfig, paths: Paths) -> None:
     from minisora.data.manifest import build_manifest
     from minisora.data.synthetic import write_synthetic_dataset
 
-    t0 = _step(f"1/8 synthetic DMLab clips -> {paths.data}")
-    stats = write_synthetic_dataset("dmlab", paths.data, clips=cfg.clips, test_clips=cfg.test_clips,
+    t0 = _step(f"1/8 {DATA_TITLES[cfg.data]} clips -> {paths.data}")
+    stats = write_synthetic_dataset(cfg.data, paths.data, clips=cfg.clips, test_clips=cfg.test_clips,
                                     frames=cfg.frames, seed=cfg.seed, workers=cfg.workers)
     _done(t0, f"{stats['clips']} clips ready")
     t0 = _step(f"2/8 manifest -> {paths.manifest}")
-    manifest, _ = build_manifest(paths.data, "dmlab")
+    manifest, _ = build_manifest(paths.data, "dmlab")  # doom clips are written in DMLab's layout
     manifest.save(paths.manifest)
     _done(t0, f"{len(manifest.clips)} clips {manifest.split_counts()}")
 
@@ -172,7 +178,7 @@ def train_dit(cfg: DemoConfig, paths: Paths, precision: str) -> None:
         seed=cfg.seed, flow=flow, precision=precision,
         lr=1e-3,  # the tiny DiT's rate in the recipe study (docs/design-notes.md)
         ema_decay=0.995,  # 0.999 over 2800 steps still averages in early weights: -0.95 dB in the recipe study
-        use_actions=True,  # DMLab clips record their actions; continuations follow them
+        use_actions=True,  # the clips (maze or Doom) record their actions; continuations follow them
         ckpt_every=250, keep_last=2,  # a killed demo loses at most 250 steps; two checkpoints on disk
         log_every=25))  # ~100 loss points over the demo's 2800 steps
     _done(t0, f"step {res['step']}, loss {res['loss']:.4f}")
@@ -219,6 +225,10 @@ def main(cfg: DemoConfig) -> dict:
     print(f"minisora demo on {device.type}, {cpu_facts().describe()} ({_cpu_model()}), torch {_torch_version()}\n"
           f"{choice.line()}", flush=True)
     precision = choice.precision  # the concrete value every stage gets: fp32 or bf16
+    if cfg.data == "doom":  # without vizdoom: how to install it, before anything is written
+        from minisora.data.synthetic.doom import import_vizdoom
+
+        import_vizdoom()
     paths = Paths.under(Path(cfg.out))
     settings = asdict(cfg) | {"resolved_precision": precision}
     check_reuse(paths, settings)  # before anything is written, demo_config.json included

@@ -83,6 +83,18 @@ def versus_strongest(model: dict, baselines: dict) -> dict:
             "beats_by_more_than_seed_std": model["psnr_mse"]["mean"] - b["psnr_mse"] > model["psnr_mse"]["std"]}
 
 
+def warn_if_ceiling_below_copy(baselines: dict, vae: str) -> None:
+    """One MinisoraWarning when the VAE's reconstruction scores below a copy baseline (PSNR of the mean MSE): no
+    model that decodes through this VAE can beat copying on these clips."""
+    ceiling = baselines["vae_reconstruction"]["psnr_mse"]
+    name = max(COPY_BASELINES, key=lambda b: baselines[b]["psnr_mse"])
+    if ceiling < baselines[name]["psnr_mse"]:
+        warnings.warn(f"{vae}: the VAE's reconstruction ({ceiling:.2f} dB PSNR of the mean MSE) is below {name} "
+                      f"({baselines[name]['psnr_mse']:.2f} dB) on these clips, so no model decoding through it can "
+                      "beat copying; train a better VAE (minisora vae train reports this check)", MinisoraWarning,
+                      stacklevel=2)
+
+
 def write_horizon_plot(report: dict, path: Path) -> Path:
     """PSNR (TECO), PSNR of the mean MSE and SSIM against the generated-frame index, per method, as a PNG."""
     from minisora.plots import line_panels_png
@@ -179,6 +191,7 @@ def main(cfg: EvalConfig) -> dict:
     use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
     target = frames_to_unit(truth)[:, k_pix:n_pix]
     baselines = _baselines(cfg, pipe, truth, latents_gt, target, k_pix)
+    warn_if_ceiling_below_copy(baselines, pipe.video_vae.info.source)
 
     # 3. the model, once per seed
     seed_errors, videos_by_seed = [], []

@@ -12,6 +12,11 @@ whole held-out set: PSNR = 10 log10(255^2 / MSE). Before saving, the config's `s
 set to 1 / std of the held-out latents (as for Stable Diffusion's 0.18215), so other diffusers
 tools can use the model too; minisora stores raw latents and its own per-channel statistics.
 
+After training, `copy_check` scores the VAE where `minisora eval` scores models (frames 4-15 of the
+first 16 test clips, its defaults): its reconstruction, the ceiling of every model decoding through
+it, against repeating the last context frame and decoding the last context latent repeated (PSNR of
+the mean MSE). It goes into train_info.json, and a ceiling below copying is a warning.
+
 Not resumable: a run is minutes on a CPU; run it again (same seed, same steps: the same model).
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,10 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minisora.configs import EvalConfig, defaults
 from minisora.configs import VAETrainConfig  # re-exported: the defaults live there, torch-free for the CLI
 from minisora.data.clips import read_clip
 from minisora.data.manifest import Manifest, ManifestClip
 from minisora.dist import resolve_device
+from minisora.errors import MinisoraWarning
 from minisora.hardware import PrecisionChoice, autocast, resolve_precision
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames, tiny_vae_config
 
@@ -87,6 +95,36 @@ def reconstruct(vae: VideoVAE, frames: np.ndarray, batch: int = 64) -> tuple[np.
         recon.append(pixels_to_frames(vae.decode(mean)[0]))
         means.append(mean[0])
     return np.concatenate(recon), torch.cat(means)
+
+
+@torch.no_grad()
+def decode_latents(vae: VideoVAE, latents: torch.Tensor) -> np.ndarray:
+    """Raw latents (N, C, h, w) -> uint8 decoded frames (N, H, W, 3)."""
+    return pixels_to_frames(vae.decode(latents[None])[0])
+
+
+def copy_check(vae: VideoVAE, manifest: Manifest, context: int, frames: int, clips: int) -> dict:
+    """How this VAE's ceiling compares with copying, on the frames `minisora eval` scores by default.
+
+    On frames [context, frames) of the first `clips` test clips (train clips if there is no test
+    split), the PSNR of the mean MSE of: the VAE's reconstruction (the ceiling of every model that
+    decodes through it), repeating the last context frame, and decoding the last context latent
+    repeated. A ceiling below a copy means no model decoding through this VAE can beat copying there.
+    """
+    split = "test" if manifest.by_split("test") else "train"
+    chosen = [c for c in manifest.by_split(split) if c.frames >= frames][:clips]
+    if not chosen:
+        return {"skipped": f"no {split} clip has {frames} frames"}
+    truth = np.stack([read_clip(manifest.abspath(c), manifest.kind, 0, frames)[0] for c in chosen])  # (M, N, H, W, 3)
+    recon, means = reconstruct(vae, truth.reshape(-1, *truth.shape[2:]))
+    recon = recon.reshape(truth.shape)
+    copied = means.reshape(len(chosen), frames, *means.shape[1:])[:, context - 1]  # (M, C, h, w)
+    copy = decode_latents(vae, copied)
+    target = truth[:, context:]
+    return {"split": split, "clips": len(chosen), "context_frames": context, "frames": frames,
+            "vae_reconstruction": psnr(target, recon[:, context:]),
+            "repeat_last_context_frame": psnr(target, np.broadcast_to(truth[:, context - 1: context], target.shape)),
+            "latent_copy": psnr(target, np.broadcast_to(copy[:, None], target.shape))}
 
 
 def _check_data(cfg: VAETrainConfig, manifest: Manifest) -> list[ManifestClip]:
@@ -217,4 +255,23 @@ def main(cfg: VAETrainConfig) -> dict:
     baseline = info["mean_frame_baseline_psnr"]
     print(f"saved {out}: {eval_split} PSNR {test_psnr:.2f} dB (mean-frame baseline {baseline:.2f} dB) "
           f"after {step} steps in {seconds:.0f}s")
+    _report_copy_check(vae, manifest, out, info)
     return info
+
+
+def _report_copy_check(vae: VideoVAE, manifest: Manifest, out: Path, info: dict) -> None:
+    """copy_check on eval's default frames, added to train_info.json, printed, and a warning when copying wins."""
+    ev = defaults(EvalConfig)
+    check = copy_check(vae, manifest, ev.context_frames, ev.frames, ev.num_clips)
+    info["copy_check"] = check
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if "skipped" in check:
+        return
+    ceiling, copy = check["vae_reconstruction"], max(check["repeat_last_context_frame"], check["latent_copy"])
+    print(f"frames {check['context_frames']}-{check['frames'] - 1} of {check['clips']} {check['split']} clips (what "
+          f"eval scores): reconstruction {ceiling:.2f} dB, repeat-last-frame {check['repeat_last_context_frame']:.2f}, "
+          f"latent copy {check['latent_copy']:.2f} (PSNR of the mean MSE)")
+    if ceiling <= copy:
+        warnings.warn(f"{out}: the VAE's reconstruction ({ceiling:.2f} dB) is not above copying ({copy:.2f} dB) on "
+                      "the frames eval scores: no model decoding through it can beat copying there; train it longer "
+                      "or wider (minisora vae train --help)", MinisoraWarning, stacklevel=2)

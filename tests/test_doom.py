@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -128,3 +129,40 @@ def test_without_vizdoom_it_says_how_to_install_it(tmp_path):
     assert "needs the vizdoom package" in proc.stderr and "pip install 'minisora[doom]'" in proc.stderr
     assert "make setup" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()  # nothing written
+
+
+@needs_vizdoom
+def test_demo_on_doom_frames_end_to_end(tmp_path):
+    """`minisora demo --data doom` in miniature: every step runs on ViZDoom clips; the data step's settings are
+    recorded, so a re-run with the maze is refused instead of reusing Doom clips."""
+    out = tmp_path / "demo"
+    args = ["demo", "--data", "doom", "--out", str(out), "--clips", "2", "--test-clips", "1", "--frames", "16",
+            "--vae-steps", "2", "--train-steps", "2", "--precision", "fp32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1/8 ViZDoom (Freedoom levels, walk) clips" in result.output
+    assert json.loads((out / "data" / "synthetic.json").read_text())["kind"] == "doom"
+    assert json.loads((out / "demo_config.json").read_text())["data"] == "doom"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["use_actions"] is True and report["generated_frames_per_clip"] == 12
+    assert "copy_check" in json.loads((out / "vae" / "train_info.json").read_text())
+    again = CliRunner().invoke(app, [a if a != "doom" else "dmlab" for a in args])
+    assert again.exit_code == 1 and "--data doom there, dmlab now" in again.output
+
+
+def test_eval_warns_once_when_the_vae_ceiling_is_below_copying():
+    from minisora.errors import MinisoraWarning
+    from stages.evaluate import warn_if_ceiling_below_copy
+
+    def baselines(ceiling):
+        return {"repeat_last_context_frame": {"psnr_mse": 22.6}, "latent_copy": {"psnr_mse": 21.0},
+                "vae_reconstruction": {"psnr_mse": ceiling}}
+
+    with pytest.warns(MinisoraWarning) as seen:
+        warn_if_ceiling_below_copy(baselines(22.3), "vae/doom")
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    assert "vae/doom: the VAE's reconstruction (22.30 dB" in str(seen[0].message)
+    assert "below repeat_last_context_frame (22.60 dB)" in str(seen[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_ceiling_below_copy(baselines(24.0), "vae/doom")  # above both: silent
