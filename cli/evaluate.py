@@ -11,10 +11,16 @@ E, SDE = defaults(EvalConfig), defaults(SDEConfig)
 
 
 def evaluate(
+    ctx: typer.Context,
     checkpoint: str = typer.Option(..., help="Run, checkpoint or pipeline directory."),
     store: str = typer.Option(..., help="Latent store with the evaluation split (context latents, actions, source "
                               "clips)."),
     split: str = typer.Option(E.split, help="Split to evaluate on."),
+    protocol: str = typer.Option(E.protocol, help="TECO's protocol at its own shape, by name: teco-fvd (36 context "
+                                 "-> 264 generated, 300 frames: TECO's FVD) or teco-psnr (144 -> 156: its PSNR, SSIM, "
+                                 "LPIPS). Sets --context-frames and --frames, and refuses other values of them. Counts "
+                                 "are latent frames: TECO's pixel frames when the VAE has no temporal compression, as "
+                                 "minisora's."),
     context_frames: int = typer.Option(E.context_frames, min=1,
                                        help="K: latent frames of ground truth given as context."),
     frames: int = typer.Option(E.frames, min=2, help="N: latent frames per video, context included; metrics use frames "
@@ -48,12 +54,17 @@ def evaluate(
     attention_kernel: str = options.attention_kernel(E.attention_kernel),
     device: str = typer.Option(E.device, help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
     precision: str = options.transformer_precision(E.precision),
+    memory_margin_db: float = typer.Option(E.memory_margin_db, min=0.0,
+                                           help="The memory split: a generated frame is memory-answerable when an "
+                                           "earlier context frame's MSE to its ground truth is this many dB below "
+                                           "the last context frame's (0: any lower MSE, the bare definition)."),
     out: str = typer.Option(E.out, help="Report file (JSON)."),
 ):
     """PSNR / SSIM (and FVD with --i3d) of continuations on held-out clips, vs repeat-last-frame, latent copy and VAE
-    reconstruction; per-horizon curves in the report and a PNG beside it."""
+    reconstruction; per-horizon curves in the report and a PNG beside it; every method also on the frames a memory
+    of the context could answer and on the rest."""
     from minisora.errors import MinisoraError
-    from stages.evaluate import EvalConfig, format_table, main
+    from stages.evaluate import EvalConfig, format_table, main, resolve_protocol
     from stages.sample import SampleError
     from minisora import paths
 
@@ -70,9 +81,11 @@ def evaluate(
                      batch_size=batch_size, i3d=i3d,
                      context_noise=context_noise, sampler=sampler, sde=sde, precision=precision,
                      device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache,
-                     attention_kernel=attention_kernel)
+                     attention_kernel=attention_kernel, protocol=protocol, memory_margin_db=memory_margin_db)
+    given = tuple(n for n in ("context_frames", "frames")  # typer's bundled click: compare the source by name
+                  if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE")
     try:
-        report = main(cfg)
+        report = main(resolve_protocol(cfg, given))
     except MinisoraError:
         raise  # cli/main.py reports it
     except ValueError as e:  # a bad option value met inside the pipeline

@@ -212,6 +212,11 @@ class SampleConfig:
     sde: SDEConfig = field(default_factory=SDEConfig)  # the sde sampler's options
 
 
+# TECO's evaluation shapes by name: (context, frames in all), in latent frames (TECO's pixel frames when the VAE
+# has no temporal compression, as ours): FVD on 36 -> 264 generated, PSNR/SSIM/LPIPS on 144 -> 156 (Yan et al. 2023)
+EVAL_PROTOCOLS = {"teco-fvd": (36, 300), "teco-psnr": (144, 300)}
+
+
 @dataclass
 class EvalConfig:
     checkpoint: str
@@ -235,6 +240,8 @@ class EvalConfig:
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    protocol: str | None = None  # a name of EVAL_PROTOCOLS: sets context_frames and frames
+    memory_margin_db: float = 6.0  # memory split: an earlier context frame beats the last by more (memory_split.py)
 
 
 @dataclass

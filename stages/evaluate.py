@@ -15,22 +15,28 @@ which inflates the copy baselines), and `per_horizon` curves (PSNR, PSNR of the 
 against the generated-frame index; plotted to <out>_horizon.png). `target_exact_repeat_share` says
 how many target frames equal their previous frame. The summary compares the model with the
 strongest copy baseline by `psnr_mse`.
+
+`--protocol` runs TECO's shapes by name (EVAL_PROTOCOLS: teco-fvd = 36 -> 264, teco-psnr = 144 -> 156).
+`memory_split` scores every method on the frames a memory of the context could answer and on the rest
+(`minisora.memory_split`: an earlier context frame matches the ground truth better than the last one by
+more than `memory_margin_db`), with the share of such frames; the split depends on the ground truth only.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minisora.configs import EvalConfig
+from minisora.configs import EVAL_PROTOCOLS, EvalConfig
 from minisora.context import clip_frames
 from minisora.dist import resolve_device
 from minisora.errors import MinisoraError, MinisoraWarning, check_writable
+from minisora.memory_split import answerable_share, memory_answerable, split_over_seeds, split_scores
 from minisora.metrics import (I3DFeatures, exact_repeat_share, frame_errors, frames_to_unit, fvd, horizon_curves,
                               lpips_available, psnr_of_mean_mse, summarize_seeds)
 from minisora.pipeline import DiTPipeline
@@ -44,6 +50,39 @@ class EvalError(MinisoraError, ValueError):
 
 
 COPY_BASELINES = ("repeat_last_context_frame", "latent_copy")  # to beat; vae_reconstruction is a ceiling
+
+
+def resolve_protocol(cfg: EvalConfig, explicit: tuple[str, ...] = ()) -> EvalConfig:
+    """`cfg` with the context and frame counts of its named protocol (EVAL_PROTOCOLS); unchanged without one.
+
+    A count that differs from the protocol's is refused when it was given (`explicit` names the fields a
+    user set: the CLI knows) or is not the default; the message names both numbers."""
+    if cfg.protocol is None:
+        return cfg
+    if cfg.protocol not in EVAL_PROTOCOLS:
+        raise EvalError(f"--protocol {cfg.protocol!r}: unknown; expected one of {', '.join(EVAL_PROTOCOLS)}")
+    k, n = EVAL_PROTOCOLS[cfg.protocol]
+    default = EvalConfig(checkpoint="", store="")
+    for name, want in (("context_frames", k), ("frames", n)):
+        got = getattr(cfg, name)
+        if got != want and (name in explicit or got != getattr(default, name)):
+            raise EvalError(f"--protocol {cfg.protocol} sets --{name.replace('_', '-')} {want} ({k} context -> "
+                            f"{n - k} generated latent frames), but --{name.replace('_', '-')} {got} was given: "
+                            f"drop one of the two")
+    return replace(cfg, context_frames=k, frames=n)
+
+
+def memory_report(truth: np.ndarray, k_pix: int, margin_db: float, seed_errors: list[dict[str, torch.Tensor]],
+                  baseline_errors: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """The memory-answerable split (minisora.memory_split) of the generated frames, scored for the model (mean and
+    std over seeds) and every baseline, with the share of answerable frames (also at 0 dB, the bare definition)."""
+    mask = memory_answerable(truth, k_pix, margin_db)  # (B, T - K) from the ground-truth pixels alone
+    return {"definition": f"target frame t is memory-answerable when a context frame j < K-1 has an MSE to it "
+                          f"more than {margin_db:g} dB below that of context frame K-1",
+            "margin_db": margin_db, "share": answerable_share(mask),
+            "share_at_0_db": answerable_share(memory_answerable(truth, k_pix, 0.0)), "frames": int(mask.numel()),
+            "model": split_over_seeds(seed_errors, mask),
+            "baselines": {name: split_scores(e, mask) for name, e in baseline_errors.items()}}
 
 
 def select_clips(lengths: np.ndarray, frames: int, num_clips: int, split: str) -> list[int]:
@@ -124,17 +163,18 @@ def _decode_all(pipe, latents: torch.Tensor, batch_size: int) -> np.ndarray:
 
 def _baselines(cfg: EvalConfig, pipe, truth: np.ndarray, latents_gt: torch.Tensor, target: torch.Tensor,
                k_pix: int) -> dict:
-    """Deterministic baselines on the generated frames: repeat the last context frame, decode the last context
-    latent repeated, and the VAE reconstruction of the ground truth (the ceiling)."""
+    """Per-frame errors (`frame_errors`) of the deterministic baselines on the generated frames: repeat the last
+    context frame, decode the last context latent repeated, and the VAE reconstruction of the ground truth (the
+    ceiling)."""
     n_pix = truth.shape[1]
     repeat = np.repeat(truth[:, k_pix - 1: k_pix], n_pix - k_pix, axis=1)
     copied = latents_gt.clone()
     k = cfg.context_frames
     copied[:, k:] = latents_gt[:, k - 1: k]  # the last context latent, repeated
     copy, recon = (_decode_all(pipe, x, cfg.batch_size)[:, k_pix:] for x in (copied, latents_gt))
-    return {"repeat_last_context_frame": score(frame_errors(frames_to_unit(repeat), target)),
-            "latent_copy": score(frame_errors(frames_to_unit(copy), target)),
-            "vae_reconstruction": score(frame_errors(frames_to_unit(recon), target))}
+    return {"repeat_last_context_frame": frame_errors(frames_to_unit(repeat), target),
+            "latent_copy": frame_errors(frames_to_unit(copy), target),
+            "vae_reconstruction": frame_errors(frames_to_unit(recon), target)}
 
 
 def _generate(cfg: EvalConfig, pipe, latents_gt: torch.Tensor, acts: np.ndarray | None, seed: int, n_pix: int,
@@ -168,6 +208,7 @@ def _fvd(cfg: EvalConfig, device, truth: np.ndarray, videos_by_seed: list[np.nda
 
 
 def main(cfg: EvalConfig) -> dict:
+    cfg = resolve_protocol(cfg)
     if not 1 <= cfg.context_frames < cfg.frames:
         raise EvalError(f"--frames {cfg.frames} must exceed --context-frames {cfg.context_frames} (>= 1)")
     check_writable(cfg.out)  # before minutes of sampling, not after
@@ -190,7 +231,8 @@ def main(cfg: EvalConfig) -> dict:
     chosen, paths, truth, latents_gt, acts = _load_clips(cfg, pipe, store, n_pix)
     use_actions = pipe.transformer.config.num_actions > 0 and (acts >= 0).all()
     target = frames_to_unit(truth)[:, k_pix:n_pix]
-    baselines = _baselines(cfg, pipe, truth, latents_gt, target, k_pix)
+    baseline_errors = _baselines(cfg, pipe, truth, latents_gt, target, k_pix)
+    baselines = {name: score(e) for name, e in baseline_errors.items()}
     warn_if_ceiling_below_copy(baselines, pipe.video_vae.info.source)
 
     # 3. the model, once per seed
@@ -215,6 +257,8 @@ def main(cfg: EvalConfig) -> dict:
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
                           "how": pipe.rollout_line(kv_mode)},
               "fvd": _fvd(cfg, device, truth, videos_by_seed, k_pix),  # 4. FVD (TECO)
+              "memory_split": memory_report(truth[:, :n_pix], k_pix, cfg.memory_margin_db, seed_errors,
+                                            baseline_errors),  # 5. frames a memory could answer, and the rest
               "lpips": "skipped: no local LPIPS weights" if not lpips_available() else "available but not computed"}
 
     out = Path(cfg.out)
@@ -255,9 +299,29 @@ def format_table(report: dict) -> str:
                  f"({verdict}), {vs['psnr_gain_db']:+.2f} dB PSNR, {vs['ssim_gain']:+.4f} SSIM over "
                  f"{len(report['clips'])} clips x {report['generated_frames_per_clip']} generated frames, "
                  f"{report['config']['seeds']} seeds")
+    lines += memory_lines(report["memory_split"]) if "memory_split" in report else []
     fv = report["fvd"]
     lines.append(f"FVD: {fv['mean']:.1f} ± {fv['std']:.1f}" if isinstance(fv, dict) else f"FVD: {fv}")
     if "how" in report["rollout"]:
         lines.append(f"rollout: {report['rollout']['how']}, window {report['rollout']['window']}, "
                      f"chunk {report['rollout']['chunk']}")
     return "\n".join(lines)
+
+
+def _split_cell(scores: dict) -> str:
+    """'PSNR of mean MSE (mean PSNR, SSIM)' of one subset, or why there is no number."""
+    if scores["psnr_mse"] is None:
+        return "n/a (no frames)"
+    mean = {k: v["mean"] if isinstance(v, dict) else v for k, v in scores.items()}
+    std = f" ± {scores['psnr_mse']['std']:.2f}" if isinstance(scores["psnr_mse"], dict) else ""
+    return f"{mean['psnr_mse']:.2f}{std} ({mean['psnr']:.2f}, {mean['ssim']:.3f})"
+
+
+def memory_lines(split: dict) -> list[str]:
+    """The memory-answerable split as table lines: its share, then each method on both subsets."""
+    lines = [f"memory-answerable frames: {100 * split['share']:.1f}% of {split['frames']} (an earlier context frame "
+             f"beats the last by more than {split['margin_db']:g} dB; {100 * split['share_at_0_db']:.1f}% at 0 dB)",
+             f"{'PSNR of mean MSE (PSNR, SSIM)':<30}{'memory-answerable':>32}{'rest':>32}"]
+    methods = {"model": split["model"], **split["baselines"]}
+    lines += [f"{name:<30}{_split_cell(s['memory']):>32}{_split_cell(s['rest']):>32}" for name, s in methods.items()]
+    return lines
