@@ -261,7 +261,8 @@ def test_eval_report_follows_the_teco_protocol(trained, tmp_path):
         assert got["psnr"] == pytest.approx(psnr_per_frame(pred, gt).mean(dim=1).mean().item(), abs=1e-3), name
         assert got["ssim"] == pytest.approx(ssim_per_frame(pred, gt).mean(dim=1).mean().item(), abs=1e-4), name
 
-    lines = [line.strip() for line in r.output.splitlines()]
+    # the tiny random VAE is below copying, so eval warns (issue 25's check); the warning is not a table line
+    lines = [line.strip() for line in r.output.splitlines() if not line.startswith("warning: ")]
     assert lines.pop(0).startswith("sampling precision "), lines  # the --precision choice, printed once first
     for seed, s in enumerate(rep["per_seed"]):  # one progress line per seed, then the table
         assert lines[seed] == f"seed {seed}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}"
