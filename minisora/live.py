@@ -7,9 +7,10 @@ into steps that each take one action:
   the last window - 1 of them, with their recorded actions;
 - `step(action)` integrates one new latent frame with minisora.flow.euler_sample, every Euler step
   running only that frame's tokens against the cache, decodes it with the run's VAE, then adds the
-  frame to the cache once, clean, and keeps the newest window - 1 frames. It is `propose` (sample and
-  decode, interruptible between Euler steps) then `accept` (the cache update), so a server can drop a
-  frame made for an action that is no longer held (minisora.play_app).
+  frame to the cache once, clean, and keeps the newest window - 1 frames. It is `propose` (sampling,
+  interruptible between Euler steps), `decode` and `accept` (the cache update): a server can drop a
+  frame made for an action that is no longer held, and decode one frame while the next is sampled
+  (minisora.play_app).
 The noise of a step is drawn as the pipeline draws it (a whole window from one generator, the new
 frame last), so the same seed and actions give the pipeline's frames (tests/test_play.py checks it).
 
@@ -39,11 +40,11 @@ class PlayError(MinisoraError, ValueError):
 
 class LiveFrame(NamedTuple):
     """One generated frame, as the page shows it."""
-    pixels: np.ndarray  # uint8 (H, W, 3)
+    pixels: np.ndarray | None  # uint8 (H, W, 3); None until `decode`
     action: int  # the action id it was conditioned on (-1: the null action)
     index: int  # frames generated since the last reset (0: the first after the context)
     steps: int  # Euler steps it took
-    seconds: float  # wall time of the step: sampling, decoding and (once accepted) the cache update
+    seconds: float  # wall time of its sampling, and of its decoding and cache update once done
     latent: torch.Tensor  # (1, 1, C, h, w) the normalised latent frame
 
 
@@ -119,14 +120,14 @@ class LiveGenerator:
 
     def step(self, action: int) -> LiveFrame:
         """The next frame, conditioned on `action` (an id in [0, num_actions), or -1 for the null action)."""
-        return self.accept(self.propose(action))
+        return self.accept(self.decode(self.propose(action)))
 
     @torch.no_grad()
     def propose(self, action: int, interrupt: Callable[[], bool] | None = None) -> LiveFrame | None:
-        """The next frame for `action`, sampled and decoded but not yet part of the rollout (`accept` adds it), so
-        a frame made for an action that is no longer held can be dropped. `interrupt()` is asked before every
-        Euler step; if it says True the frame is abandoned and None returned. Either way the next proposal
-        starts from the same noise: the frames depend on the seed and the accepted actions only."""
+        """The next frame's latent for `action`, sampled but not yet decoded (`decode`) nor part of the rollout
+        (`accept` adds it), so a frame made for an action that is no longer held can be dropped. `interrupt()`
+        is asked before every Euler step; if it says True the frame is abandoned and None returned. Either way
+        the next proposal starts from the same noise: the frames depend on the seed and the accepted actions."""
         if action != -1 and not 0 <= action < self.num_actions:
             raise ValueError(f"action {action} must be in [0, {self.num_actions}) or -1 (none)")
         t0 = time.perf_counter()
@@ -145,8 +146,15 @@ class LiveGenerator:
             latent = euler_sample(velocity, self.noise, self.steps, shift=self.shift)  # (1, 1, C, h, w)
         except _Interrupted:
             return None
-        pixels = pixels_to_frames(self.pipe.decode_latents(latent))[0, 0]  # (H, W, 3) uint8
-        return LiveFrame(np.asarray(pixels), action, self.index, self.steps, time.perf_counter() - t0, latent)
+        return LiveFrame(None, action, self.index, self.steps, time.perf_counter() - t0, latent)
+
+    @torch.no_grad()
+    def decode(self, frame: LiveFrame) -> LiveFrame:
+        """The proposed frame with its pixels, decoded by the run's VAE (no state of the rollout is touched: it may
+        run in another thread beside `accept` and the next `propose`), its decoding time added to `seconds`."""
+        t0 = time.perf_counter()
+        pixels = pixels_to_frames(self.pipe.decode_latents(frame.latent))[0, 0]  # (H, W, 3) uint8
+        return frame._replace(pixels=np.asarray(pixels), seconds=frame.seconds + time.perf_counter() - t0)
 
     @torch.no_grad()
     def accept(self, frame: LiveFrame) -> LiveFrame:

@@ -155,16 +155,19 @@ class Session:
                 return frame
 
     async def play(self) -> None:
-        """The generation loop, under the run-ahead rule (the module docstring)."""
+        """The generation loop, under the run-ahead rule (the module docstring). A frame is decoded beside the
+        cache update and the next frame's sampling (two threads: the VAE's convolutions and the DiT overlap)."""
         ahead: LiveFrame | None = None
         while True:
             if await self.apply_controls():
                 ahead = None  # proposed before the reset: another timeline
             if ahead is None or ahead.action != self.action:  # made for a key no longer held: made again
                 ahead = await self.propose()
-            seq = await self.send_frame(ahead)
+            decoded = asyncio.ensure_future(run_in_threadpool(self.live.decode, ahead))
             await run_in_threadpool(self.live.accept, ahead)
-            ahead = await self.propose()  # the next frame, while the page draws this one
+            following = asyncio.ensure_future(self.propose())  # the next frame, while this one is decoded and drawn
+            seq = await self.send_frame(await decoded)
+            ahead = await following
             await self.wait_shown(seq)
 
 
@@ -203,6 +206,7 @@ class PlayServer:
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
+        self.sock.listen(64)  # from now on a connection waits in the backlog until uvicorn serves it
         shown_host = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown_host}:{self.sock.getsockname()[1]}/"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="websockets-sansio",
