@@ -255,10 +255,10 @@ class PlayConfig:
     shift: float | None = None
     seed: int = 0
     device: str = "auto"
-    # the transformer's dtype; auto: fp32 on a CPU (one frame of tokens at a time: bf16 played several times slower
-    # on an AVX512-BF16 CPU, benchmarks/play.py), else minisora.hardware.resolve_precision (bf16 on CUDA)
-    precision: str = "auto"
-    threads: int | None = 1  # torch CPU threads of the generator (None: torch's default); 1 leaves a core to the page
+    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    # torch CPU threads of the generator; 1 leaves a core to the browser and the server, and a second thread bought
+    # nothing on 2 busy cores (benchmarks/play.py)
+    threads: int = 1
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port

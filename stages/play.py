@@ -60,10 +60,8 @@ def key_lines(actions: ActionSet) -> list[str]:
 def prepare(cfg: PlayConfig) -> Playable:
     """Load and check everything `main` serves (the app and its lines), without serving it."""
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    precision = "fp32" if cfg.precision == "auto" and device.type == "cpu" else cfg.precision  # PlayConfig: why
-    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(precision, device))
+    torch.set_num_threads(cfg.threads)
+    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
     pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     check_playable(pipe, cfg.checkpoint)  # before the context is loaded and encoded
     if cfg.steps < 1:
