@@ -183,8 +183,7 @@ def build_app(make_live: Callable[[], LiveGenerator], actions: ActionSet, record
         await ws.accept()
         live = await run_in_threadpool(make_live)
         session = Session(ws, live, actions, Path(record_dir), fps)
-        await ws.send_json({"type": "hello", "steps": live.steps, **actions.describe(),
-                            "labels": {str(a): actions.label(a) for a in (actions.idle, *range(len(actions.names)))}})
+        await ws.send_json({"type": "hello", "steps": live.steps, **actions.describe()})
         await session.send_context()
         tasks = [asyncio.create_task(session.receive()), asyncio.create_task(session.play())]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -175,6 +175,11 @@ def test_the_page_plays_in_a_browser_and_records_a_clip(runs, browser, tmp_path)
         wait.until(lambda d: shown() == "3: noop")
         browser.find_element(By.ID, "record").click()
         wait.until(lambda d: state()["recorded"])
+        browser.find_element(By.ID, "steps-up").click()
+        wait.until(lambda d: state()["steps"] == 6)  # the page's default was 5
+        before = state()["index"]
+        browser.find_element(By.ID, "reset").click()
+        wait.until(lambda d: state()["index"] < before)  # back to the context: the frames count from 0 again
         recorded, latencies = state()["recorded"][0], state()["latencies"]
         assert browser.find_element(By.ID, "fps").text not in ("", "-") and len(latencies) >= 2
     finally:
