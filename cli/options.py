@@ -50,5 +50,5 @@ def sde_norm(default: float):
 
 def sde_last_step(default: str):
     return typer.Option(default, help="--sampler sde: the last step, into t = 0, adds no noise: mean (the SDE's "
-                        "drift), tweedie (the model's estimate of the clean latents, E[x0 | x_t]) or euler (the "
+                        "drift), tweedie (the model's estimate of the clean latents, E(x0 | x_t)) or euler (the "
                         "ODE's step).")
