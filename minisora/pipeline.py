@@ -346,7 +346,11 @@ class DiTPipeline(DiffusionPipeline):
     def rollout_line(self, kv_cache: str) -> str:
         """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
         how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
-        return f"{self.transformer.config.attention} attention, {how}"
+        tcfg = self.transformer.config
+        if tcfg.get("short_frames", 0):  # long-short: say how far it sees in full
+            return (f"{tcfg.attention} attention, long-short (the last {tcfg.short_frames} frames in full, older "
+                    f"ones pooled {tcfg.memory_pool}x{tcfg.memory_pool}), {how}")
+        return f"{tcfg.attention} attention, {how}"
 
     def kv_cache_mode(self, kv_cache: str = "auto") -> str:
         """The rollout mode for `kv_cache` ("auto", "rolling", "window", "off") and this transformer."""

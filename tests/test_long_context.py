@@ -124,6 +124,8 @@ def test_rollouts_window_cache_equals_recompute_and_the_rolling_cache_stays_boun
                        generator=torch.Generator().manual_seed(0), output_type="latent").latents
             for mode in ("off", "window", "rolling")}
     torch.testing.assert_close(runs["window"], runs["off"], atol=ATOL, rtol=0)
+    assert pipe.rollout_line("rolling") == ("causal attention, long-short (the last 3 frames in full, older ones "
+                                            "pooled 2x2), KV cache (rolling)")
     torch.testing.assert_close(runs["rolling"][:, :6], runs["off"][:, :6], atol=ATOL, rtol=0)  # the first window
     model = pipe.transformer
     cache = KVCache(len(model.blocks))
