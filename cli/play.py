@@ -24,7 +24,8 @@ def play(
     shift: float = typer.Option(P.shift, help="Time shift t' = s t / (1 + (s - 1) t) (default: the pipeline's)."),
     seed: int = typer.Option(P.seed, help="Noise seed; reset restarts it, so the same keys replay the same frames."),
     device: str = typer.Option(P.device, help="auto (cuda if available), cpu, cuda[:N]."),
-    precision: str = options.transformer_precision(P.precision),
+    precision: str = typer.Option(P.precision, help="Transformer dtype: auto (fp32 on a CPU, where it played faster "
+                                  "than bf16; bf16 on CUDA), fp32, bf16, fp16. The VAE stays fp32."),
     threads: int = typer.Option(P.threads, min=1, help="torch CPU threads of the generator (1 leaves a core to the "
                                 "browser and the server)."),
     attention_kernel: str = options.attention_kernel(P.attention_kernel),

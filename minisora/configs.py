@@ -255,7 +255,7 @@ class PlayConfig:
     shift: float | None = None
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    precision: str = "auto"  # the transformer's dtype: resolve_precision, except that auto plays fp32 on a CPU
     # torch CPU threads of the generator; 1 leaves a core to the browser and the server, and a second thread bought
     # nothing on 2 busy cores (benchmarks/play.py)
     threads: int = 1

@@ -61,7 +61,10 @@ def prepare(cfg: PlayConfig) -> Playable:
     """Load and check everything `main` serves (the app and its lines), without serving it."""
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(cfg.precision, device))
+    # auto plays fp32 on a CPU: one-frame passes of a few tokens are bound by per-op overhead, which bf16's casts
+    # add to (benchmarks/play.py, idle AMD EPYC Zen 4 with AVX512-BF16: 20.7 frames/s in fp32, 18.0 in bf16)
+    precision = "fp32" if cfg.precision == "auto" and device.type == "cpu" else cfg.precision
+    pipe = DiTPipeline.from_run(cfg.checkpoint, device, precision_dtype(precision, device))
     pipe.transformer.set_attention_kernel(cfg.attention_kernel)
     check_playable(pipe, cfg.checkpoint)  # before the context is loaded and encoded
     if cfg.steps < 1:
