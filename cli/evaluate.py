@@ -29,7 +29,7 @@ def evaluate(
                                   help="M: the first M clips of the split that have N latent frames "
                                    "(fewer there: a warning, and the report records the number used)."),
     seeds: int = typer.Option(E.seeds, min=1, help="Sampling seeds; the report gives mean and std over them."),
-    steps: int = typer.Option(E.steps, min=1, help="Euler steps per window."),
+    steps: int = typer.Option(E.steps, min=1, help="Integration steps per window (see --sampler)."),
     shift: float = typer.Option(E.shift, help="Time shift of the sampler (default: the pipeline's)."),
     chunk: int = typer.Option(E.chunk, min=1,
                               help="New latent frames per rollout window, each conditioned on the window - "
