@@ -69,12 +69,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status, headers, body, range_):
         send = body[: self.server.site.cut.pop(self.path)] if self.path in self.server.site.cut else body
+        # logged before the body goes out: a client that has read it all may check the log at once, before this
+        # thread runs again (a loaded machine showed that race)
+        self.server.site.log.append(Served(self.path, range_, status, len(send)))
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(send)  # fewer bytes than Content-Length: a dropped connection (HTTP/1.0 closes now)
-        self.server.site.log.append(Served(self.path, range_, status, len(send)))
 
     def log_message(self, *args):
         pass
