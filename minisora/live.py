@@ -5,8 +5,9 @@ It is DiTPipeline's chunk-1 rolling KV-cache rollout (minisora.pipeline, `kv_cac
 into steps that each take one action:
 - `reset()` puts the context's clean latent frames into a KVCache (minisora.kv_cache) at t = 0,
   the last window - 1 of them, with their recorded actions;
-- `step(action)` integrates one new latent frame with minisora.flow.euler_sample, every Euler step
-  running only that frame's tokens against the cache, decodes it with the run's VAE, then adds the
+- `step(action)` integrates one new latent frame with the pipeline's Euler integrator and velocity (the
+  run's prediction converted to a velocity on its path), every Euler step running only that frame's
+  tokens against the cache, decodes it with the run's VAE, then adds the
   frame to the cache once, clean, and keeps the newest window - 1 frames. It is `propose` (sampling,
   interruptible between Euler steps), `decode` and `accept` (the cache update): a server can drop a
   frame made for an action that is no longer held, and decode one frame while the next is sampled
@@ -28,7 +29,6 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from minisora.errors import MinisoraError
-from minisora.flow import euler_sample
 from minisora.kv_cache import KVCache
 from minisora.pipeline import DiTPipeline
 from minisora.vae import pixels_to_frames
@@ -94,6 +94,7 @@ class LiveGenerator:
         self.steps, self.seed = steps, seed
         self.shift = pipe.scheduler.config.shift if shift is None else shift
         self.window = pipe.config.window_frames
+        self.integrate = pipe._integrator("euler")  # flow.euler_sample on the run's path, from its first time
         self.cache = KVCache(len(self.model.blocks))
         self.reset()
 
@@ -136,14 +137,16 @@ class LiveGenerator:
             n = min(self.known, self.window - 1) + 1
             self.noise = randn_tensor((1, n, c, h, w), generator=self.generator, device=self.context.device)[:, -1:]
         act = torch.full((1, 1), action, dtype=torch.long, device=self.context.device)
+        # the pipeline's own velocity (the run's prediction converted on its path) and Euler integrator
+        model_velocity = self.pipe._velocity(self._actions(act), 1.0, kv_cache=self.cache)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if interrupt is not None and interrupt():
                 raise _Interrupted
-            return self.model(x, t, self._actions(act), kv_cache=self.cache).float()
+            return model_velocity(x, t)
 
         try:
-            latent = euler_sample(velocity, self.noise, self.steps, shift=self.shift)  # (1, 1, C, h, w)
+            latent = self.integrate(velocity, self.noise, self.steps, shift=self.shift)  # (1, 1, C, h, w)
         except _Interrupted:
             return None
         return LiveFrame(None, action, self.index, self.steps, time.perf_counter() - t0, latent)

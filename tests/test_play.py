@@ -63,11 +63,12 @@ def play_cfg(runs: Path, **kw) -> PlayConfig:
 
 
 # ------------------------------------------------------------------------------ the live generator
-def test_live_frames_equal_the_pipelines_chunk_1_kv_cache_rollout():
+@pytest.mark.parametrize("path,prediction", [("linear", "velocity"), ("gvp", "noise")])
+def test_live_frames_equal_the_pipelines_chunk_1_kv_cache_rollout(path, prediction):
     torch.manual_seed(0)
     vae = build_vae("kl", tiny_vae_config("kl"))
     pipe = DiTPipeline(random_dit(num_actions=3), vae.model, FlowMatchEulerDiscreteScheduler(shift=1.0),
-                       window_frames=4, latent_size=[4, 4])
+                       window_frames=4, latent_size=[4, 4], path=path, prediction=prediction)
     pipe.set_progress_bar_config(disable=True)
     k, n = 2, 7  # past the window (4): the cache rolls
     context = torch.randn(1, k, 4, 4, 4, generator=torch.Generator().manual_seed(1))
