@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from stages.demo import DemoConfig
+from stages.demo import RECIPES, DemoConfig
 
 D = DemoConfig()  # each option's default is its DemoConfig field's (stages/demo.py, planned in docs/benchmarks.md)
+
+
+def _per_data(field: str) -> str:
+    """'32 for dmlab, 64 for doom': a recipe field's value for each --data (stages.demo.RECIPES)."""
+    return ", ".join(f"{getattr(recipe, field)} for {data}" for data, recipe in RECIPES.items())
 
 
 def demo(
@@ -14,13 +19,14 @@ def demo(
     data: str = typer.Option(D.data, help="dmlab: synthetic first-person maze clips (the default); doom: frames of "
                              "a real game engine, ViZDoom on Freedoom levels, 64x64 (needs pip install "
                              "'minisora[doom]', which make setup installs)."),
-    clips: int = typer.Option(D.clips, min=2, help="Training clips."),
+    clips: int = typer.Option(D.clips, min=2, help=f"Training clips (default: {_per_data('clips')})."),
     test_clips: int = typer.Option(D.test_clips, min=1, help="Held-out synthetic clips: sampling continues the "
                                    "first, eval uses the first EVAL_CLIPS of them."),
     eval_clips: int = typer.Option(None, min=1, help="Held-out clips evaluated (default: all TEST_CLIPS)."),
     frames: int = typer.Option(D.frames, min=16, help="Frames per clip (TECO: 300)."),
     vae_steps: int = typer.Option(D.vae_steps, min=1, help="VAE training steps (a step count, never minutes: "
-                                  "the same seed gives the same VAE on any machine)."),
+                                  f"the same seed gives the same VAE on any machine; default: "
+                                  f"{_per_data('vae_steps')})."),
     vae_width: int = typer.Option(D.vae_width, min=8, help="Channels of the VAE's first level (multiple of 8)."),
     train_steps: int = typer.Option(D.train_steps, min=1, help="DiT training steps."),
     batch_size: int = typer.Option(D.batch_size, min=1, help="DiT training windows per step."),

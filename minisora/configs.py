@@ -251,7 +251,7 @@ class PlayConfig:
     clip: str = "test:0"  # SPLIT:INDEX of the context clip in the store
     context: str | None = None  # a TECO clip file (.npz / .mp4) to start from instead of a store clip
     context_frames: int = 4  # latent frames of context
-    steps: int = 5  # Euler steps per frame: the demo's sample_steps (stages.demo.DemoConfig; 5 beat 20 there)
+    steps: int = 5  # Euler steps per frame: the maze demo's sample_steps (stages.demo.RECIPES; 5 beat 20 there)
     shift: float | None = None
     seed: int = 0
     device: str = "auto"

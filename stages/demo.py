@@ -32,12 +32,12 @@ class DemoConfig:
 
     out: str = "outputs/demo"
     data: str = "dmlab"  # dmlab: the synthetic maze; doom: ViZDoom frames at 64x64 (needs the doom extra)
-    clips: int = 32  # training clips
+    clips: int | None = None  # training clips; None: the data's recipe (RECIPES)
     test_clips: int = 16  # held-out clips for sampling and eval
     frames: int = 300  # frames per clip, as TECO
     frame_stride: int = ENCODE.frame_stride  # every frame, as TECO (stride 2 doubles the motion between latent frames)
     seed: int = TRAIN.seed
-    vae_steps: int = 600  # the 2-core AVX2 budget (docs/benchmarks.md); `vae train` defaults to 3000
+    vae_steps: int | None = None  # None: the data's recipe (RECIPES); `vae train` defaults to 3000
     vae_width: int = VAE.width  # channels of the VAE's first level
     model: str = TRAIN.model
     attention: str = TRAIN.attention  # frame-causal, rolled out with a KV cache (docs/design-notes.md: why)
@@ -45,10 +45,39 @@ class DemoConfig:
     window: int = TRAIN.frames  # latent frames per training window
     train_steps: int = 2800
     batch_size: int = 2  # teacher forcing doubles a window's tokens: 2 windows cost what 4 did without it
-    sample_steps: int = 5  # Euler steps per window: beat 20 on both synthetic families (the recipe study)
     eval_clips: int = 16
     precision: str = TRAIN.precision  # minisora.hardware.resolve_precision: bf16 only where computed natively
     workers: int = 2
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """The settings of the demo that depend on --data, each measured on its data (docs/design-notes.md: the
+    recipe studies). Both fit the 2-core AVX2 budget (docs/benchmarks.md)."""
+
+    clips: int  # training clips (DemoConfig.clips when that is None)
+    vae_steps: int  # VAE training steps (DemoConfig.vae_steps when that is None)
+    lr: float  # the tiny DiT's peak learning rate
+    sample_steps: int  # Euler steps per window, in sample and eval
+    context_noise: float  # noise level of the known frames when eval samples (training draws U(0, 0.1))
+
+
+RECIPES = {
+    # the maze: 600 VAE steps for its 2-core AVX2 budget; 1e-3 the tiny DiT's rate in the recipe study; 5 Euler
+    # steps beat 20 on both synthetic families
+    "dmlab": DataRecipe(clips=32, vae_steps=600, lr=1e-3, sample_steps=5, context_noise=0.0),
+    # Doom (its recipe study): 300 VAE steps still clear copying by 4.4 dB, and their time renders and encodes 32
+    # more clips (the model's largest gain at the 12th frame); 2e-3, 2 Euler steps and the context seen at noise
+    # level 0.05 each beat the maze's choice there. Eval then recomputes the window (no KV cache for noised frames).
+    "doom": DataRecipe(clips=64, vae_steps=300, lr=2e-3, sample_steps=2, context_noise=0.05),
+}
+
+
+def with_recipe(cfg: DemoConfig) -> DemoConfig:
+    """`cfg` with its None fields (clips, vae_steps) taken from its data's recipe."""
+    recipe = RECIPES[cfg.data]
+    return replace(cfg, clips=recipe.clips if cfg.clips is None else cfg.clips,
+                   vae_steps=recipe.vae_steps if cfg.vae_steps is None else cfg.vae_steps)
 
 
 def _step(title: str) -> float:
@@ -176,7 +205,7 @@ def train_dit(cfg: DemoConfig, paths: Paths, precision: str) -> None:
         store=str(paths.store), out=str(paths.run), model=cfg.model, attention=cfg.attention,
         patch_size=cfg.patch_size, frames=cfg.window, batch_size=cfg.batch_size, steps=cfg.train_steps,
         seed=cfg.seed, flow=flow, precision=precision,
-        lr=1e-3,  # the tiny DiT's rate in the recipe study (docs/design-notes.md)
+        lr=RECIPES[cfg.data].lr,
         ema_decay=0.995,  # 0.999 over 2800 steps still averages in early weights: -0.95 dB in the recipe study
         use_actions=True,  # the clips (maze or Doom) record their actions; continuations follow them
         ckpt_every=250, keep_last=2,  # a killed demo loses at most 250 steps; two checkpoints on disk
@@ -193,10 +222,10 @@ def sample_videos(cfg: DemoConfig, paths: Paths, precision: str) -> list[str]:
                                     # the recorded actions end with the clip: at most its latent frames
                                     frames=min(3 * cfg.window, cfg.frames // cfg.frame_stride),
                                     actions="context", seed=cfg.seed,
-                                    steps=cfg.sample_steps, precision=precision))
+                                    steps=RECIPES[cfg.data].sample_steps, precision=precision))
     uncond = sample_main(SampleConfig(checkpoint=str(paths.run), out=str(paths.out / "samples" / "unconditional"),
                                       num_videos=2, frames=2 * cfg.window, seed=cfg.seed,
-                                      steps=cfg.sample_steps, precision=precision))
+                                      steps=RECIPES[cfg.data].sample_steps, precision=precision))
     written = cont["written"] + uncond["written"]
     _done(t0, f"{len(written)} files")
     return written
@@ -208,7 +237,8 @@ def evaluate(cfg: DemoConfig, paths: Paths, precision: str) -> str:
     t0 = _step("8/8 evaluate continuations on held-out clips (TECO protocol)")
     report = eval_main(EvalConfig(checkpoint=str(paths.run), store=str(paths.store), frames=2 * cfg.window,
                                   num_clips=cfg.eval_clips, out=str(paths.out / "eval.json"),
-                                  steps=cfg.sample_steps, precision=precision,
+                                  steps=RECIPES[cfg.data].sample_steps,
+                                  context_noise=RECIPES[cfg.data].context_noise, precision=precision,
                                   seeds=2))  # a mean and a spread at two thirds of eval's 3 seeds
     print(format_table(report))
     _done(t0, "report written")
@@ -229,6 +259,7 @@ def main(cfg: DemoConfig) -> dict:
         from minisora.data.synthetic.doom import import_vizdoom
 
         import_vizdoom()
+    cfg = with_recipe(cfg)
     paths = Paths.under(Path(cfg.out))
     settings = asdict(cfg) | {"resolved_precision": precision}
     check_reuse(paths, settings)  # before anything is written, demo_config.json included

@@ -36,7 +36,7 @@ CONFIG_ONLY = {
     "train": {"split", "flow.logit_std", "flow.max_context"},
     "encode": {"shard_mb", "progress"},
     "vae train": set(),
-    "demo": {"frame_stride", "sample_steps", "workers"},
+    "demo": {"frame_stride", "workers"},
     "sample": set(),
     "eval": set(),
     "play": set(),

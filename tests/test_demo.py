@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from minisora import plugins
+from stages.demo import RECIPES
 from stages.evaluate import format_table
 
 ARGS = ["--clips", "8", "--test-clips", "1", "--frames", "24", "--vae-steps", "4", "--train-steps", "3",
@@ -63,6 +64,7 @@ def test_demo_runs_every_step_then_reuses_them_and_a_fresh_run_gives_the_same_nu
     report = json.loads((out / "eval.json").read_text())
     assert report["generated_frames_per_clip"] == 12 and len(report["clips"]) == 1
     assert report["rollout"]["window"] == 8 and report["rollout"]["chunk"] == 1 and report["use_actions"] is True
+    assert report["config"]["steps"] == RECIPES["dmlab"].sample_steps == 5 and report["config"]["context_noise"] == 0
     assert ("model vs repeat-last-frame:" in output
             and f"{report['psnr_gain_over_repeat_db']:+.2f} dB PSNR" in output)
     cfg = json.loads((out / "demo_config.json").read_text())

@@ -25,6 +25,7 @@ from minisora.data.manifest import Manifest
 
 from minisora.data.synthetic import write_synthetic_dataset
 from minisora.data.synthetic.doom import DOOM_ACTIONS, DOOM_LEVELS, render_doom_clip
+from stages.demo import RECIPES
 
 try:
     import vizdoom
@@ -145,6 +146,10 @@ def test_demo_on_doom_frames_end_to_end(tmp_path):
     assert json.loads((out / "demo_config.json").read_text())["data"] == "doom"
     report = json.loads((out / "eval.json").read_text())
     assert report["use_actions"] is True and report["generated_frames_per_clip"] == 12
+    # Doom's recipe (stages.demo.RECIPES), not the maze's, reaches training and eval
+    assert json.loads((out / "run" / "config.json").read_text())["lr"] == RECIPES["doom"].lr != RECIPES["dmlab"].lr
+    assert report["config"]["steps"] == RECIPES["doom"].sample_steps != RECIPES["dmlab"].sample_steps
+    assert report["config"]["context_noise"] == RECIPES["doom"].context_noise
     assert "copy_check" in json.loads((out / "vae" / "train_info.json").read_text())
     again = CliRunner().invoke(app, [a if a != "doom" else "dmlab" for a in args])
     assert again.exit_code == 1 and "--data doom there, dmlab now" in again.output
