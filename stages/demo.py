@@ -261,7 +261,7 @@ def main(cfg: DemoConfig) -> dict:
         import_vizdoom()
     cfg = with_recipe(cfg)
     paths = Paths.under(Path(cfg.out))
-    settings = asdict(cfg) | {"resolved_precision": precision}
+    settings = asdict(cfg) | {"resolved_precision": precision, "recipe": asdict(RECIPES[cfg.data])}
     check_reuse(paths, settings)  # before anything is written, demo_config.json included
     paths.out.mkdir(parents=True, exist_ok=True)
     (paths.out / "demo_config.json").write_text(json.dumps(settings, indent=2))

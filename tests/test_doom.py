@@ -143,7 +143,8 @@ def test_demo_on_doom_frames_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "1/8 ViZDoom (Freedoom levels, walk) clips" in result.output
     assert json.loads((out / "data" / "synthetic.json").read_text())["kind"] == "doom"
-    assert json.loads((out / "demo_config.json").read_text())["data"] == "doom"
+    recorded = json.loads((out / "demo_config.json").read_text())
+    assert recorded["data"] == "doom" and recorded["recipe"]["lr"] == RECIPES["doom"].lr
     report = json.loads((out / "eval.json").read_text())
     assert report["use_actions"] is True and report["generated_frames_per_clip"] == 12
     # Doom's recipe (stages.demo.RECIPES), not the maze's, reaches training and eval
