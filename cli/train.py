@@ -46,6 +46,12 @@ def train(
     memory_pool: int = typer.Option(T.memory_pool, min=1, help="With --short-frames: average keys and values of "
                                     "older frames over P x P patches of the token grid (P must divide it: latent size "
                                     "/ --patch-size), so each costs 1/P^2 of a full frame. Saved with the weights."),
+    retrieve_frames: int = typer.Option(T.retrieve_frames, min=0, help="Retrieved memory (--attention causal, "
+                                        "--short-frames 0): before each window of --frames frames, N clean frames "
+                                        "of the clip's own past: the stretch after the earlier frame most like the "
+                                        "window's first one (at least --frames frames back), left out of the loss; "
+                                        "rollouts retrieve from context and generated frames by the same rule "
+                                        "(chunk 1). Costs N more frames per window. 0: none. Saved with the run."),
     batch_size: int = typer.Option(T.batch_size, min=1, help="Windows per process per micro-step (global batch = "
                                    "processes x this x grad-accum)."),
     lr: float = typer.Option(T.lr, help="Peak AdamW learning rate."),

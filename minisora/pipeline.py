@@ -37,7 +37,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from minisora import run_dir
+from minisora import retrieval, run_dir
 from minisora.configs import SAMPLERS, SDEConfig
 from minisora.flow import euler_sample, heun_sample
 from minisora.interpolants import check_path, convert, sample_start
@@ -237,7 +237,9 @@ class DiTPipeline(DiffusionPipeline):
         bar = self.progress_bar(total=len(plan) * calls) if progress else None  # one tick per model call
         solver = _Solver(integrate, num_inference_steps, self.scheduler.config.shift if shift is None else shift,
                         guidance, generator, bar)
-        if mode == "off":
+        if self.config.get("retrieve_frames", 0):  # memory frames before each window: minisora.retrieval
+            mode = retrieval.rollout(self, latents, plan, actions, solver, chunk, context_t)
+        elif mode == "off":
             self._rollout_recompute(latents, plan, actions, solver, context_t)
         else:
             self._rollout_kv_cache(latents, plan, actions, solver, mode, chunk)
@@ -346,6 +348,7 @@ class DiTPipeline(DiffusionPipeline):
     def rollout_line(self, kv_cache: str) -> str:
         """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
         how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
+        how += retrieval.memory_line(self.config.get("retrieve_frames", 0))
         tcfg = self.transformer.config
         if tcfg.get("short_frames", 0):  # long-short: say how far it sees in full
             return (f"{tcfg.attention} attention, long-short (the last {tcfg.short_frames} frames in full, older "

@@ -50,7 +50,8 @@ def pipeline_meta(store: LatentStore, cfg, num_actions: int) -> dict:
             "store": store.url, "frames": cfg.frames, "latent_size": [lay.height, lay.width],
             "use_actions": cfg.use_actions, "num_actions": num_actions,
             "scheduler": {"type": "flow_euler", "shift": 1.0},
-            "flow": {"path": cfg.flow.path, "prediction": cfg.flow.prediction}}
+            "flow": {"path": cfg.flow.path, "prediction": cfg.flow.prediction},
+            "retrieve_frames": getattr(cfg, "retrieve_frames", 0)}
 
 
 def save_run(path: Path, model: VideoDiT, weights: dict[str, torch.Tensor], store: LatentStore, cfg) -> None:
@@ -114,7 +115,9 @@ def build_pipeline(cls: type[DiffusionPipeline], transformer: VideoDiT, meta: di
                           f"but {v['source']} now holds weights {vae.info.weights_sha256[:16]}; "
                           "restore that VAE there")
     scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
-    return cls(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
+    pipe = cls(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
+    pipe.register_to_config(retrieve_frames=meta.get("retrieve_frames", 0))  # absent in older runs: none
+    return pipe
 
 
 def load_run(cls: type[DiffusionPipeline], path: str | Path, device: torch.device | str = "cpu",

@@ -31,6 +31,7 @@ from minisora.ema import EMA
 from minisora.flow import flow_loss, noisy, sample_times, teacher_forcing_times
 from minisora.hardware import PRECISIONS, enable_tf32, resolve_precision
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
+from minisora.retrieval import RetrievalWindows, check_setting, memory_line, with_memory
 from minisora.resume_check import announcement, check_resume, store_identity
 from minisora.run_dir import save_run
 from minisora.store import LatentStore
@@ -96,6 +97,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.short_frames < 0 or cfg.memory_pool < 1:
         raise ValueError(f"--short-frames must be >= 0 and --memory-pool >= 1, got {cfg.short_frames} and "
                          f"{cfg.memory_pool}")
+    check_setting(cfg.retrieve_frames, cfg.frames, cfg.attention, cfg.short_frames)
     if cfg.frames < 2:
         raise ValueError(f"--frames {cfg.frames}: a training window needs at least 2 latent frames (the model learns "
                          "to continue frames from earlier ones, and a 1-frame model cannot continue anything)")
@@ -131,7 +133,8 @@ class Run:
 def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, device: torch.device) -> Run:
     rank, world, _ = dist_info()
     store = LatentStore(cfg.store)  # a complete store, windows of cfg.frames latent frames
-    windows = LatentWindows(store, cfg.split, cfg.frames, cache_shards=cfg.cache_shards)
+    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards)
+               if cfg.retrieve_frames else LatentWindows(store, cfg.split, cfg.frames, cache_shards=cfg.cache_shards))
     sampler = WindowSampler(windows, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     num_actions = int(store.attrs.get("num_actions", 0)) if cfg.use_actions else 0
     if cfg.use_actions and num_actions == 0:
@@ -252,11 +255,12 @@ def train_step(run: Run, loader: WindowLoader, step: int, stats: tuple[torch.Ten
         if teacher:  # every frame noisy (own t), seeing a clean copy of the window before it
             t, t_clean = teacher_forcing_times(x0.shape[0], x0.shape[1], cfg.flow, generator=gen, device=device)
             t, t_clean = plugins.time_as_seen(c, run.precision, t), plugins.time_as_seen(c, run.precision, t_clean)
-            context = None
+            context = with_memory(cfg.retrieve_frames, cfg.frames, t)[1]  # None without memory
             clean = x0 if cfg.flow.context_noise == 0 else noisy(x0, torch.randn(x0.shape, generator=gen,
                                                                                 device=device), t_clean, cfg.flow.path)
         else:
             t, context = sample_times(x0.shape[0], x0.shape[1], cfg.flow, generator=gen, device=device)
+            t, context = with_memory(cfg.retrieve_frames, cfg.frames, t, context)  # memory frames: clean context
             t = plugins.time_as_seen(c, run.precision, t)  # (B, F) fp32, exactly what the model is given
             clean = t_clean = None
         noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -333,7 +337,8 @@ def main(cfg: TrainConfig) -> dict:
     print0(f"train: {cfg.model} DiT, {run.params / 1e6:.2f}M parameters; {len(run.windows.usable)} clips in "
            f"{cfg.split}, {run.sampler.batches_per_epoch()} batches/epoch; {world} process(es) x batch "
            f"{cfg.batch_size} x accum {cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {choice.precision}, "
-           f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)}){long_short_line(cfg)}")
+           f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)}){long_short_line(cfg)}"
+           f"{memory_line(cfg.retrieve_frames)}")
     validator = Validator(cfg, run.store, run.module, device) if cfg.sample_every > 0 and rank == 0 else None
     from tqdm.auto import tqdm
 

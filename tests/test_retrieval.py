@@ -1,0 +1,146 @@
+"""Retrieved memory (minisora.retrieval): the rule picks the stretch that comes back, training and rollout use the
+same rule, the rollout's last frame is the teacher-forcing pass's view, and a saved run records the setting
+(older runs load without it)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from minisora.dataset import LatentWindows
+from minisora.model import VideoDiT
+from minisora.pipeline import DiTPipeline
+from minisora.retrieval import RetrievalWindows, loss_context, memory_batch, memory_range, recall, with_memory
+from minisora.vae import build_vae, tiny_vae_config
+
+
+def circle_clip(frames=40, period=12, seed=0) -> torch.Tensor:
+    """(frames, 4, 4, 4) latents of a camera turning full circles: frame t shows view t % period, slightly noised
+    (so the latest pass of a view is not always the closest)."""
+    g = torch.Generator().manual_seed(seed)
+    views = torch.randn(period, 4, 4, 4, generator=g)
+    return views[torch.arange(frames) % period] + 0.01 * torch.randn(frames, 4, 4, 4, generator=g)
+
+
+def test_recall_picks_the_stretch_that_comes_back_and_never_the_window():
+    clip = circle_clip()
+    for start in (16, 25, 30, 35):
+        j = recall(clip, start, window=4)
+        assert j <= start - 4 and j % 12 == start % 12  # the same view, a circle (or two) earlier
+        lo, hi = memory_range(j, 4, 4)
+        assert (lo, hi) == (j, j + 4) and hi <= start  # wholly in the past
+        assert (clip[lo:hi] - clip[start:start + 4]).abs().amax() < 0.1  # and it is what the window will show
+    assert memory_range(5, window=4, memory=2) == (7, 9)  # a shorter memory: the stretch's end, aligned
+    assert recall(clip, 3, window=4) is None  # no past that does not overlap the window
+    still = clip.clone()
+    still[21:24] = still[24]  # frames after 24 - W equal the window's first: excluded (their stretch overlaps it)
+    assert recall(still, 24, window=4) in (0, 12)
+    still[20] = still[24]  # the last frame whose stretch ends where the window starts
+    assert recall(still, 24, window=4) == 20
+    tie = torch.zeros(30, 4, 4, 4)
+    assert recall(tie, 20, window=4) == 16
+
+
+def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path):
+    from _store_helpers import make_store
+
+    make_store(tmp_path / "store", {"train": [30, 26, 30]}, hw=(4, 4))
+    plain = LatentWindows(str(tmp_path / "store"), "train", 30)
+    windows = RetrievalWindows(str(tmp_path / "store"), "train", window=5, memory=3)
+    assert list(windows.usable) == [0, 1, 2] and windows.frames == 10  # spans of 2 W frames
+    batch = windows.read([0, 2, 1], [0, 13, 16])  # windows start at span + W: 5, 18, 21
+    assert batch.mean.shape == (3, 8, 4, 4, 4) and batch.start.tolist() == [5, 18, 21]
+    mu, sd = plain.stats_mean.view(1, -1, 1, 1), plain.stats_std.view(1, -1, 1, 1)
+    for i, (clip, start) in enumerate(((0, 5), (2, 18), (1, 21))):
+        whole = plain.read([clip] * 1, [0]) if clip != 1 else None
+        full = whole.mean[0] if whole is not None else LatentWindows(str(tmp_path / "store"), "train", 26).read(
+            [1], [0]).mean[0]
+        lat = (full.float() - mu) / sd  # the clip's normalised latents
+        found, index = memory_batch(lat[None], start, 5, 3)  # the rollout's retrieval on the same frames
+        lo, hi = memory_range(recall(lat, start, 5), 5, 3)
+        assert index[0].tolist() == list(range(lo, hi))
+        torch.testing.assert_close(batch.mean[i, :3].float(), full[lo:hi].float())  # memory
+        torch.testing.assert_close(batch.mean[i, 3:].float(), full[start:start + 5].float())  # then the window
+    with pytest.raises(IndexError, match="span .* leaves its 26 latent frames"):
+        windows.read([1], [17])
+
+
+def test_loss_leaves_out_memory_and_key_frame():
+    assert loss_context(1, 3, 4)[0].tolist() == [True] * 4 + [False] * 3
+    t, context = with_memory(2, 3, torch.full((2, 5), 0.5), torch.zeros(2, 5, dtype=torch.bool))
+    assert t[0].tolist() == [0.0, 0.0, 0.5, 0.5, 0.5] and context[1].tolist() == [True] * 3 + [False] * 2
+    assert with_memory(0, 3, t)[1] is None
+
+
+def tiny_pipe(memory: int, window: int = 4) -> DiTPipeline:
+    torch.manual_seed(0)
+    dit = VideoDiT(in_channels=4, patch_size=1, hidden_size=32, depth=2, num_heads=2, num_actions=3,
+                   attention="causal")
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.2)
+    torch.manual_seed(0)
+    pipe = DiTPipeline(dit, build_vae("kl", tiny_vae_config("kl")).model, FlowMatchEulerDiscreteScheduler(shift=1.0),
+                       window_frames=window, latent_size=[4, 4])
+    pipe.register_to_config(retrieve_frames=memory)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_rollout_steps_the_new_frame_as_teacher_forcing_sees_it():
+    """One Euler step from t = 1: frame t = noise - v, v from a teacher-forcing pass over [memory | window]."""
+    pipe, ctx = tiny_pipe(memory=3), circle_clip(frames=31)[None]
+    actions = torch.randint(0, 3, (1, 32), generator=torch.Generator().manual_seed(2))
+    out = pipe(context_latents=ctx, num_frames=32, num_inference_steps=1, actions=actions,
+               generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert out.kv_cache == "window" and "retrieved memory (3 frames" in pipe.rollout_line("rolling")
+    noise = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))[:, -1:]  # the window's last
+    j = recall(ctx[0], 28, 4)
+    assert j == 16  # view 28 % 12 = 4, last seen at 16 (28 - 12 would overlap the window)
+    seq = torch.cat([ctx[:, 17:20], ctx[:, 28:31], noise], 1)  # [memory | known window frames | the new frame]
+    act = torch.cat([actions[:, 17:20], actions[:, 28:32]], 1)
+    with torch.no_grad():
+        t = torch.zeros(1, 7)
+        t[:, -1] = 1.0
+        v = pipe.transformer(torch.cat([seq[:, :-1], noise], 1), t, act, clean=torch.cat([seq[:, :-1], noise], 1))
+    torch.testing.assert_close(out.latents[:, 31:], noise - v[:, -1:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.latents[:, :31], ctx)
+    plain = tiny_pipe(memory=0)(context_latents=ctx, num_frames=32, num_inference_steps=1, actions=actions,
+                                generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert plain.kv_cache == "rolling" and (plain.latents[:, 31] - out.latents[:, 31]).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match="rolls out with chunk 1"):
+        pipe(context_latents=ctx, num_frames=34, num_inference_steps=1, chunk=2, output_type="latent")
+
+
+def test_train_records_the_setting_and_old_runs_load_without_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from _store_helpers import synthetic_store
+    from cli.main import app
+
+    synthetic_store(tmp_path, clips=2, test_clips=0, frames=12)
+
+    def args(memory, steps):
+        return ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--frames", "4",
+                "--retrieve-frames", str(memory), "--patch-size", "4", "--batch-size", "2", "--steps", str(steps),
+                "--warmup", "1", "--ckpt-every", "2", "--device", "cpu", "--use-actions"]
+
+    r = CliRunner().invoke(app, args(4, 2))
+    assert r.exit_code == 0, r.output
+    assert "retrieved memory (4 frames of the clip's past before each window)" in r.output
+    pipe = DiTPipeline.from_run(tmp_path / "run")
+    assert pipe.config.retrieve_frames == 4 and pipe.config.window_frames == 4
+    (meta_file,) = (tmp_path / "run").glob("checkpoints/*/pipeline/minisora_pipeline.json")
+    assert json.loads(meta_file.read_text())["retrieve_frames"] == 4
+    r = CliRunner().invoke(app, args(2, 4))  # resuming with another --retrieve-frames is another run
+    assert r.exit_code != 0 and "was trained with --retrieve-frames 4; this run has --retrieve-frames 2" in r.output
+    shutil.copytree(meta_file.parent, tmp_path / "old")  # a pipeline directory from before retrieval
+    meta = json.loads(meta_file.read_text())
+    del meta["retrieve_frames"]
+    (tmp_path / "old" / meta_file.name).write_text(json.dumps(meta))
+    old = DiTPipeline.from_run(tmp_path / "old")
+    assert old.config.retrieve_frames == 0 and "retrieved" not in old.rollout_line("rolling")
+    r = CliRunner().invoke(app, args(5, 2) + ["--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "--retrieve-frames 5 must be in [0, --frames 4]" in r.output
