@@ -1,26 +1,29 @@
-"""Retrieved memory: the earlier stretch of a clip that looks most like the present, put in front of the window.
+"""Retrieved memory: for every frame, the frame that followed the earlier moment most like the frame before it.
 
-A causal model with `retrieve_frames = M > 0` (`minisora train --retrieve-frames M`) sees, before every window
-of W frames starting at frame s, M clean *memory frames* from the clip's own past, found by one rule (`recall`):
+A causal model with `retrieve_frames = M > 0` (`minisora train --retrieve-frames M`) sees, before every window of
+W frames, M clean *memory frames* from the clip's own past, one for each of the window's last M frames, all found by
+one rule (`memory_index`): for frame u,
 
-    j* = argmin over j in [0, s - W] of mean((x_j - x_s)^2)     (normalised latents; ties: the latest j)
-    memory = x[j* + W - M : j* + W]
+    j* = argmin over j in [0, u - 1 - W] of mean((x_j - x_{u-1})^2)     (normalised latents; ties: the latest j)
+    memory frame of u = x[j* + 1]
 
-The earlier frame j* most like the window's first frame, and the stretch after it, aligned with the window
-(memory frame i sits W frames before window frame W - M + i, the frame it should look like if the past repeats).
-j* + W <= s: the stretch lies wholly in the past and does not overlap the window. No poses, no labels: it works
-on any dataset, like the memory-answerable split (minisora.memory_split).
+the frame that followed the earlier moment most like the frame before u. It is at least W frames older than u (out
+of the window's reach), and its key x_{u-1} is a frame the model has already seen (known at every rollout step), so
+nothing of u itself decides what is shown. No poses, no labels: it works on any dataset, like the
+memory-answerable split (minisora.memory_split). When the past repeats (a circle turned again, a loop walked
+again) it is the frame u will show; otherwise it is the best guess the past offers, and the model learns how far to
+trust it.
 
 Training (`RetrievalWindows`): each window gets its memory from the ground-truth latents of its clip, and the
-model sees [memory | window] as one sequence of M + W frames (positions 0..M+W-1, so a memory frame sits a fixed
-W frames before the window frame it matches), with teacher forcing. The memory frames and the window's first
-frame (the retrieval key, which the rollout knows) are left out of the loss (`loss_context`).
+model sees [memory | window] as one sequence of M + W frames (positions 0..M+W-1, so every memory frame sits a
+fixed W frames before the window frame it stands for), with teacher forcing; the memory frames are clean context,
+out of the loss (`with_memory`).
 
-Rollout (`rollout`): chunk 1; for each new frame t the window is [t - W + 1, t], its key frame s = t - W + 1
-is known (context or generated), the history is every known frame before it, and the same rule picks the memory.
-The KV cache is rebuilt per generated frame ([memory | the W - 1 known window frames], at t = 0), then the new
-frame is integrated against it: exactly the teacher-forcing pass's view of the window's last frame. A window
-with no past yet (s < W) is rolled out without memory.
+Rollout (`rollout`): chunk 1; for each new frame t the window is [t - W + 1, t], and the memory of its last M
+frames comes by the same rule from every known frame (context or generated). The KV cache is rebuilt per
+generated frame ([memory | the W - 1 known window frames], at t = 0), then the new frame is integrated against
+it: exactly the teacher-forcing pass's view of the window's last frame. A window with too little past (start <= M)
+rolls out without memory.
 """
 
 from __future__ import annotations
@@ -33,26 +36,26 @@ from minisora.dataset import LatentBatch, LatentWindows
 from minisora.kv_cache import KVCache
 
 
-def recall(latents: Tensor, start: int, window: int) -> int | None:
-    """The memory anchor j* for the window starting at `start` of one clip's normalised latents (T, C, h, w):
-    the frame j <= start - window closest (mean squared difference) to frame `start`, the latest on ties;
-    None when start < window (no past that does not overlap the window)."""
-    if start < window:
+def recall(latents: Tensor, key: int, last: int) -> int | None:
+    """The frame j <= `last` of one clip's normalised latents (T, C, h, w) closest (mean squared difference) to
+    frame `key`, the latest on ties; None when last < 0."""
+    if last < 0:
         return None
-    past = latents[: start - window + 1].float()  # (J, C, h, w) the candidates
-    dist = (past - latents[start].float()).square().flatten(1).mean(1)  # (J,)
+    past = latents[: last + 1].float()  # (J, C, h, w) the candidates
+    dist = (past - latents[key].float()).square().flatten(1).mean(1)  # (J,)
     return int(len(dist) - 1 - torch.argmin(dist.flip(0)).item())
 
 
-def memory_range(anchor: int, window: int, memory: int) -> tuple[int, int]:
-    """Frames [first, stop) of the memory that `anchor` (recall's j*) gives a window of `window` frames."""
-    return anchor + window - memory, anchor + window
+def memory_index(latents: Tensor, frame: int, window: int) -> int | None:
+    """The memory frame of `frame` (module docstring): the one after recall's match of frame - 1 among the frames
+    <= frame - 1 - window; None when there are none."""
+    j = recall(latents, frame - 1, frame - 1 - window)
+    return None if j is None else j + 1
 
 
 def loss_context(batch: int, memory: int, window: int, device=None) -> Tensor:
-    """(B, M + W) bool: the frames of a [memory | window] training sequence left out of the loss (the memory
-    frames and the window's first frame, the retrieval key)."""
-    return (torch.arange(memory + window, device=device) <= memory)[None].expand(batch, -1)
+    """(B, M + W) bool: the frames of a [memory | window] training sequence left out of the loss (the memory)."""
+    return (torch.arange(memory + window, device=device) < memory)[None].expand(batch, -1)
 
 
 def check_setting(retrieve_frames: int, frames: int, attention: str, short_frames: int) -> None:
@@ -67,52 +70,50 @@ def check_setting(retrieve_frames: int, frames: int, attention: str, short_frame
 
 
 class RetrievalWindows(LatentWindows):
-    """Training sequences [memory | window] of M + W frames: windows of W frames starting at s >= W, each after
-    the M memory frames `recall` picks from its clip. The sampler sees spans of 2 W frames (s = span start + W),
-    so clips need at least 2 W latent frames."""
+    """Training sequences [memory | window] of M + W frames: windows of W frames starting at s > W, each after
+    the memory frames `memory_index` gives its last M frames. The sampler sees spans of 2 W + 1 frames (s = span
+    start + W + 1), so clips need at least 2 W + 1 latent frames."""
 
     def __init__(self, store, split: str, window: int, memory: int, cache_shards: int = 8):
-        super().__init__(store, split, 2 * window, cache_shards=cache_shards)
+        super().__init__(store, split, 2 * window + 1, cache_shards=cache_shards)
         self.window, self.memory = window, memory
 
     def gather(self, shards: dict[int, dict[str, np.ndarray]], clips: np.ndarray, starts: np.ndarray,
                pin_memory: bool = False) -> LatentBatch:
         clips, starts = np.asarray(clips, np.int64), np.asarray(starts, np.int64)
         w, m = self.window, self.memory
-        bad = np.flatnonzero((starts < 0) | (starts + 2 * w > self.lengths[clips]))
+        bad = np.flatnonzero((starts < 0) | (starts + 2 * w + 1 > self.lengths[clips]))
         if len(bad):
             j = int(bad[0])
-            raise IndexError(f"span [{starts[j]}, {starts[j] + 2 * w}) of clip {clips[j]} leaves its "
+            raise IndexError(f"span [{starts[j]}, {starts[j] + 2 * w + 1}) of clip {clips[j]} leaves its "
                              f"{self.lengths[clips[j]]} latent frames")
         shape = (1, -1, 1, 1)  # the store's statistics over (T, C, h, w)
         mu, sd = self.stats_mean.view(shape), self.stats_std.view(shape)
         out: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
         cps = self.layout.clips_per_shard
         for clip, span in zip(clips.tolist(), starts.tolist()):
-            arrays, row, s = shards[clip // cps], clip % cps, span + w
-            past = (torch.from_numpy(arrays["mean"][row, : s + 1].astype(np.float32)) - mu) / sd  # (s+1, C, h, w)
-            lo, hi = memory_range(recall(past, s, w), w, m)
+            arrays, row, s = shards[clip // cps], clip % cps, span + w + 1
+            past = (torch.from_numpy(arrays["mean"][row, : s + w].astype(np.float32)) - mu) / sd  # (s+W, C, h, w)
+            index = [memory_index(past, u, w) for u in range(s + w - m, s + w)]  # the window's last M frames
             for name in self.names:
                 arr = arrays[name][row]
-                out[name].append(np.concatenate([arr[lo:hi], arr[s:s + w]]))  # (M + W, ...)
+                out[name].append(np.concatenate([arr[index], arr[s:s + w]]))  # (M + W, ...)
         tensors = {name: torch.from_numpy(np.stack(v)) for name, v in out.items()}
         tensors["actions"] = tensors["actions"].long()
         if pin_memory:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
         return LatentBatch(mean=tensors["mean"], logvar=tensors.get("logvar"), actions=tensors["actions"],
-                           clip=torch.from_numpy(clips), start=torch.from_numpy(starts + w))
+                           clip=torch.from_numpy(clips), start=torch.from_numpy(starts + w + 1))
 
 
 def memory_batch(latents: Tensor, start: int, window: int, memory: int) -> tuple[Tensor, Tensor] | None:
-    """(memory latents (B, M, C, h, w), frame index of each (B, M)) for the window starting at `start` of every
-    video of `latents` (B, T, C, h, w), each by `recall` on its own frames; None when start < window."""
-    if start < window:
+    """(memory latents (B, M, C, h, w), frame index of each (B, M)) of the window starting at `start` of every video
+    of `latents` (B, T, C, h, w), each by `memory_index` on its own frames; None when start <= M (too little past)."""
+    if start <= memory:
         return None
-    index = []
-    for b in range(latents.shape[0]):
-        lo, hi = memory_range(recall(latents[b, : start + 1], start, window), window, memory)
-        index.append(torch.arange(lo, hi, device=latents.device))
-    index = torch.stack(index)  # (B, M)
+    frames = range(start + window - memory, start + window)  # the window's last M frames
+    index = torch.tensor([[memory_index(video, u, window) for u in frames] for video in latents],
+                         device=latents.device)  # (B, M)
     return latents[torch.arange(latents.shape[0], device=latents.device)[:, None], index], index
 
 

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from minisora.dataset import LatentWindows
 from minisora.model import VideoDiT
 from minisora.pipeline import DiTPipeline
-from minisora.retrieval import RetrievalWindows, loss_context, memory_batch, memory_range, recall, with_memory
+from minisora.retrieval import RetrievalWindows, loss_context, memory_batch, memory_index, recall, with_memory
 from minisora.vae import build_vae, tiny_vae_config
 
 
@@ -24,52 +24,47 @@ def circle_clip(frames=40, period=12, seed=0) -> torch.Tensor:
     return views[torch.arange(frames) % period] + 0.01 * torch.randn(frames, 4, 4, 4, generator=g)
 
 
-def test_recall_picks_the_stretch_that_comes_back_and_never_the_window():
+def test_the_rule_picks_the_frame_that_comes_back_and_never_one_within_reach():
     clip = circle_clip()
-    for start in (16, 25, 30, 35):
-        j = recall(clip, start, window=4)
-        assert j <= start - 4 and j % 12 == start % 12  # the same view, a circle (or two) earlier
-        lo, hi = memory_range(j, 4, 4)
-        assert (lo, hi) == (j, j + 4) and hi <= start  # wholly in the past
-        assert (clip[lo:hi] - clip[start:start + 4]).abs().amax() < 0.1  # and it is what the window will show
-    assert memory_range(5, window=4, memory=2) == (7, 9)  # a shorter memory: the stretch's end, aligned
-    assert recall(clip, 3, window=4) is None  # no past that does not overlap the window
+    for frame in (17, 25, 30, 39):
+        j = memory_index(clip, frame, window=4)
+        assert j <= frame - 4 and j % 12 == frame % 12  # the same view, a circle (or two) earlier
+        assert (clip[j] - clip[frame]).abs().amax() < 0.1  # what the frame will show
+    assert memory_index(clip, 4, window=4) is None and memory_index(clip, 5, window=4) == 1  # no past yet / one
     still = clip.clone()
-    still[21:24] = still[24]  # frames after 24 - W equal the window's first: excluded (their stretch overlaps it)
-    assert recall(still, 24, window=4) in (0, 12)
-    still[20] = still[24]  # the last frame whose stretch ends where the window starts
-    assert recall(still, 24, window=4) == 20
-    tie = torch.zeros(30, 4, 4, 4)
-    assert recall(tie, 20, window=4) == 16
+    still[20:23] = still[23]  # frames within the window's reach equal the key (frame 23): not candidates
+    assert memory_index(still, 24, window=4) % 12 == 0  # 11 (view 23 % 12) was seen at 11: frame 12 follows
+    still[19] = still[23]  # the newest candidate (24 - 1 - W) now matches exactly: its successor is picked
+    assert memory_index(still, 24, window=4) == 20
+    assert recall(torch.zeros(30, 4, 4, 4), 20, 15) == 15  # ties: the latest
 
 
 def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path):
     from _store_helpers import make_store
 
     make_store(tmp_path / "store", {"train": [30, 26, 30]}, hw=(4, 4))
-    plain = LatentWindows(str(tmp_path / "store"), "train", 30)
     windows = RetrievalWindows(str(tmp_path / "store"), "train", window=5, memory=3)
-    assert list(windows.usable) == [0, 1, 2] and windows.frames == 10  # spans of 2 W frames
-    batch = windows.read([0, 2, 1], [0, 13, 16])  # windows start at span + W: 5, 18, 21
-    assert batch.mean.shape == (3, 8, 4, 4, 4) and batch.start.tolist() == [5, 18, 21]
-    mu, sd = plain.stats_mean.view(1, -1, 1, 1), plain.stats_std.view(1, -1, 1, 1)
-    for i, (clip, start) in enumerate(((0, 5), (2, 18), (1, 21))):
-        whole = plain.read([clip] * 1, [0]) if clip != 1 else None
-        full = whole.mean[0] if whole is not None else LatentWindows(str(tmp_path / "store"), "train", 26).read(
-            [1], [0]).mean[0]
+    assert list(windows.usable) == [0, 1, 2] and windows.frames == 11  # spans of 2 W + 1 frames
+    batch = windows.read([0, 2, 1], [0, 13, 15])  # windows start at span + W + 1: 6, 19, 21
+    assert batch.mean.shape == (3, 8, 4, 4, 4) and batch.start.tolist() == [6, 19, 21]
+    mu, sd = windows.stats_mean.view(1, -1, 1, 1), windows.stats_std.view(1, -1, 1, 1)
+    for i, (clip, start) in enumerate(((0, 6), (2, 19), (1, 21))):
+        full = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0]).mean[0]  # (26, C, h, w)
         lat = (full.float() - mu) / sd  # the clip's normalised latents
         found, index = memory_batch(lat[None], start, 5, 3)  # the rollout's retrieval on the same frames
-        lo, hi = memory_range(recall(lat, start, 5), 5, 3)
-        assert index[0].tolist() == list(range(lo, hi))
-        torch.testing.assert_close(batch.mean[i, :3].float(), full[lo:hi].float())  # memory
+        assert index[0].tolist() == [memory_index(lat, u, 5) for u in range(start + 2, start + 5)]
+        assert all(j <= u - 5 for j, u in zip(index[0].tolist(), range(start + 2, start + 5)))
+        torch.testing.assert_close(batch.mean[i, :3].float(), full[index[0]].float())  # memory
         torch.testing.assert_close(batch.mean[i, 3:].float(), full[start:start + 5].float())  # then the window
+        whole = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0])
+        assert batch.actions[i, :3].tolist() == whole.actions[0, index[0]].tolist()
     with pytest.raises(IndexError, match="span .* leaves its 26 latent frames"):
-        windows.read([1], [17])
+        windows.read([1], [16])
 
 
-def test_loss_leaves_out_memory_and_key_frame():
-    assert loss_context(1, 3, 4)[0].tolist() == [True] * 4 + [False] * 3
-    t, context = with_memory(2, 3, torch.full((2, 5), 0.5), torch.zeros(2, 5, dtype=torch.bool))
+def test_the_loss_leaves_out_the_memory():
+    assert loss_context(1, 3, 4)[0].tolist() == [True] * 3 + [False] * 4
+    t, context = with_memory(2, 3, torch.full((2, 5), 0.5), torch.tensor([[False, False, True, False, False]] * 2))
     assert t[0].tolist() == [0.0, 0.0, 0.5, 0.5, 0.5] and context[1].tolist() == [True] * 3 + [False] * 2
     assert with_memory(0, 3, t)[1] is None
 
@@ -97,10 +92,10 @@ def test_the_rollout_steps_the_new_frame_as_teacher_forcing_sees_it():
                generator=torch.Generator().manual_seed(0), output_type="latent")
     assert out.kv_cache == "window" and "retrieved memory (3 frames" in pipe.rollout_line("rolling")
     noise = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))[:, -1:]  # the window's last
-    j = recall(ctx[0], 28, 4)
-    assert j == 16  # view 28 % 12 = 4, last seen at 16 (28 - 12 would overlap the window)
-    seq = torch.cat([ctx[:, 17:20], ctx[:, 28:31], noise], 1)  # [memory | known window frames | the new frame]
-    act = torch.cat([actions[:, 17:20], actions[:, 28:32]], 1)
+    index = [memory_index(ctx[0], u, 4) for u in (29, 30, 31)]  # the window 28..31's last 3 frames
+    assert [j % 12 for j in index] == [5, 6, 7] and max(index) <= 27  # views 5, 6, 7, a circle or two earlier
+    seq = torch.cat([ctx[:, index], ctx[:, 28:31], noise], 1)  # [memory | known window frames | the new frame]
+    act = torch.cat([actions[:, index], actions[:, 28:32]], 1)
     with torch.no_grad():
         t = torch.zeros(1, 7)
         t[:, -1] = 1.0
