@@ -1,7 +1,8 @@
 """Long-rollout speed: full attention with window recompute vs causal attention with a KV cache.
 
     python benchmarks/rollout.py [--model tiny] [--window 16] [--long-window 64] [--frames 300] [--steps 20]
-                                 [--chunk 1] [--short-frames 8] [--memory-pool 2] [--device cpu]
+                                 [--chunk 1] [--short-frames 8] [--memory-pool 2] [--device cpu] [--threads N]
+                                 [--rows 1,2,8]
 
 Continues 4 clean context latent frames to --frames latent frames with DiTPipeline, window by
 window, at the same model size, window, chunk and steps (random weights: the work does not depend
@@ -91,7 +92,11 @@ def main() -> None:
     ap.add_argument("--latent-size", type=int, default=16, help="Latent height = width (16: a 64x64 frame, 4x VAE).")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (fp32 either way).")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    ap.add_argument("--rows", default=None,
+                    help="Comma-separated row numbers (1-8, in the order the tables print them) to run, for quick "
+                         "comparisons (default: all); the summary lines print where their rows ran.")
     args = ap.parse_args()
+    rows = ROWS if args.rows is None else [ROWS[int(r) - 1] for r in args.rows.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -102,7 +107,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; long-short: the last {args.short_frames} frames in full, older ones "
           f"pooled {args.memory_pool}x{args.memory_pool} ({tokens // args.memory_pool ** 2} tokens)")
     rates, table = {}, None
-    for attention, mode, size, whole, label in ROWS:
+    for attention, mode, size, whole, label in rows:
         window = args.long_window if size == "long" else args.window
         if (size, whole) != table:
             table = (size, whole)
@@ -119,16 +124,25 @@ def main() -> None:
         rates[(attention, mode, size, whole)] = (frames - context) / seconds
         print(f"{label:<42}{f'{context} -> {frames}':>18}{seconds:>10.2f}{(frames - context) / seconds:>10.3f}",
               flush=True)
-    full = rates[("full", "off", "short", False)]
-    growth = {a: rates[(a, "rolling", "short", False)] / rates[(a, "rolling", "long", False)]
-              for a in ("causal", "long-short")}
-    print(f"\ncost of a generated frame at window {args.long_window} / window {args.window} (rolling KV cache): "
-          f"causal {growth['causal']:.2f}x, long-short {growth['long-short']:.2f}x")
-    window_cache, rolling = rates[("causal", "window", "short", False)], rates[("causal", "rolling", "short", False)]
-    print(f"steady state over full recompute: kv-cache (window) {window_cache / full:.1f}x, "
-          f"kv-cache (rolling) {rolling / full:.1f}x")
-    print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling', 'short', True)] / full:.1f}x")
+    summary(rates, args)
 
+
+def summary(rates: dict, args) -> None:
+    """The last lines: growth with the window, and the speed-ups over row 1 (each where its rows ran)."""
+    growth = {a: rates[(a, "rolling", "short", False)] / rates[(a, "rolling", "long", False)]
+              for a in ("causal", "long-short") if (a, "rolling", "long", False) in rates
+              and (a, "rolling", "short", False) in rates}
+    if growth:
+        print(f"\ncost of a generated frame at window {args.long_window} / window {args.window} (rolling KV cache): "
+              + ", ".join(f"{a} {g:.2f}x" for a, g in growth.items()))
+    full = rates.get(("full", "off", "short", False))
+    if full is None:
+        return
+    steady = {mode: rates[("causal", mode, "short", False)] / full for mode in ("window", "rolling")
+              if ("causal", mode, "short", False) in rates}
+    print("steady state over full recompute: " + ", ".join(f"kv-cache ({n}) {r:.1f}x" for n, r in steady.items()))
+    if ("causal", "rolling", "short", True) in rates:
+        print(f"kv-cache speed-up over full recompute: {rates[('causal', 'rolling', 'short', True)] / full:.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -112,14 +112,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
                 cache: KVCache | None = None, layer: int = 0, update_cache: bool = False,
                 memory: Memory | None = None) -> Tensor:
-        # x (B, N, D) -> q, k, v each (B, heads, N, head_dim)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # "b l (3 n d)->3 b n l d"
-        # norms in the weights' dtype (fp32 under autocast: no bf16-vs-fp32 mix), q, k back in v's for the kernel
-        dtype = self.qkv.weight.dtype
-        q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
-        if memory is not None:  # pooled before the rotation, rotated at the patch centres
-            mem_k, mem_v = apply_rope(pool_tokens(k, memory), memory.cos, memory.sin), pool_tokens(v, memory)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v, mem_k, mem_v = self._qkv(x, cos, sin, memory)
         if cache is not None:  # cached clean frames come first: (B, heads, cached + N, head_dim), views of its buffer
             k, v = cache.extend(layer, k, v, commit=update_cache)
             if memory is not None:
@@ -129,6 +122,26 @@ class Attention(nn.Module):
             k, v = torch.cat([mem_k[:, :, :seen], k], dim=2), torch.cat([mem_v[:, :, :seen], v], dim=2)
         out = attend(q, k, v, mask)
         return self.proj(out.transpose(1, 2).flatten(2))  # out (B, heads, N, head_dim) -> (B, N, D)
+
+    def store(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+              memory: Memory | None = None) -> None:
+        """Only append x's keys and values (and memory) to `cache` (as forward with update_cache=True, which also
+        attends): what a committing pass needs of its last block."""
+        _, k, v, mem_k, mem_v = self._qkv(x, cos, sin, memory)
+        cache.extend(layer, k, v, commit=True)
+        if memory is not None:
+            cache.extend_memory(layer, mem_k, mem_v, commit=True)
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor, memory: Memory | None):
+        """x (B, N, D) -> rotated q, k and v, each (B, heads, N, head_dim), and the memory keys and values (or None)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # "b l (3 n d)->3 b n l d"
+        # norms in the weights' dtype (fp32 under autocast: no bf16-vs-fp32 mix), q, k back in v's for the kernel
+        dtype = self.qkv.weight.dtype
+        q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
+        mem_k = mem_v = None
+        if memory is not None:  # pooled before the rotation, rotated at the patch centres
+            mem_k, mem_v = apply_rope(pool_tokens(k, memory), memory.cos, memory.sin), pool_tokens(v, memory)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mem_k, mem_v
 
 
 class DiTBlock(nn.Module):
@@ -153,6 +166,12 @@ class DiTBlock(nn.Module):
         h = self.attn(h, cos, sin, mask, cache, layer, update_cache, memory)
         x = x + gate_a * h.unflatten(1, (frames, -1))  # (B, T, S, D)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+    def store(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+              memory: Memory | None = None) -> None:
+        """Only append this block's keys and values of x (B, T, S, D) to `cache`: the attention branch up to them."""
+        shift_a, scale_a = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)[:2]  # each (B, T, 1, D)
+        self.attn.store(modulate(self.norm1(x), shift_a, scale_a).flatten(1, 2), cos, sin, cache, layer, memory)
 
 
 class FinalLayer(nn.Module):

@@ -112,8 +112,7 @@ class LiveGenerator:
         start = k - min(k, self.window - 1)
         self.cache.reset(position=start)
         t = torch.zeros(1, k - start, device=self.context.device)
-        self.model(self.context[:, start:], t, self._actions(self.context_actions[:, start:]), kv_cache=self.cache,
-                   update_cache=True)
+        self.model.commit(self.context[:, start:], t, self.cache, self._actions(self.context_actions[:, start:]))
         self.generator = torch.Generator().manual_seed(self.seed)
         self.known = k  # latent frames so far, context included
         self.index = 0  # frames accepted since the reset
@@ -167,8 +166,7 @@ class LiveGenerator:
             raise ValueError(f"frame {frame.index} was proposed before frame {self.index}: propose it again")
         t0 = time.perf_counter()
         act = torch.full((1, 1), frame.action, dtype=torch.long, device=self.context.device)
-        self.model(frame.latent, torch.zeros(1, 1, device=frame.latent.device), self._actions(act),
-                   kv_cache=self.cache, update_cache=True)
+        self.model.commit(frame.latent, torch.zeros(1, 1, device=frame.latent.device), self.cache, self._actions(act))
         self.cache.keep_last(self.window - 1)
         self.known, self.index, self.noise = self.known + 1, self.index + 1, None
         return frame._replace(seconds=frame.seconds + time.perf_counter() - t0)

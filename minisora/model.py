@@ -27,7 +27,6 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from einops import rearrange
 from torch import Tensor, nn
 
 from minisora.attention import KERNELS, FrameMask, LongShort, causal_mask, long_short_mask, teacher_forcing_mask
@@ -135,8 +134,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def condition(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
         """Per-frame conditioning c (B, T, D) from times (B, T) and actions (B, T) (None or < 0 -> null)."""
         batch, frames = timesteps.shape
-        t_freq = self.time_proj(rearrange(timesteps.float(), "b t -> (b t)") * self.config.timestep_scale)
-        c = rearrange(self.time_embed(t_freq.to(self.param_dtype)), "(b t) d -> b t d", b=batch)
+        t_freq = self.time_proj(timesteps.float().flatten() * self.config.timestep_scale)  # (B*T, frequency_dim)
+        c = self.time_embed(t_freq.to(self.param_dtype)).unflatten(0, (batch, frames))  # "(b t) d -> b t d"
         if self.action_embed is None:
             if actions is not None:
                 raise ValueError("actions were given but this model has num_actions=0")
@@ -207,6 +206,27 @@ class VideoDiT(ModelMixin, ConfigMixin):
             actions: (B, T) or None, as for `forward`.
             update_cache: append these frames' keys and values and advance the cache (give clean frames, t = 0).
         """
+        grid, x, c, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
+        x = self._run_blocks(x, c, cos, sin, mask, kv_cache, update_cache, memory)
+        if update_cache:
+            self._advance(kv_cache, grid, memory)
+        return self._unpatchify(self.final_layer(x, c), grid)
+
+    def commit(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None) -> None:
+        """Append clean frames to kv_cache: `forward_cached(update_cache=True)` without its velocity, so the last
+        block computes only its keys and values (no attention, no MLP) and the output layer does not run; the cache
+        ends up the same. What a rollout does with each frame it has generated (DiTPipeline, LiveGenerator).
+
+        Args: as `forward_cached`; give clean frames (t = 0)."""
+        grid, x, c, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
+        *first, last = self.blocks
+        for i, block in enumerate(first):
+            x = block(x, c, cos, sin, mask, kv_cache, i, True, memory)
+        last.store(x, c, cos, sin, kv_cache, len(first), memory)
+        self._advance(kv_cache, grid, memory)
+
+    def _cached_pass(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache | None, actions: Tensor | None):
+        """(grid, tokens x, conditioning c, RoPE cos, sin, mask, memory) of a pass after kv_cache's frames."""
         grid = self._grid(latents, timesteps)
         self._require_causal("a KV cache needs")
         if kv_cache is None:
@@ -219,14 +239,15 @@ class VideoDiT(ModelMixin, ConfigMixin):
         else:
             mask = causal_mask(kv_cache.frames, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
             memory = None
-        x = self._run_blocks(x, c, cos, sin, mask, kv_cache, update_cache, memory)
-        if update_cache:
-            pool = self.config.memory_pool
-            kv_cache.advance(grid.frames, grid.height * grid.width,
-                             (grid.height // pool) * (grid.width // pool) if memory is not None else 0)
-            if memory is not None:  # full keys only where a next query frame can see them
-                kv_cache.keep_full(self.config.short_frames - 1)
-        return self._unpatchify(self.final_layer(x, c), grid)
+        return grid, x, c, cos, sin, mask, memory
+
+    def _advance(self, kv_cache: KVCache, grid: PatchGrid, memory: Memory | None) -> None:
+        """After a committing pass: move the cache's position on (and keep the full keys a next query can see)."""
+        pool = self.config.memory_pool
+        kv_cache.advance(grid.frames, grid.height * grid.width,
+                         (grid.height // pool) * (grid.width // pool) if memory is not None else 0)
+        if memory is not None:  # full keys only where a next query frame can see them
+            kv_cache.keep_full(self.config.short_frames - 1)
 
     def forward_teacher_forcing(self, latents: Tensor, timesteps: Tensor, clean: Tensor,
                                 actions: Tensor | None = None, clean_timesteps: Tensor | None = None) -> Tensor:
@@ -281,9 +302,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
         """Tokens x (B, T/pt, h*w, D) and per-(temporal patch) conditioning c (B, T/pt, D)."""
         pt, p = self.config.patch_size_t, self.config.patch_size
         c = self.condition(timesteps, actions)  # (B, T, D)
-        c = rearrange(c, "b (t pt) d -> b t pt d", pt=pt).mean(dim=2)  # (B, T/pt, D): a temporal patch shares it
-        x = rearrange(latents.to(self.param_dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)",
-                      pt=pt, ph=p, pw=p)
+        if pt > 1:  # (B, T/pt, D): a temporal patch shares it ("b (t pt) d -> b t pt d", mean over pt)
+            c = c.unflatten(1, (-1, pt)).mean(dim=2)
+        b, frames, channels, height, width = latents.shape  # "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)"
+        x = latents.to(self.param_dtype).reshape(b, frames // pt, pt, channels, height // p, p, width // p, p)
+        x = x.permute(0, 1, 4, 6, 2, 5, 7, 3).reshape(b, frames // pt, (height // p) * (width // p), -1)
         return self.patch_embed(x), c
 
     def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device, stride: int = 1) -> tuple[Tensor, Tensor]:
@@ -323,8 +346,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
     def _unpatchify(self, x: Tensor, grid: PatchGrid) -> Tensor:
         """(B, T/pt, h*w, pt*p*p*C) -> (B, T, C, H, W)."""
-        pt, p = self.config.patch_size_t, self.config.patch_size
-        return rearrange(x, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=grid.height, pt=pt, ph=p, pw=p)
+        pt, p = self.config.patch_size_t, self.config.patch_size  # "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)"
+        x = x.reshape(x.shape[0], grid.frames, grid.height, grid.width, pt, p, p, -1)  # (B, t, h, w, pt, ph, pw, C)
+        x = x.permute(0, 1, 4, 7, 2, 5, 3, 6)  # (B, t, pt, C, h, ph, w, pw)
+        return x.reshape(x.shape[0], grid.frames * pt, x.shape[3], grid.height * p, grid.width * p)
 
 
 def count_params(preset_or_spec: str | dict, in_channels: int = 4, patch_size: int = 2, patch_size_t: int = 1,

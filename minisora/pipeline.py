@@ -381,7 +381,7 @@ class DiTPipeline(DiffusionPipeline):
         if act is not None and guidance != 1.0:
             clean, act = torch.cat([clean, clean]), torch.cat([act, torch.full_like(act, -1)])
         t = torch.zeros(clean.shape[0], frames, device=clean.device)
-        self.transformer(clean, t, act, kv_cache=cache, update_cache=True)
+        self.transformer.commit(clean, t, cache, act)  # keys and values only: no velocity
 
     def _check_actions(self, actions: np.ndarray | torch.Tensor, batch: int, total: int) -> torch.Tensor:
         """(videos, latent frames) integer actions in [0, num_actions), or -1 for the null action."""
