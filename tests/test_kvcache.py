@@ -100,6 +100,33 @@ def test_kv_cache_rolls_keeping_the_newest_frames():
     assert torch.equal(cache.keys[1], k_before)
 
 
+
+@pytest.mark.parametrize("short_frames", [0, 2])
+def test_commit_fills_the_cache_as_a_committing_forward_does(short_frames):
+    """`commit` (a rollout's per-frame cache update) skips the last block's attention and MLP and the output layer;
+    the cache it leaves is bit for bit the one of forward(update_cache=True), long-short memory included."""
+    torch.manual_seed(1)
+    model = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, num_actions=3, attention="causal",
+                     short_frames=short_frames)
+    x, a = torch.randn(1, 5, 4, 4, 4), torch.randint(0, 3, (1, 5))
+    caches = [KVCache(2, position=7), KVCache(2, position=7)]
+    with torch.no_grad():
+        for cache in caches:  # the context at once, then frame by frame with a rolling window of 3
+            model(x[:, :2], torch.zeros(1, 2), a[:, :2], kv_cache=cache, update_cache=True)
+        for i in range(2, 5):
+            args = (x[:, i:i + 1], torch.zeros(1, 1))
+            model(*args, a[:, i:i + 1], kv_cache=caches[0], update_cache=True)
+            assert model.commit(*args, caches[1], a[:, i:i + 1]) is None
+            for cache in caches:
+                cache.keep_last(3)
+    ref, got = caches
+    assert (got.frames, got.position, got.memory_frames) == (ref.frames, ref.position, ref.memory_frames) == \
+        (3 if not short_frames else 1, 12, 3 if short_frames else 0)
+    for layer in range(2):
+        assert all(torch.equal(g, r) for g, r in zip(got.past(layer), ref.past(layer)))  # keys, values
+        if short_frames:
+            assert all(torch.equal(g, r) for g, r in zip(got._memory[layer].live(), ref._memory[layer].live()))
+
 def test_attention_mode_round_trips_and_old_configs_load_as_full(tmp_path):
     random_dit(attention="causal").save_pretrained(tmp_path / "causal")
     assert VideoDiT.from_pretrained(tmp_path / "causal").config.attention == "causal"
