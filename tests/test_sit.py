@@ -242,6 +242,9 @@ class Oracle(torch.nn.Module):
             return torch.zeros_like(x)
         return ideal(self.path, self.prediction, star)(x.float(), t)
 
+    def commit(self, x, t, kv_cache, actions=None):  # VideoDiT.commit: what a rollout does with a generated frame
+        self.forward(x, t, actions, kv_cache=kv_cache, update_cache=True)
+
 
 @pytest.mark.parametrize("path,prediction,sampler,sde", [
     ("linear", "score", "euler", None), ("gvp", "noise", "sde", SDEConfig(diffusion="sbdm", last_step="tweedie")),
