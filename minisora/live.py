@@ -60,6 +60,10 @@ def check_playable(pipe: DiTPipeline, where: str) -> None:
         raise PlayError(f"{where}: this model was trained with attention={attention!r}; playing needs a causal model "
                         "(`minisora train --attention causal`, the default), whose KV cache makes each new frame cost "
                         "one frame of tokens; a full-attention model recomputes its whole window for every frame")
+    if pipe.config.get("retrieve_frames", 0):
+        raise PlayError(f"{where}: this model was trained with retrieved memory (--retrieve-frames "
+                        f"{pipe.config.retrieve_frames}); play keeps one rolling KV cache and does not retrieve, so it "
+                        "would show the model frames it never saw in training; sample or eval it instead")
     if cfg.patch_size_t != 1:
         raise PlayError(f"{where}: temporal patch {cfg.patch_size_t}; playing adds one latent frame per step and "
                         "needs patch_size_t 1")

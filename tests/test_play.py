@@ -93,6 +93,14 @@ def test_a_full_attention_model_is_refused(runs):
         prepare(play_cfg(runs, clip="test:"))
 
 
+def test_a_retrieved_memory_model_is_refused():
+    pipe = DiTPipeline(random_dit(), build_vae("kl", tiny_vae_config("kl")).model, FlowMatchEulerDiscreteScheduler(),
+                       window_frames=4, latent_size=[4, 4])
+    pipe.register_to_config(retrieve_frames=2)  # as minisora.run_dir.build_pipeline does for such a run
+    with pytest.raises(PlayError, match=r"retrieved memory \(--retrieve-frames 2\).*sample or eval it instead"):
+        LiveGenerator(pipe, torch.zeros(1, 2, 4, 4, 4))
+
+
 def test_keys_follow_the_datasets_actions(runs):
     synthetic = action_set({"kind": "dmlab", "root": str(runs / "data")}, 4)
     assert synthetic.names == ("forward", "turn_left", "turn_right", "noop") and synthetic.idle == NOOP
