@@ -159,8 +159,8 @@ class TrainConfig:
     # keys/values pooled memory_pool x memory_pool over the token grid (minisora.blocks); 0: every frame in full
     short_frames: int = 0
     memory_pool: int = 2
-    # retrieved memory (minisora.retrieval): this many frames of the clip's past, picked by likeness to the
-    # window's first frame, before every window; 0: none
+    # retrieved memory (minisora.retrieval): before every window, one frame of the clip's past for each of the
+    # window's last retrieve_frames frames u (the frame after the moment most like frame u - 1); 0: none
     retrieve_frames: int = 0
     batch_size: int = 8  # windows per rank per micro-step
     lr: float = 3e-4

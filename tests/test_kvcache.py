@@ -100,7 +100,6 @@ def test_kv_cache_rolls_keeping_the_newest_frames():
     assert torch.equal(cache.keys[1], k_before)
 
 
-
 @pytest.mark.parametrize("short_frames", [0, 2])
 def test_commit_fills_the_cache_as_a_committing_forward_does(short_frames):
     """`commit` (a rollout's per-frame cache update) skips the last block's attention and MLP and the output layer;
@@ -126,6 +125,7 @@ def test_commit_fills_the_cache_as_a_committing_forward_does(short_frames):
         assert all(torch.equal(g, r) for g, r in zip(got.past(layer), ref.past(layer)))  # keys, values
         if short_frames:
             assert all(torch.equal(g, r) for g, r in zip(got._memory[layer].live(), ref._memory[layer].live()))
+
 
 def test_attention_mode_round_trips_and_old_configs_load_as_full(tmp_path):
     random_dit(attention="causal").save_pretrained(tmp_path / "causal")
