@@ -72,7 +72,7 @@ class DiTPipeline(DiffusionPipeline):
                  latents_mean: list[float] | None = None, latents_std: list[float] | None = None,
                  window_frames: int = 8, latent_size: list[int] | None = None, fps: float | None = None,
                  frame_stride: int = 1, resolution: list[int] | None = None, path: str = "linear",
-                 prediction: str = "velocity"):
+                 prediction: str = "velocity", retrieve_frames: int = 0):
         super().__init__()
         check_path(path, prediction)  # the interpolant the transformer was trained on, and what it predicts
         transformer.eval()  # sampling: no action dropout (a DiT built with from_config starts in train mode)
@@ -82,7 +82,7 @@ class DiTPipeline(DiffusionPipeline):
                                 latents_std=list(latents_std or [1.0] * c), window_frames=window_frames,
                                 latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
                                 frame_stride=frame_stride, resolution=None if resolution is None else list(resolution),
-                                path=path, prediction=prediction)
+                                path=path, prediction=prediction, retrieve_frames=retrieve_frames)
         self.video_vae = VideoVAE.from_model(vae)
 
     # ------------------------------------------------------------------ the run directory (minisora.run_dir)

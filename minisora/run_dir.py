@@ -93,7 +93,8 @@ def pipeline_kwargs(meta: dict) -> dict:
     return {"path": flow.get("path", "linear"), "prediction": flow.get("prediction", "velocity"),
             "latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
             "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
-            "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution")}
+            "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution"),
+            "retrieve_frames": meta.get("retrieve_frames", 0)}  # absent in older runs: none
 
 
 def build_pipeline(cls: type[DiffusionPipeline], transformer: VideoDiT, meta: dict, device: torch.device | str,
@@ -116,7 +117,6 @@ def build_pipeline(cls: type[DiffusionPipeline], transformer: VideoDiT, meta: di
                           "restore that VAE there")
     scheduler = FlowMatchEulerDiscreteScheduler(shift=meta.get("scheduler", {}).get("shift", 1.0))
     pipe = cls(transformer, vae.model, scheduler, **pipeline_kwargs(meta)).to(device)
-    pipe.register_to_config(retrieve_frames=meta.get("retrieve_frames", 0))  # absent in older runs: none
     return pipe
 
 

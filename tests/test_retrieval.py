@@ -127,6 +127,8 @@ def test_train_records_the_setting_and_old_runs_load_without_it(tmp_path):
     assert "retrieved memory (4 frames of the clip's past before each window)" in r.output
     pipe = DiTPipeline.from_run(tmp_path / "run")
     assert pipe.config.retrieve_frames == 4 and pipe.config.window_frames == 4
+    pipe.save_pretrained(tmp_path / "saved")  # a self-contained copy keeps the setting (an __init__ argument)
+    assert DiTPipeline.from_run(tmp_path / "saved").config.retrieve_frames == 4
     (meta_file,) = (tmp_path / "run").glob("checkpoints/*/pipeline/minisora_pipeline.json")
     assert json.loads(meta_file.read_text())["retrieve_frames"] == 4
     r = CliRunner().invoke(app, args(2, 4))  # resuming with another --retrieve-frames is another run
