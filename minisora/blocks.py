@@ -141,7 +141,8 @@ class Attention(nn.Module):
         mem_k = mem_v = None
         if memory is not None:  # pooled before the rotation, rotated at the patch centres
             mem_k, mem_v = apply_rope(pool_tokens(k, memory), memory.cos, memory.sin), pool_tokens(v, memory)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mem_k, mem_v
+        q, k = apply_rope(torch.stack([q, k]), cos, sin)  # one rotation of both: (2, B, heads, N, head_dim)
+        return q, k, v, mem_k, mem_v
 
 
 class DiTBlock(nn.Module):
@@ -156,21 +157,26 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
+    def modulation(self, c: Tensor) -> Tensor:
+        """The six per-frame modulations of c (B, T, D), in one (B, T, 1, 6 D): shift, scale and gate of the
+        attention branch, then of the MLP's (a rollout reuses them from its KV cache: its frames share their times)."""
+        return self.adaLN_modulation(c)[:, :, None]
+
+    def forward(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None = None,
                 cache: KVCache | None = None, layer: int = 0, update_cache: bool = False,
                 memory: Memory | None = None) -> Tensor:
-        # x (B, T, S, D) tokens per frame; c (B, T, D) -> six (B, T, 1, D) modulations
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)
+        # x (B, T, S, D) tokens per frame; mod (B, T, 1, 6 D) -> six (B, T, 1, D) modulations
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
         frames = x.shape[1]
         h = modulate(self.norm1(x), shift_a, scale_a).flatten(1, 2)  # (B, T*S, D)
         h = self.attn(h, cos, sin, mask, cache, layer, update_cache, memory)
         x = x + gate_a * h.unflatten(1, (frames, -1))  # (B, T, S, D)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
-    def store(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+    def store(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
               memory: Memory | None = None) -> None:
         """Only append this block's keys and values of x (B, T, S, D) to `cache`: the attention branch up to them."""
-        shift_a, scale_a = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)[:2]  # each (B, T, 1, D)
+        shift_a, scale_a = mod.chunk(6, dim=-1)[:2]  # each (B, T, 1, D)
         self.attn.store(modulate(self.norm1(x), shift_a, scale_a).flatten(1, 2), cos, sin, cache, layer, memory)
 
 
@@ -181,6 +187,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, :, None].chunk(2, dim=-1)  # each (B, T, 1, D)
+    def modulation(self, c: Tensor) -> Tensor:
+        """Shift and scale of c (B, T, D), in one (B, T, 1, 2 D)."""
+        return self.adaLN_modulation(c)[:, :, None]
+
+    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
+        shift, scale = mod.chunk(2, dim=-1)  # each (B, T, 1, D)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, S, out_dim)

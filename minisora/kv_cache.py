@@ -22,8 +22,12 @@ when the buffer's end is reached.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+
+REMEMBERED = 256  # `KVCache.remember`'s keys: a rollout meets steps + 1 times per (actions, guidance) pair
 
 
 class _Buffer:
@@ -80,7 +84,17 @@ class KVCache:
 
     def __init__(self, depth: int, position: int = 0):
         self.depth = depth
+        self._remembered: dict = {}  # what `remember` keeps: not frames, so `reset` leaves it
         self.reset(position)
+
+    def remember(self, key, make: Callable[[], object]):
+        """make()'s value for `key`, computed once for this cache's rollout (VideoDiT keeps each pass's per-time
+        modulations here: a rollout's frames step through the same times); at most REMEMBERED keys at once."""
+        if key not in self._remembered:
+            if len(self._remembered) >= REMEMBERED:
+                self._remembered.clear()
+            self._remembered[key] = make()
+        return self._remembered[key]
 
     def reset(self, position: int = 0) -> None:
         """Forget every cached frame; the next frame fed goes to absolute frame `position`."""

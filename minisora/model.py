@@ -185,15 +185,15 @@ class VideoDiT(ModelMixin, ConfigMixin):
             actions: (B, T) or None, as for `forward`.
         """
         grid = self._grid(latents, timesteps)
-        x, c = self._embed(latents, timesteps, actions)
+        x, mods = self._embed(latents), self._modulations(timesteps, actions)
         cos, sin = self._rope(grid, 0, x.device)
         mask, memory = None, None
         if self.config.short_frames:
             mask, memory = self._long_short(grid, x.device, memory_frames=0, full_frames=0, new_frames=grid.frames)
         elif self.config.attention == "causal":
             mask = causal_mask(0, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
-        x = self._run_blocks(x, c, cos, sin, mask, memory=memory)
-        return self._unpatchify(self.final_layer(x, c), grid)
+        x = self._run_blocks(x, mods, cos, sin, mask, memory=memory)
+        return self._unpatchify(self.final_layer(x, mods[-1]), grid)
 
     def forward_cached(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None,
                        update_cache: bool = False) -> Tensor:
@@ -206,11 +206,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
             actions: (B, T) or None, as for `forward`.
             update_cache: append these frames' keys and values and advance the cache (give clean frames, t = 0).
         """
-        grid, x, c, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
-        x = self._run_blocks(x, c, cos, sin, mask, kv_cache, update_cache, memory)
+        grid, x, mods, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
+        x = self._run_blocks(x, mods, cos, sin, mask, kv_cache, update_cache, memory)
         if update_cache:
             self._advance(kv_cache, grid, memory)
-        return self._unpatchify(self.final_layer(x, c), grid)
+        return self._unpatchify(self.final_layer(x, mods[-1]), grid)
 
     def commit(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None) -> None:
         """Append clean frames to kv_cache: `forward_cached(update_cache=True)` without its velocity, so the last
@@ -218,20 +218,20 @@ class VideoDiT(ModelMixin, ConfigMixin):
         ends up the same. What a rollout does with each frame it has generated (DiTPipeline, LiveGenerator).
 
         Args: as `forward_cached`; give clean frames (t = 0)."""
-        grid, x, c, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
+        grid, x, mods, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
         *first, last = self.blocks
         for i, block in enumerate(first):
-            x = block(x, c, cos, sin, mask, kv_cache, i, True, memory)
-        last.store(x, c, cos, sin, kv_cache, len(first), memory)
+            x = block(x, mods[i], cos, sin, mask, kv_cache, i, True, memory)
+        last.store(x, mods[len(first)], cos, sin, kv_cache, len(first), memory)
         self._advance(kv_cache, grid, memory)
 
     def _cached_pass(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache | None, actions: Tensor | None):
-        """(grid, tokens x, conditioning c, RoPE cos, sin, mask, memory) of a pass after kv_cache's frames."""
+        """(grid, tokens x, modulations, RoPE cos, sin, mask, memory) of a pass after kv_cache's frames."""
         grid = self._grid(latents, timesteps)
         self._require_causal("a KV cache needs")
         if kv_cache is None:
             raise ValueError("update_cache=True needs a kv_cache")
-        x, c = self._embed(latents, timesteps, actions)
+        x, mods = self._embed(latents), self._cached_modulations(timesteps, actions, kv_cache)
         cos, sin = self._rope(grid, kv_cache.position, x.device)
         if self.config.short_frames:
             mask, memory = self._long_short(grid, x.device, kv_cache.memory_frames, kv_cache.frames, grid.frames,
@@ -239,7 +239,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         else:
             mask = causal_mask(kv_cache.frames, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
             memory = None
-        return grid, x, c, cos, sin, mask, memory
+        return grid, x, mods, cos, sin, mask, memory
 
     def _advance(self, kv_cache: KVCache, grid: PatchGrid, memory: Memory | None) -> None:
         """After a committing pass: move the cache's position on (and keep the full keys a next query can see)."""
@@ -268,7 +268,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if clean_t.shape != timesteps.shape:
             raise ValueError(f"clean_timesteps {tuple(clean_t.shape)} must match timesteps {tuple(timesteps.shape)}")
         both = None if actions is None else torch.cat([actions, actions], 1)
-        x, c = self._embed(torch.cat([clean, latents], 1), torch.cat([clean_t, timesteps], 1), both)  # 2T frames
+        x = self._embed(torch.cat([clean, latents], 1))  # 2T frames
+        mods = self._modulations(torch.cat([clean_t, timesteps], 1), both, final_from=grid.frames)
         cos, sin = self._rope(grid, 0, x.device)
         cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])  # both copies of frame i at position i
         if self.config.short_frames:  # the memory of the clean copy's frames
@@ -276,8 +277,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         else:
             mask = teacher_forcing_mask(grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
             memory = None
-        x = self._run_blocks(x, c, cos, sin, mask, memory=memory)
-        return self._unpatchify(self.final_layer(x[:, grid.frames:], c[:, grid.frames:]), grid)  # noisy copy only
+        x = self._run_blocks(x, mods, cos, sin, mask, memory=memory)
+        return self._unpatchify(self.final_layer(x[:, grid.frames:], mods[-1]), grid)  # noisy copy only
 
     def _grid(self, latents: Tensor, timesteps: Tensor) -> PatchGrid:
         """The patch grid of latents (B, T, C, H, W), after checking them and timesteps (B, T)."""
@@ -298,16 +299,39 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if self.config.attention != "causal":
             raise ValueError(f"{what} a causal model; this one has attention={self.config.attention!r}")
 
-    def _embed(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Tokens x (B, T/pt, h*w, D) and per-(temporal patch) conditioning c (B, T/pt, D)."""
-        pt, p = self.config.patch_size_t, self.config.patch_size
+    def _modulations(self, timesteps: Tensor, actions: Tensor | None, final_from: int = 0) -> list[Tensor]:
+        """Each block's modulation (B, T/pt, 1, 6 D), then the output layer's (B, T/pt - final_from, 1, 2 D) of the
+        frames from final_from on, from the per-(temporal patch) conditioning c (B, T/pt, D) of times and actions."""
+        pt = self.config.patch_size_t
         c = self.condition(timesteps, actions)  # (B, T, D)
         if pt > 1:  # (B, T/pt, D): a temporal patch shares it ("b (t pt) d -> b t pt d", mean over pt)
             c = c.unflatten(1, (-1, pt)).mean(dim=2)
+        return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c[:, final_from:])]
+
+    def _cached_modulations(self, timesteps: Tensor, actions: Tensor | None, kv_cache: KVCache) -> list[Tensor]:
+        """`_modulations`, remembered by kv_cache: every frame of a rollout steps through the same times (and a
+        commit's t = 0), so its passes compute each (times, actions) pair's modulations once. The key holds the
+        conditioning weights' versions, so changed weights are never served old values. Not in training (action
+        dropout) nor with gradients, and on the CPU only: elsewhere the key would cost a host sync per pass."""
+        if self.training or torch.is_grad_enabled() or timesteps.device.type != "cpu":
+            return self._modulations(timesteps, actions)
+        weights = tuple((p.data_ptr(), p._version) for p in self._conditioning_parameters())
+        key = (id(self), weights, timesteps.shape, tuple(timesteps.flatten().tolist()),
+               None if actions is None else tuple(actions.flatten().tolist()))
+        return kv_cache.remember(key, lambda: self._modulations(timesteps, actions))
+
+    def _conditioning_parameters(self) -> list[nn.Parameter]:
+        modules = [self.time_embed, self.action_embed, *(b.adaLN_modulation for b in self.blocks),
+                   self.final_layer.adaLN_modulation]
+        return [p for m in modules if m is not None for p in m.parameters()]
+
+    def _embed(self, latents: Tensor) -> Tensor:
+        """Tokens x (B, T/pt, h*w, D) of latents (B, T, C, H, W)."""
+        pt, p = self.config.patch_size_t, self.config.patch_size
         b, frames, channels, height, width = latents.shape  # "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)"
         x = latents.to(self.param_dtype).reshape(b, frames // pt, pt, channels, height // p, p, width // p, p)
         x = x.permute(0, 1, 4, 6, 2, 5, 7, 3).reshape(b, frames // pt, (height // p) * (width // p), -1)
-        return self.patch_embed(x), c
+        return self.patch_embed(x)
 
     def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device, stride: int = 1) -> tuple[Tensor, Tensor]:
         cfg = self.config  # the frames from absolute frame `frame_offset` on; each (T/pt*h*w, head_dim/2)
@@ -335,12 +359,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         cos, sin = self._rope(PatchGrid(pooled, grid.height // pool, grid.width // pool), offset, device, pool)
         return mask, Memory(pool, pooled, grid.height, grid.width, visible, cos, sin)
 
-    def _run_blocks(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, mask: FrameMask | None,
+    def _run_blocks(self, x: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor, mask: FrameMask | None,
                     cache: KVCache | None = None, update_cache: bool = False, memory: Memory | None = None) -> Tensor:
         # gradient checkpointing recomputes a block in backward, which would read and write a cache again
         checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing and cache is None
         for i, block in enumerate(self.blocks):
-            args = (x, c, cos, sin, mask, cache, i, update_cache, memory)
+            args = (x, mods[i], cos, sin, mask, cache, i, update_cache, memory)
             x = self._gradient_checkpointing_func(block, *args) if checkpoint else block(*args)
         return x
 

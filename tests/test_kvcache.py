@@ -127,6 +127,26 @@ def test_commit_fills_the_cache_as_a_committing_forward_does(short_frames):
             assert all(torch.equal(g, r) for g, r in zip(got._memory[layer].live(), ref._memory[layer].live()))
 
 
+
+def test_cached_passes_remember_each_time_and_action_until_the_weights_change():
+    """A rollout's passes reuse the modulations of a (times, actions) pair from the cache (`KVCache.remember`), with
+    the velocity of an uncached pass; weights changed in place (a load, a training step) are never served stale."""
+    model = random_dit()
+    x, a = torch.randn(1, 3, 4, 4, 4), torch.randint(0, 3, (1, 3))
+    cache = KVCache(2)
+    with torch.no_grad():
+        model.commit(x[:, :2], torch.zeros(1, 2), cache, a[:, :2])
+        steps = [model(x[:, 2:], torch.full((1, 1), t), a[:, 2:], kv_cache=cache) for t in (0.75, 0.5, 0.75)]
+        assert len(cache._remembered) == 3  # the commit's t = 0 and the two times of the steps
+        assert torch.equal(steps[0], steps[2])
+        full = model(x, torch.tensor([[0.0, 0.0, 0.5]]), a)[:, 2:]
+        torch.testing.assert_close(steps[1], full, rtol=0, atol=1e-5)
+        model.blocks[1].adaLN_modulation[-1].weight.mul_(0.5)  # in place, as a load or an optimizer step
+        moved = model(x[:, 2:], torch.full((1, 1), 0.75), a[:, 2:], kv_cache=cache)
+    with torch.enable_grad():  # nothing remembered with gradients: the modulations of the weights as they are
+        fresh = model(x[:, 2:], torch.full((1, 1), 0.75), a[:, 2:], kv_cache=cache)
+    assert torch.equal(moved, fresh) and (moved - steps[0]).abs().amax() > 1e-3
+
 def test_attention_mode_round_trips_and_old_configs_load_as_full(tmp_path):
     random_dit(attention="causal").save_pretrained(tmp_path / "causal")
     assert VideoDiT.from_pretrained(tmp_path / "causal").config.attention == "causal"
