@@ -127,7 +127,6 @@ def test_commit_fills_the_cache_as_a_committing_forward_does(short_frames):
             assert all(torch.equal(g, r) for g, r in zip(got._memory[layer].live(), ref._memory[layer].live()))
 
 
-
 def test_cached_passes_remember_each_time_and_action_until_the_weights_change():
     """A rollout's passes reuse the modulations of a (times, actions) pair from the cache (`KVCache.remember`), with
     the velocity of an uncached pass; weights changed in place (a load, a training step) are never served stale."""
@@ -146,6 +145,7 @@ def test_cached_passes_remember_each_time_and_action_until_the_weights_change():
     with torch.enable_grad():  # nothing remembered with gradients: the modulations of the weights as they are
         fresh = model(x[:, 2:], torch.full((1, 1), 0.75), a[:, 2:], kv_cache=cache)
     assert torch.equal(moved, fresh) and (moved - steps[0]).abs().amax() > 1e-3
+
 
 def test_attention_mode_round_trips_and_old_configs_load_as_full(tmp_path):
     random_dit(attention="causal").save_pretrained(tmp_path / "causal")
