@@ -48,10 +48,11 @@ def train(
                                     "/ --patch-size), so each costs 1/P^2 of a full frame. Saved with the weights."),
     retrieve_frames: int = typer.Option(T.retrieve_frames, min=0, help="Retrieved memory (--attention causal, "
                                         "--short-frames 0): before each window of --frames frames, N clean frames "
-                                        "of the clip's own past: the stretch after the earlier frame most like the "
-                                        "window's first one (at least --frames frames back), left out of the loss; "
-                                        "rollouts retrieve from context and generated frames by the same rule "
-                                        "(chunk 1). Costs N more frames per window. 0: none. Saved with the run."),
+                                        "of the clip's own past, one for each of the window's last N frames u: the "
+                                        "frame after the earlier moment (at least --frames frames back) most like "
+                                        "frame u - 1; left out of the loss. Rollouts retrieve from context and "
+                                        "generated frames by the same rule (chunk 1). Costs N more frames per "
+                                        "window. 0: none. Saved with the run."),
     batch_size: int = typer.Option(T.batch_size, min=1, help="Windows per process per micro-step (global batch = "
                                    "processes x this x grad-accum)."),
     lr: float = typer.Option(T.lr, help="Peak AdamW learning rate."),

@@ -154,7 +154,7 @@ def memory_line(retrieve_frames: int) -> str:
 
 def with_memory(memory: int, window: int, t: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """A training step's times t (B, M + W) and loss context (B, M + W) with the [memory | window] sequence's
-    memory frames and key frame held out of the loss (memory frames clean, t = 0); unchanged without memory."""
+    memory frames held out of the loss (memory frames clean, t = 0); unchanged without memory."""
     if not memory:
         return t, context
     mask = loss_context(t.shape[0], memory, window, t.device)
