@@ -37,10 +37,7 @@ def evaluate(
     guidance: float = typer.Option(E.guidance,
                                    help="Classifier-free guidance scale on the clips' recorded actions (1: plain "
                                    "conditional; models trained with actions)."),
-    context_noise: float = typer.Option(E.context_noise, min=0.0, max=0.99,
-                                        help="Noise level t at which known (context and "
-                                        "already generated) frames are shown to the model; a model trained with "
-                                        "--context-noise continues better from a small one (0: clean)."),
+    context_noise: float = options.context_noise(E.context_noise),
     sampler: str = options.sampler(E.sampler),
     sde_diffusion: str = options.sde_diffusion(SDE.diffusion),
     sde_norm: float = options.sde_norm(SDE.norm),

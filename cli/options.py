@@ -14,10 +14,17 @@ def transformer_precision(default: str):
 
 
 def kv_cache(default: str):
-    return typer.Option(default, "--kv-cache", help="How a causal model rolls out: auto (= rolling), rolling (each "
-                        "new frame's keys/values computed once and kept for window - chunk frames: fastest, "
-                        "sliding-window attention over the history), window (context re-encoded once per window: "
+    return typer.Option(default, "--kv-cache", help="How a causal model rolls out: auto (rolling; window with "
+                        "--context-noise > 0), rolling (each new frame's keys/values computed once and kept for "
+                        "window - chunk frames: fastest, sliding-window attention over the history; clean context "
+                        "only), window (context re-encoded once per window, noised as --context-noise says: "
                         "identical to the recompute).")
+
+
+def context_noise(default: float):
+    return typer.Option(default, min=0.0, max=0.99, help="Noise level t at which known (context and already "
+                        "generated) frames are shown to the model; a model trained with --context-noise continues "
+                        "better from a small one (0: clean).")
 
 
 def attention_kernel(default: str):

@@ -38,6 +38,7 @@ def sample(
                                 "`actions`, or omit for none."),
     guidance: float = typer.Option(S.guidance,
                                    help="Classifier-free guidance scale on actions (1: plain conditional)."),
+    context_noise: float = options.context_noise(S.context_noise),
     chunk: int = typer.Option(S.chunk, min=1,
                               help="New latent frames per rollout window, each conditioned on the window - "
                               "chunk frames before them (1: frame by frame; larger: fewer windows, faster; "
@@ -78,7 +79,7 @@ def sample(
     cfg = SampleConfig(checkpoint=checkpoint, out=out, num_videos=num_videos, frames=frames, steps=steps, shift=shift,
                        seed=seed, device=device, precision=precision,
                        context=context, context_frames=context_frames, actions=actions,
-                       guidance=guidance, formats=formats, chunk=chunk, fps=fps,
+                       guidance=guidance, context_noise=context_noise, formats=formats, chunk=chunk, fps=fps,
                        kv_cache="off" if no_kv_cache else kv_cache, attention_kernel=attention_kernel,
                        sampler=sampler, sde=sde)
     try:

@@ -206,6 +206,7 @@ class SampleConfig:
     context_frames: int = 4  # latent frames of context
     actions: str | None = None  # "context" (the context clip's own), a .npz/.npy file, or None
     guidance: float = 1.0
+    context_noise: float = 0.0  # noise level t of the known frames at sampling (0: clean context)
     formats: tuple[str, ...] = ("mp4", "gif")  # and/or "npz": unmarked frames + latents per video
     chunk: int = 1  # new latent frames per rollout window
     fps: float | None = None

@@ -20,8 +20,9 @@ t = 0 and kept per block, and each Euler step runs only the new frames' tokens a
   one t = 0 pass, and the cache keeps the last window - chunk frames. A cached frame's deeper
   keys were computed with the frames before it, so beyond the first window this is sliding-window
   attention over the whole history, not the window recompute (identical in a one-block model).
-- "window": each window recomputes its context frames once, at t = 0, then steps the new frames
-  against them: identical to the window recompute (up to float rounding) at a smaller speed-up.
+- "window": each window recomputes its context frames once, at t = 0 (or noised at context_t, as the
+  recompute shows them), then steps the new frames against them: identical to the window recompute
+  (up to float rounding) at a smaller speed-up. "auto" takes it when known frames are shown noised.
 - "off": the window recompute, the only mode of full-attention models.
 """
 
@@ -37,9 +38,9 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from minisora import retrieval, run_dir
+from minisora import pipeline_inputs as inputs, retrieval, run_dir
 from minisora.configs import SAMPLERS, SDEConfig
-from minisora.flow import euler_sample, heun_sample
+from minisora.flow import euler_sample, heun_sample, noisy
 from minisora.interpolants import check_path, convert, sample_start
 from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
@@ -213,21 +214,22 @@ class DiTPipeline(DiffusionPipeline):
             kv_cache: "auto" (rolling for causal models, off for full ones), "rolling", "window" or "off" (see
                 the module docstring); the mode used is in the output's `kv_cache`.
             context_t: the noise level at which known frames are shown to the model (minisora.flow.euler_sample;
-                0: clean). The KV cache holds clean frames, so "auto" turns it off for context_t > 0.
+                0: clean). Every window shows its known frames noised by its own draws, so "auto" takes the "window"
+                cache for context_t > 0 (the rolling one keeps each frame once) and "rolling" refuses it.
         """
         # 1. check the inputs
         integrate = self._integrator(sampler, generator, sde)
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be uint8, float or latent, got {output_type!r}")
         self.check_guidance(guidance)
-        ctx = self._context_latents(context_latents, context_frames)
+        ctx = inputs.context_latents(self, context_latents, context_frames)
         batch, given = (ctx.shape[0], ctx.shape[1]) if ctx is not None else (batch_size, 0)
         total = num_frames or self.config.window_frames
         plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
-        mode = self._rollout_mode(kv_cache, context_t)
+        mode = self.kv_cache_mode(kv_cache, context_t)
         if actions is not None:
-            actions = self._check_actions(actions, batch, total)
-        h, w = self._latent_size(height, width, ctx)
+            actions = inputs.check_actions(actions, self.transformer.config.num_actions, batch, total, self.device)
+        h, w = inputs.latent_size(self, height, width, ctx)
 
         # 2. roll out window by window: the known frames of `latents` (B, T', C, h, w) condition the new ones
         latents = torch.zeros(batch, total, self.transformer.config.in_channels, h, w, device=self.device)
@@ -242,7 +244,7 @@ class DiTPipeline(DiffusionPipeline):
         elif mode == "off":
             self._rollout_recompute(latents, plan, actions, solver, context_t)
         else:
-            self._rollout_kv_cache(latents, plan, actions, solver, mode, chunk)
+            self._rollout_kv_cache(latents, plan, actions, solver, mode, chunk, context_t)
         if bar is not None:
             bar.close()
         # 3. decode
@@ -266,18 +268,24 @@ class DiTPipeline(DiffusionPipeline):
             latents[:, known:start + n] = out[:, known - start:]
 
     def _rollout_kv_cache(self, latents: torch.Tensor, plan: list[tuple[int, int, int]],
-                          actions: torch.Tensor | None, solver: _Solver, mode: str, chunk: int) -> None:
+                          actions: torch.Tensor | None, solver: _Solver, mode: str, chunk: int,
+                          context_t: float = 0.0) -> None:
         """Fill `latents` window by window with a causal transformer's KV cache: the known frames' keys and
         values are computed once at t = 0, and each Euler step runs only the new frames against them.
-        mode "window" recomputes the cache per window; "rolling" adds each new frame once and keeps the last
-        window - chunk frames (see the module docstring)."""
+        mode "window" recomputes the cache per window, with known frames noised at context_t > 0 as the
+        recompute shows them (by the window's own draws); "rolling" adds each new frame once and keeps the
+        last window - chunk frames (see the module docstring)."""
         cache = KVCache(len(self.transformer.blocks))
         for i, (start, n, known) in enumerate(plan):
             noise = self._window_noise(latents, solver, i, len(plan), n)
             act = None if actions is None else actions[:, start:start + n]
-            if mode == "window" or i == 0:  # (re)compute the context frames' keys and values at t = 0
+            if mode == "window" or i == 0:  # (re)compute the context frames' keys and values
                 cache.reset(position=start)
-                self._commit(cache, latents[:, start:known], act, solver.guidance, start, start)
+                known_frames = latents[:, start:known]
+                if context_t > 0:  # "window" only (kv_cache_mode): shown as the recompute's held_context shows them
+                    t = torch.full(known_frames.shape[:2], context_t, device=self.device)
+                    known_frames = noisy(known_frames, noise[:, :known - start], t, self.config.get("path", "linear"))
+                self._commit(cache, known_frames, act, solver.guidance, start, start, context_t)
             new_act = None if act is None else act[:, known - start:]
             velocity = self._velocity(new_act, solver.guidance, solver.bar, cache)
             out = solver.integrate(velocity, noise[:, known - start:], solver.steps,
@@ -308,43 +316,6 @@ class DiTPipeline(DiffusionPipeline):
             return partial(sde_sample, sde=sde, generator=generator, **bound)
         return partial(heun_sample if sampler == "heun" else euler_sample, **bound)
 
-    def _context_latents(self, context_latents: torch.Tensor | None,
-                         context_frames: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
-        """The context as normalised float32 latents (B, K, C, h, w) on the pipeline's device, or None."""
-        if context_frames is not None:
-            context_latents = self.encode_frames(context_frames)
-        if context_latents is None:
-            return None
-        ctx = context_latents.to(self.device, torch.float32)
-        channels = self.transformer.config.in_channels
-        if ctx.ndim != 5 or ctx.shape[2] != channels:
-            raise ValueError(f"context latents must be (B, K, {channels}, h, w), got {tuple(ctx.shape)}")
-        return ctx
-
-    def _rollout_mode(self, kv_cache: str, context_t: float) -> str:
-        """kv_cache_mode, turned off by "auto" when known frames are shown noised (context_t > 0)."""
-        mode = self.kv_cache_mode(kv_cache)
-        if context_t > 0 and mode != "off":
-            if kv_cache != "auto":
-                raise ValueError(f"context_t={context_t} shows known frames noised, but the KV cache holds them clean; "
-                                 "use kv_cache='off' (--no-kv-cache)")
-            mode = "off"
-        return mode
-
-    def _latent_size(self, height: int | None, width: int | None, ctx: torch.Tensor | None) -> tuple[int, int]:
-        """Latent (h, w) for frames of height x width pixels (None: the context's, else the training size)."""
-        h, w = (int(s) for s in (ctx.shape[-2:] if ctx is not None else self.config.latent_size))
-        sc, patch = self.video_vae.info.spatial_compression, self.transformer.config.patch_size
-        for name, pixels in (("height", height), ("width", width)):
-            if pixels is not None and (pixels <= 0 or pixels % (sc * patch)):
-                raise ValueError(f"{name} {pixels} must be a positive multiple of {sc * patch}: the VAE compresses "
-                                 f"{sc}x and the transformer's patches are {patch}x{patch} latent pixels")
-        size = (h if height is None else height // sc, w if width is None else width // sc)
-        if ctx is not None and size != (h, w):
-            raise ValueError(f"height x width {size[0] * sc}x{size[1] * sc} does not fit the context: its latents "
-                             f"are {h}x{w}, frames of {h * sc}x{w * sc} pixels")
-        return size
-
     def rollout_line(self, kv_cache: str) -> str:
         """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
         how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
@@ -355,24 +326,14 @@ class DiTPipeline(DiffusionPipeline):
                     f"ones pooled {tcfg.memory_pool}x{tcfg.memory_pool}), {how}")
         return f"{tcfg.attention} attention, {how}"
 
-    def kv_cache_mode(self, kv_cache: str = "auto") -> str:
-        """The rollout mode for `kv_cache` ("auto", "rolling", "window", "off") and this transformer."""
-        tcfg = self.transformer.config
-        causal = tcfg.get("attention", "full") == "causal"
-        if kv_cache == "auto":
-            return "rolling" if causal and tcfg.patch_size_t == 1 else "off"
-        if kv_cache not in ("rolling", "window", "off"):
-            raise ValueError(f"kv_cache must be auto, rolling, window or off, got {kv_cache!r}")
-        if kv_cache != "off" and not causal:
-            raise ValueError(f"kv_cache={kv_cache!r} needs a causal transformer; this one has "
-                             f"attention={tcfg.get('attention', 'full')!r} (use kv_cache='off')")
-        if kv_cache != "off" and tcfg.patch_size_t != 1:
-            raise ValueError(f"the KV cache caches whole latent frames; patch_size_t {tcfg.patch_size_t} must be 1")
-        return kv_cache
+    def kv_cache_mode(self, kv_cache: str = "auto", context_t: float = 0.0) -> str:
+        """The rollout mode for `kv_cache` ("auto", "rolling", "window", "off"), this transformer and the noise level
+        context_t of known frames (minisora.pipeline_inputs.kv_cache_mode: "auto" takes "window" when it is > 0)."""
+        return inputs.kv_cache_mode(self.transformer.config, kv_cache, context_t)
 
     def _commit(self, cache: KVCache, clean: torch.Tensor, window_actions: torch.Tensor | None, guidance: float,
-                start: int, first: int) -> None:
-        """Append clean latent frames (B, F, C, h, w), frames first.. of the video, to the cache at t = 0,
+                start: int, first: int, t: float = 0.0) -> None:
+        """Append known latent frames (B, F, C, h, w), frames first.. of the video, to the cache at time t (0: clean),
         with their actions from the window's (B, n) (both guidance halves when guidance != 1)."""
         if clean.shape[1] == 0:
             return
@@ -380,19 +341,5 @@ class DiTPipeline(DiffusionPipeline):
         act = None if window_actions is None else window_actions[:, first - start:first - start + frames]
         if act is not None and guidance != 1.0:
             clean, act = torch.cat([clean, clean]), torch.cat([act, torch.full_like(act, -1)])
-        t = torch.zeros(clean.shape[0], frames, device=clean.device)
-        self.transformer.commit(clean, t, cache, act)  # keys and values only: no velocity
-
-    def _check_actions(self, actions: np.ndarray | torch.Tensor, batch: int, total: int) -> torch.Tensor:
-        """(videos, latent frames) integer actions in [0, num_actions), or -1 for the null action."""
-        num_actions = self.transformer.config.num_actions
-        if num_actions == 0:
-            raise ValueError("this model was trained without actions; pass no actions")
-        actions = torch.as_tensor(np.asarray(actions) if not torch.is_tensor(actions) else actions)
-        if actions.dtype.is_floating_point or actions.shape != (batch, total):
-            raise ValueError(f"actions {actions.dtype} {tuple(actions.shape)} must be integers shaped "
-                             f"(videos, latent frames) = {(batch, total)}")
-        if actions.numel() and (actions.min() < -1 or actions.max() >= num_actions):
-            raise ValueError(f"actions must be in [0, {num_actions}) (or -1 for none); got values "
-                             f"{int(actions.min())}..{int(actions.max())}")
-        return actions.to(self.device).long()
+        times = torch.full((clean.shape[0], frames), t, device=clean.device)
+        self.transformer.commit(clean, times, cache, act)  # keys and values only: no velocity

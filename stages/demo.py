@@ -221,11 +221,12 @@ def sample_videos(cfg: DemoConfig, paths: Paths, precision: str) -> list[str]:
                                     context=f"{paths.store}:test:0",
                                     # the recorded actions end with the clip: at most its latent frames
                                     frames=min(3 * cfg.window, cfg.frames // cfg.frame_stride),
-                                    actions="context", seed=cfg.seed,
-                                    steps=RECIPES[cfg.data].sample_steps, precision=precision))
+                                    actions="context", seed=cfg.seed, steps=RECIPES[cfg.data].sample_steps,
+                                    context_noise=RECIPES[cfg.data].context_noise, precision=precision))
     uncond = sample_main(SampleConfig(checkpoint=str(paths.run), out=str(paths.out / "samples" / "unconditional"),
                                       num_videos=2, frames=2 * cfg.window, seed=cfg.seed,
-                                      steps=RECIPES[cfg.data].sample_steps, precision=precision))
+                                      steps=RECIPES[cfg.data].sample_steps,
+                                      context_noise=RECIPES[cfg.data].context_noise, precision=precision))
     written = cont["written"] + uncond["written"]
     _done(t0, f"{len(written)} files")
     return written

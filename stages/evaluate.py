@@ -223,9 +223,7 @@ def main(cfg: EvalConfig) -> dict:
               f"the pipeline's VAE ({pipe.video_vae.info.source})")
     store.layout(cfg.split)  # a missing split is a StoreError naming the ones there are
     k_pix, n_pix = pipe.video_vae.pixel_frames(cfg.context_frames), pipe.video_vae.pixel_frames(cfg.frames)
-    kv_mode = pipe.kv_cache_mode(cfg.kv_cache)
-    if cfg.context_noise > 0 and cfg.kv_cache == "auto":
-        kv_mode = "off"  # the cache holds clean frames; noised context needs the window recompute
+    kv_mode = pipe.kv_cache_mode(cfg.kv_cache, cfg.context_noise)  # noised context: the window cache
 
     # 1. clips and ground truth; 2. baselines (deterministic, computed once), on generated frames only
     chosen, paths, truth, latents_gt, acts = _load_clips(cfg, pipe, store, n_pix)

@@ -47,10 +47,11 @@ def make_pipe(vae, depth=2, num_actions=3) -> DiTPipeline:
     return pipe
 
 
-def rollout(pipe, mode, chunk, actions, guidance, frames=3 * WINDOW, context=2):
+def rollout(pipe, mode, chunk, actions, guidance, frames=3 * WINDOW, context=2, context_t=0.0):
     ctx = torch.randn(1, context, 4, 4, 4, generator=torch.Generator().manual_seed(1)) if context else None
     out = pipe(context_latents=ctx, num_frames=frames, num_inference_steps=3, chunk=chunk, actions=actions,
-               guidance=guidance, kv_cache=mode, generator=torch.Generator().manual_seed(0), output_type="latent")
+               guidance=guidance, kv_cache=mode, generator=torch.Generator().manual_seed(0), output_type="latent",
+               context_t=context_t)
     return out
 
 
@@ -187,6 +188,24 @@ def test_window_cache_rollout_equals_the_recompute_frame_for_frame(vae, chunk, w
 
 @pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("with_actions,guidance", [(False, 1.0), (True, 2.5)])
+def test_window_cache_shows_noised_context_as_the_recompute_does(vae, chunk, with_actions, guidance):
+    """context_t > 0: every window shows its known frames noised by its own draws; the window cache commits them
+    so, at t = context_t, and "auto" takes it. The rolling cache, which keeps each frame once, refuses."""
+    pipe = make_pipe(vae)
+    actions = torch.randint(0, 3, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(2)) if with_actions else None
+    ref = rollout(pipe, "off", chunk, actions, guidance, context_t=0.2)
+    out = rollout(pipe, "auto", chunk, actions, guidance, context_t=0.2)
+    assert (ref.kv_cache, out.kv_cache) == ("off", "window")
+    torch.testing.assert_close(out.latents, ref.latents, rtol=0, atol=ATOL)
+    clean = rollout(pipe, "window", chunk, actions, guidance)
+    assert (clean.latents[:, 2:] - ref.latents[:, 2:]).abs().amax() > 1e-2  # the noise level reached the model
+    with pytest.raises(ValueError, match="context_t=0.2 shows every window's known frames noised .* use "
+                                         "kv_cache='window'"):
+        rollout(pipe, "rolling", chunk, actions, guidance, context_t=0.2)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("with_actions,guidance", [(False, 1.0), (True, 2.5)])
 def test_rolling_cache_rollout_equals_the_recompute_where_it_must(vae, chunk, with_actions, guidance):
     """The rolling cache adds each generated frame once. Within the first window, and over 3 windows of a
     one-block model (whose keys depend only on their own frame), it equals the recompute; with 2 blocks a
@@ -261,6 +280,38 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     assert np.mean(curves["repeat"]["ssim"]) == pytest.approx(
         rep["baselines"]["repeat_last_context_frame"]["ssim"], abs=1e-9)
 
+
+
+def test_sample_shows_noised_context_through_the_window_cache(causal_run, tmp_path):
+    """`minisora sample --context-noise` (eval's option, which the Doom demo's recipe samples with) reaches the
+    sampler, through the window cache by default, as the recompute would. The run's weights are randomised
+    (4 steps from adaLN-Zero barely look at the context) and saved as a pipeline, which sample loads."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    pipe = DiTPipeline.from_run(causal_run / "run")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.normal_(0.0, 0.2)
+    pipe.save_pretrained(tmp_path / "pipe")
+    args = ["sample", "--checkpoint", str(tmp_path / "pipe"), "--context", f"{causal_run / 'store'}:test:0",
+            "--context-frames", "2", "--frames", "7", "--steps", "2", "--actions", "context", "--format", "npz",
+            "--precision", "fp32"]  # the tolerance is float32's
+    runs = {"noised": ["--context-noise", "0.2"], "recompute": ["--context-noise", "0.2", "--no-kv-cache"],
+            "clean": []}
+    for name, extra in runs.items():
+        r = CliRunner().invoke(app, [*args, *extra, "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        if name == "noised":
+            assert "rollout: causal attention, KV cache (window)" in r.output
+    latents = {k: np.load(tmp_path / f"{k}.npz")["latents"] for k in runs}
+    np.testing.assert_allclose(latents["noised"], latents["recompute"], rtol=0, atol=ATOL)
+    assert np.abs(latents["noised"][2:] - latents["clean"][2:]).max() > 1e-3
+    r = CliRunner().invoke(app, [*args, "--context-noise", "0.2", "--kv-cache", "rolling", "--out",
+                                 str(tmp_path / "x")])
+    assert r.exit_code != 0 and "use kv_cache='window'" in r.output
 
 # ------------------------------------------------------------------------------ teacher forcing
 @pytest.mark.parametrize("with_actions", [False, True])
