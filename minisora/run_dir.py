@@ -19,6 +19,7 @@ The pipeline class is passed in (`cls`), so this module does not import minisora
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,7 +132,10 @@ def load_run(cls: type[DiffusionPipeline], path: str | Path, device: torch.devic
     check_pipeline_files(pdir)
     dtype = dtype or sampling_dtype(torch.device(device))
     if (pdir / "model_index.json").exists():
-        return cls.from_pretrained(str(pdir), torch_dtype={"transformer": dtype, "default": torch.float32}).to(device)
+        with warnings.catch_warnings():  # diffusers >= 0.4x renames it `dtype`; torch_dtype works from our 0.32 on
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = cls.from_pretrained(str(pdir), torch_dtype={"transformer": dtype, "default": torch.float32})
+        return pipe.to(device)
     meta = json.loads((pdir / PIPELINE_JSON).read_text())
     transformer = VideoDiT.from_pretrained(str(pdir / "transformer"), torch_dtype=dtype)
     return build_pipeline(cls, transformer, meta, device, str(pdir))

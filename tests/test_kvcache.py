@@ -7,6 +7,7 @@ unit scale; a real difference (a wrong mask, position or cache entry) is 1e-2 or
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -296,6 +297,9 @@ def test_sample_shows_noised_context_through_the_window_cache(causal_run, tmp_pa
         for p in pipe.transformer.parameters():
             p.normal_(0.0, 0.2)
     pipe.save_pretrained(tmp_path / "pipe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no diffusers deprecation (torch_dtype) on the way in
+        assert DiTPipeline.from_run(tmp_path / "pipe").transformer.dtype == torch.float32
     args = ["sample", "--checkpoint", str(tmp_path / "pipe"), "--context", f"{causal_run / 'store'}:test:0",
             "--context-frames", "2", "--frames", "7", "--steps", "2", "--actions", "context", "--format", "npz",
             "--precision", "fp32"]  # the tolerance is float32's
