@@ -68,7 +68,7 @@ RECIPES = {
     "dmlab": DataRecipe(clips=32, vae_steps=600, lr=1e-3, sample_steps=5, context_noise=0.0),
     # Doom (its recipe study): 300 VAE steps still clear copying by 4.4 dB, and their time renders and encodes 32
     # more clips (the model's largest gain at the 12th frame); 2e-3, 2 Euler steps and the context seen at noise
-    # level 0.05 each beat the maze's choice there. Eval then recomputes the window (no KV cache for noised frames).
+    # level 0.05 each beat the maze's choice there; sample and eval then roll out with the window cache.
     "doom": DataRecipe(clips=64, vae_steps=300, lr=2e-3, sample_steps=2, context_noise=0.05),
 }
 
