@@ -32,9 +32,9 @@ def kv_cache_mode(tcfg, kv_cache: str = "auto", context_t: float = 0.0) -> str:
     if kv_cache != "off" and tcfg.patch_size_t != 1:
         raise ValueError(f"the KV cache caches whole latent frames; patch_size_t {tcfg.patch_size_t} must be 1")
     if kv_cache == "rolling" and context_t > 0:
-        raise ValueError(f"context_t={context_t} shows every window's known frames noised with that window's draws, "
-                         "but the rolling cache keeps each frame once; use kv_cache='window' (the same rollout as "
-                         "the recompute) or 'off'")
+        raise ValueError(f"context_t={context_t} (--context-noise) shows every window's known frames noised with that "
+                         "window's draws, but the rolling cache keeps each frame once; use kv_cache='window' "
+                         "(--kv-cache window: the same rollout as the recompute) or 'off' (--no-kv-cache)")
     return kv_cache
 
 

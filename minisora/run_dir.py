@@ -132,7 +132,7 @@ def load_run(cls: type[DiffusionPipeline], path: str | Path, device: torch.devic
     check_pipeline_files(pdir)
     dtype = dtype or sampling_dtype(torch.device(device))
     if (pdir / "model_index.json").exists():
-        with warnings.catch_warnings():  # diffusers >= 0.4x renames it `dtype`; torch_dtype works from our 0.32 on
+        with warnings.catch_warnings():  # diffusers 0.42 prefers dtype; torch_dtype works with older ones too
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = cls.from_pretrained(str(pdir), torch_dtype={"transformer": dtype, "default": torch.float32})
         return pipe.to(device)

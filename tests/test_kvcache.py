@@ -200,8 +200,8 @@ def test_window_cache_shows_noised_context_as_the_recompute_does(vae, chunk, wit
     torch.testing.assert_close(out.latents, ref.latents, rtol=0, atol=ATOL)
     clean = rollout(pipe, "window", chunk, actions, guidance)
     assert (clean.latents[:, 2:] - ref.latents[:, 2:]).abs().amax() > 1e-2  # the noise level reached the model
-    with pytest.raises(ValueError, match="context_t=0.2 shows every window's known frames noised .* use "
-                                         "kv_cache='window'"):
+    with pytest.raises(ValueError, match="context_t=0.2 \\(--context-noise\\) shows every window's known frames "
+                                         "noised .* use kv_cache='window' \\(--kv-cache window"):
         rollout(pipe, "rolling", chunk, actions, guidance, context_t=0.2)
 
 
