@@ -303,7 +303,7 @@ class DiTPipeline(DiffusionPipeline):
         batch, _, c, h, w = latents.shape
         return randn_tensor((batch, n, c, h, w), generator=solver.generator, device=self.device)
 
-    # ------------------------------------------------------------------ input checks
+    # ------------------------------------------------------------------ integrator, rollout mode, cache commits
     def _integrator(self, sampler: str, generator: torch.Generator | None = None, sde: SDEConfig | None = None):
         """`sampler`'s integrator with the pipeline's path bound, starting where its prediction gives a velocity
         (minisora.interpolants.sample_start); the sde's noise comes from `generator`."""
