@@ -53,6 +53,13 @@ def train(
                                         "frame u - 1; left out of the loss. Rollouts retrieve from context and "
                                         "generated frames by the same rule (chunk 1). Costs N more frames per "
                                         "window. 0: none. Saved with the run."),
+    retrieve_motion: str = typer.Option(T.retrieve_motion, help="With --retrieve-frames and --use-actions: pick "
+                                        "memory frames by where the camera is, not by latents (which drift in a "
+                                        "rollout). Per action id, in order, its forward step and turn in degrees "
+                                        "(left positive): 'F:D,F:D,...' (revisit family: 0.09:0,0:10,0:-10,0:0; "
+                                        "walk: 0.09:0,0:6,0:-6,0:0). The pose is the sum of the actions' moves; the "
+                                        "memory frame of u is the oldest of the frames (at least --frames back) "
+                                        "nearest its pose. Saved with the run."),
     batch_size: int = typer.Option(T.batch_size, min=1, help="Windows per process per micro-step (global batch = "
                                    "processes x this x grad-accum)."),
     lr: float = typer.Option(T.lr, help="Peak AdamW learning rate."),

@@ -162,6 +162,9 @@ class TrainConfig:
     # retrieved memory (minisora.retrieval): before every window, one frame of the clip's past for each of the
     # window's last retrieve_frames frames u (the frame after the moment most like frame u - 1); 0: none
     retrieve_frames: int = 0
+    # "" (by latents, as above) or "F:D,...": per action id its forward step and turn (degrees); then the memory
+    # frame of u is the one whose pose (integrated from the actions) is nearest u's (minisora.retrieval.pose_index)
+    retrieve_motion: str = ""
     batch_size: int = 8  # windows per rank per micro-step
     lr: float = 3e-4
     warmup: int = 100

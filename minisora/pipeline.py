@@ -73,7 +73,7 @@ class DiTPipeline(DiffusionPipeline):
                  latents_mean: list[float] | None = None, latents_std: list[float] | None = None,
                  window_frames: int = 8, latent_size: list[int] | None = None, fps: float | None = None,
                  frame_stride: int = 1, resolution: list[int] | None = None, path: str = "linear",
-                 prediction: str = "velocity", retrieve_frames: int = 0):
+                 prediction: str = "velocity", retrieve_frames: int = 0, retrieve_motion: str = ""):
         super().__init__()
         check_path(path, prediction)  # the interpolant the transformer was trained on, and what it predicts
         transformer.eval()  # sampling: no action dropout (a DiT built with from_config starts in train mode)
@@ -83,7 +83,8 @@ class DiTPipeline(DiffusionPipeline):
                                 latents_std=list(latents_std or [1.0] * c), window_frames=window_frames,
                                 latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
                                 frame_stride=frame_stride, resolution=None if resolution is None else list(resolution),
-                                path=path, prediction=prediction, retrieve_frames=retrieve_frames)
+                                path=path, prediction=prediction, retrieve_frames=retrieve_frames,
+                                retrieve_motion=retrieve_motion)
         self.video_vae = VideoVAE.from_model(vae)
 
     # ------------------------------------------------------------------ the run directory (minisora.run_dir)
@@ -319,7 +320,7 @@ class DiTPipeline(DiffusionPipeline):
     def rollout_line(self, kv_cache: str) -> str:
         """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
         how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
-        how += retrieval.memory_line(self.config.get("retrieve_frames", 0))
+        how += retrieval.memory_line(self.config.get("retrieve_frames", 0), self.config.get("retrieve_motion", ""))
         tcfg = self.transformer.config
         if tcfg.get("short_frames", 0):  # long-short: say how far it sees in full
             return (f"{tcfg.attention} attention, long-short (the last {tcfg.short_frames} frames in full, older "
@@ -328,8 +329,10 @@ class DiTPipeline(DiffusionPipeline):
 
     def kv_cache_mode(self, kv_cache: str = "auto", context_t: float = 0.0) -> str:
         """The rollout mode for `kv_cache` ("auto", "rolling", "window", "off"), this transformer and the noise level
-        context_t of known frames (minisora.pipeline_inputs.kv_cache_mode: "auto" takes "window" when it is > 0)."""
-        return inputs.kv_cache_mode(self.transformer.config, kv_cache, context_t)
+        context_t of known frames (minisora.pipeline_inputs.kv_cache_mode: "auto" takes "window" when it is > 0);
+        a model with retrieved memory rebuilds its cache for every window whatever was asked (minisora.retrieval)."""
+        mode = inputs.kv_cache_mode(self.transformer.config, kv_cache, context_t)
+        return "window" if self.config.get("retrieve_frames", 0) else mode
 
     def _commit(self, cache: KVCache, clean: torch.Tensor, window_actions: torch.Tensor | None, guidance: float,
                 start: int, first: int, t: float = 0.0) -> None:

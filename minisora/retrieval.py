@@ -24,6 +24,17 @@ frames comes by the same rule from every known frame (context or generated). The
 generated frame ([memory | the W - 1 known window frames], at t = 0), then the new frame is integrated against
 it: exactly the teacher-forcing pass's view of the window's last frame. A window with too little past (start <= M)
 rolls out without memory.
+
+By pose (`--retrieve-motion`): a rollout's own frames drift, and a key that has drifted finds the wrong moment. When
+the actions move the camera in a known way (a table of forward step and turn per action id, as a dataset card or the
+synthetic renderer states it), the rule can key on where the camera is instead (`pose_index`): the camera's pose
+(x, y, heading) is the sum of the actions' moves since frame 0 (`poses`, dead reckoning), and the memory frame of u is
+the frame j <= u - W whose pose is nearest u's, in units of one action (distance / the longest step + heading
+difference / the largest turn); among the frames within half an action of the best, the oldest (in a rollout, the
+likeliest to be a known context frame rather than a generated one). Nothing but the actions decides it, so a drifting
+rollout retrieves exactly what teacher forcing saw. It is only as right as the table: collisions, slides along
+walls or a policy that moves other than its actions say make the poses drift (exact on the `revisit` family, whose
+walks never slide).
 """
 
 from __future__ import annotations
@@ -53,13 +64,67 @@ def memory_index(latents: Tensor, frame: int, window: int) -> int | None:
     return None if j is None else j + 1
 
 
+def parse_motion(text: str) -> tuple[tuple[float, float], ...]:
+    """`--retrieve-motion` "F:D,F:D,...": per action id (in order) its forward step F (any length unit) and turn D
+    (degrees, positive = left); "" -> () (retrieve by latents)."""
+    if not text.strip():
+        return ()
+    try:
+        table = tuple((float(f), float(d)) for f, d in (item.split(":") for item in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--retrieve-motion {text!r}: give forward:turn_degrees per action id, comma-separated, "
+                         f"e.g. 0.09:0,0:10,0:-10,0:0") from None
+    if not any(f or d for f, d in table):
+        raise ValueError(f"--retrieve-motion {text!r}: no action moves the camera")
+    return table
+
+
+def poses(actions: Tensor, motion: tuple[tuple[float, float], ...]) -> Tensor:
+    """(..., T) action ids -> (..., T, 3) float64 poses (x, y, heading in radians) the actions integrate to, frame 0
+    at (0, 0, 0); `actions[t]` moves into frame t (frame 0's is not used): a step along the heading, then the turn."""
+    table = torch.tensor(motion, dtype=torch.float64, device=actions.device)  # (A, 2)
+    step, turn = table[actions, 0], torch.deg2rad(table[actions, 1])  # (..., T) each
+    step[..., 0], turn[..., 0] = 0.0, 0.0
+    heading = turn.cumsum(-1)  # after frame t's action
+    before = heading - turn  # the heading frame t's step is taken along
+    x, y = (step * before.cos()).cumsum(-1), (step * before.sin()).cumsum(-1)
+    return torch.stack([x, y, heading], -1)
+
+
+def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float, float], ...]) -> int | None:
+    """The memory frame of `frame` by pose (module docstring): among the frames <= frame - window of one clip's
+    poses (T, 3), the oldest within half an action of the nearest; None when there are none."""
+    last = frame - window
+    if last < 0:
+        return None
+    step, turn = max(abs(f) for f, _ in motion), np.radians(max(abs(d) for _, d in motion))
+    delta = pose[: last + 1] - pose[frame]  # (J, 3)
+    dist = torch.zeros(last + 1, dtype=pose.dtype, device=pose.device)  # in actions
+    if step:
+        dist += delta[:, :2].norm(dim=1) / step
+    if turn:
+        dist += torch.remainder(delta[:, 2] + np.pi, 2 * np.pi).sub(np.pi).abs() / turn  # heading apart, in [0, pi]
+    return int(torch.nonzero(dist <= dist.min() + 0.5)[0, 0])
+
+
+def find_memory(latents: Tensor, pose: Tensor | None, frame: int, window: int,
+                motion: tuple[tuple[float, float], ...]) -> int | None:
+    """The memory frame of `frame` in one clip: by pose when a motion table is given, else by latents."""
+    return pose_index(pose, frame, window, motion) if motion else memory_index(latents, frame, window)
+
+
 def loss_context(batch: int, memory: int, window: int, device=None) -> Tensor:
     """(B, M + W) bool: the frames of a [memory | window] training sequence left out of the loss (the memory)."""
     return (torch.arange(memory + window, device=device) < memory)[None].expand(batch, -1)
 
 
-def check_setting(retrieve_frames: int, frames: int, attention: str, short_frames: int) -> None:
-    """Refuse a --retrieve-frames the model cannot use, naming the option."""
+def check_setting(retrieve_frames: int, frames: int, attention: str, short_frames: int, motion: str = "",
+                  use_actions: bool = True) -> None:
+    """Refuse a --retrieve-frames (and --retrieve-motion) the model cannot use, naming the option."""
+    if motion and not (retrieve_frames and use_actions):
+        raise ValueError(f"--retrieve-motion {motion!r} picks the memory frames of --retrieve-frames by the pose the "
+                         f"actions integrate to: it needs --retrieve-frames > 0 and --use-actions")
+    parse_motion(motion)
     if retrieve_frames == 0:
         return
     if not 0 < retrieve_frames <= frames:
@@ -74,9 +139,10 @@ class RetrievalWindows(LatentWindows):
     the memory frames `memory_index` gives its last M frames. The sampler sees spans of 2 W + 1 frames (s = span
     start + W + 1), so clips need at least 2 W + 1 latent frames."""
 
-    def __init__(self, store, split: str, window: int, memory: int, cache_shards: int = 8):
+    def __init__(self, store, split: str, window: int, memory: int, cache_shards: int = 8,
+                 motion: tuple[tuple[float, float], ...] = ()):
         super().__init__(store, split, 2 * window + 1, cache_shards=cache_shards)
-        self.window, self.memory = window, memory
+        self.window, self.memory, self.motion = window, memory, motion
 
     def gather(self, shards: dict[int, dict[str, np.ndarray]], clips: np.ndarray, starts: np.ndarray,
                pin_memory: bool = False) -> LatentBatch:
@@ -94,7 +160,9 @@ class RetrievalWindows(LatentWindows):
         for clip, span in zip(clips.tolist(), starts.tolist()):
             arrays, row, s = shards[clip // cps], clip % cps, span + w + 1
             past = (torch.from_numpy(arrays["mean"][row, : s + w].astype(np.float32)) - mu) / sd  # (s+W, C, h, w)
-            index = [memory_index(past, u, w) for u in range(s + w - m, s + w)]  # the window's last M frames
+            pose = poses(torch.from_numpy(arrays["actions"][row, : s + w].astype(np.int64)), self.motion) \
+                if self.motion else None  # (s+W, 3)
+            index = [find_memory(past, pose, u, w, self.motion) for u in range(s + w - m, s + w)]  # the last M
             for name in self.names:
                 arr = arrays[name][row]
                 out[name].append(np.concatenate([arr[index], arr[s:s + w]]))  # (M + W, ...)
@@ -106,14 +174,16 @@ class RetrievalWindows(LatentWindows):
                            clip=torch.from_numpy(clips), start=torch.from_numpy(starts + w + 1))
 
 
-def memory_batch(latents: Tensor, start: int, window: int, memory: int) -> tuple[Tensor, Tensor] | None:
+def memory_batch(latents: Tensor, start: int, window: int, memory: int, pose: Tensor | None = None,
+                 motion: tuple[tuple[float, float], ...] = ()) -> tuple[Tensor, Tensor] | None:
     """(memory latents (B, M, C, h, w), frame index of each (B, M)) of the window starting at `start` of every video
-    of `latents` (B, T, C, h, w), each by `memory_index` on its own frames; None when start <= M (too little past)."""
+    of `latents` (B, T, C, h, w), each by `find_memory` on its own frames (and poses (B, T, 3) with a motion table);
+    None when start <= M (too little past)."""
     if start <= memory:
         return None
     frames = range(start + window - memory, start + window)  # the window's last M frames
-    index = torch.tensor([[memory_index(video, u, window) for u in frames] for video in latents],
-                         device=latents.device)  # (B, M)
+    index = torch.tensor([[find_memory(video, None if pose is None else pose[b], u, window, motion) for u in frames]
+                          for b, video in enumerate(latents)], device=latents.device)  # (B, M)
     return latents[torch.arange(latents.shape[0], device=latents.device)[:, None], index], index
 
 
@@ -125,12 +195,17 @@ def rollout(pipe, latents: Tensor, plan: list[tuple[int, int, int]], actions: Te
     if chunk != 1 or context_t > 0:
         raise ValueError(f"a model with retrieved memory (retrieve_frames {memory}) rolls out with chunk 1 and "
                          f"clean context; got chunk {chunk}, context_t {context_t}")
+    motion = parse_motion(pipe.config.get("retrieve_motion") or "")
+    if motion and actions is None:
+        raise ValueError("this model retrieves its memory by the pose the actions integrate to (retrieve_motion "
+                         f"{pipe.config.retrieve_motion!r}): give the rollout its actions")
+    pose = poses(actions, motion) if motion else None  # (B, T, 3)
     cache = KVCache(len(pipe.transformer.blocks))
     for i, (start, n, known) in enumerate(plan):
         noise = pipe._window_noise(latents, solver, i, len(plan), n)  # the other algorithms' draws
         act = None if actions is None else actions[:, start:start + n]
-        found = memory_batch(latents, start, pipe.config.window_frames, memory) if n == pipe.config.window_frames \
-            else None
+        found = memory_batch(latents, start, pipe.config.window_frames, memory, pose, motion) \
+            if n == pipe.config.window_frames else None
         clean = latents[:, start:known]
         if found is not None:
             clean = torch.cat([found[0], clean], 1)  # (B, M + W - 1, C, h, w)
@@ -145,11 +220,12 @@ def rollout(pipe, latents: Tensor, plan: list[tuple[int, int, int]], actions: Te
     return "window"
 
 
-def memory_line(retrieve_frames: int) -> str:
+def memory_line(retrieve_frames: int, motion: str = "") -> str:
     """How a model with retrieved memory rolls out, for the user ("" without it)."""
     if not retrieve_frames:
         return ""
-    return f", retrieved memory ({retrieve_frames} frames of the clip's past before each window)"
+    by = f", by the pose the actions integrate to ({motion})" if motion else ""
+    return f", retrieved memory ({retrieve_frames} frames of the clip's past before each window{by})"
 
 
 def with_memory(memory: int, window: int, t: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -52,7 +52,8 @@ def pipeline_meta(store: LatentStore, cfg, num_actions: int) -> dict:
             "use_actions": cfg.use_actions, "num_actions": num_actions,
             "scheduler": {"type": "flow_euler", "shift": 1.0},
             "flow": {"path": cfg.flow.path, "prediction": cfg.flow.prediction},
-            "retrieve_frames": getattr(cfg, "retrieve_frames", 0)}
+            "retrieve_frames": getattr(cfg, "retrieve_frames", 0),
+            "retrieve_motion": getattr(cfg, "retrieve_motion", "")}
 
 
 def save_run(path: Path, model: VideoDiT, weights: dict[str, torch.Tensor], store: LatentStore, cfg) -> None:
@@ -95,7 +96,8 @@ def pipeline_kwargs(meta: dict) -> dict:
             "latents_mean": meta["latent_stats"]["mean"], "latents_std": meta["latent_stats"]["std"],
             "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
             "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution"),
-            "retrieve_frames": meta.get("retrieve_frames", 0)}  # absent in older runs: none
+            "retrieve_frames": meta.get("retrieve_frames", 0),  # absent in older runs: none
+            "retrieve_motion": meta.get("retrieve_motion", "")}
 
 
 def build_pipeline(cls: type[DiffusionPipeline], transformer: VideoDiT, meta: dict, device: torch.device | str,

@@ -31,7 +31,7 @@ from minisora.ema import EMA
 from minisora.flow import flow_loss, noisy, sample_times, teacher_forcing_times
 from minisora.hardware import PRECISIONS, enable_tf32, resolve_precision
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
-from minisora.retrieval import RetrievalWindows, check_setting, memory_line, with_memory
+from minisora.retrieval import RetrievalWindows, check_setting, memory_line, parse_motion, with_memory
 from minisora.resume_check import announcement, check_resume, store_identity
 from minisora.run_dir import save_run
 from minisora.store import LatentStore
@@ -97,7 +97,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.short_frames < 0 or cfg.memory_pool < 1:
         raise ValueError(f"--short-frames must be >= 0 and --memory-pool >= 1, got {cfg.short_frames} and "
                          f"{cfg.memory_pool}")
-    check_setting(cfg.retrieve_frames, cfg.frames, cfg.attention, cfg.short_frames)
+    check_setting(cfg.retrieve_frames, cfg.frames, cfg.attention, cfg.short_frames, cfg.retrieve_motion,
+                  cfg.use_actions)
     if cfg.frames < 2:
         raise ValueError(f"--frames {cfg.frames}: a training window needs at least 2 latent frames (the model learns "
                          "to continue frames from earlier ones, and a 1-frame model cannot continue anything)")
@@ -133,12 +134,16 @@ class Run:
 def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, device: torch.device) -> Run:
     rank, world, _ = dist_info()
     store = LatentStore(cfg.store)  # a complete store, windows of cfg.frames latent frames
-    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards)
+    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards,
+                                parse_motion(cfg.retrieve_motion))
                if cfg.retrieve_frames else LatentWindows(store, cfg.split, cfg.frames, cache_shards=cfg.cache_shards))
     sampler = WindowSampler(windows, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     num_actions = int(store.attrs.get("num_actions", 0)) if cfg.use_actions else 0
     if cfg.use_actions and num_actions == 0:
         raise ValueError(f"--use-actions: store {cfg.store} records no actions")
+    if cfg.retrieve_motion and len(parse_motion(cfg.retrieve_motion)) < num_actions:
+        raise ValueError(f"--retrieve-motion {cfg.retrieve_motion!r} gives {len(parse_motion(cfg.retrieve_motion))} "
+                         f"actions' moves; store {cfg.store} has actions up to id {num_actions - 1}")
     lay = store.layout(cfg.split)
     if lay.height % cfg.patch_size or lay.width % cfg.patch_size:
         raise ValueError(f"--patch-size {cfg.patch_size} does not divide the store's {lay.height}x{lay.width} latents")
@@ -338,7 +343,7 @@ def main(cfg: TrainConfig) -> dict:
            f"{cfg.split}, {run.sampler.batches_per_epoch()} batches/epoch; {world} process(es) x batch "
            f"{cfg.batch_size} x accum {cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {choice.precision}, "
            f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)}){long_short_line(cfg)}"
-           f"{memory_line(cfg.retrieve_frames)}")
+           f"{memory_line(cfg.retrieve_frames, cfg.retrieve_motion)}")
     validator = Validator(cfg, run.store, run.module, device) if cfg.sample_every > 0 and rank == 0 else None
     from tqdm.auto import tqdm
 

@@ -12,7 +12,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from minisora.dataset import LatentWindows
 from minisora.model import VideoDiT
 from minisora.pipeline import DiTPipeline
-from minisora.retrieval import RetrievalWindows, loss_context, memory_batch, memory_index, recall, with_memory
+from minisora.retrieval import (RetrievalWindows, check_setting, loss_context, memory_batch, memory_index,
+                                parse_motion, pose_index, poses, recall, with_memory)
 from minisora.vae import build_vae, tiny_vae_config
 
 
@@ -39,11 +40,75 @@ def test_the_rule_picks_the_frame_that_comes_back_and_never_one_within_reach():
     assert recall(torch.zeros(30, 4, 4, 4), 20, 15) == 15  # ties: the latest
 
 
-def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path):
+CIRCLE = parse_motion("0.1:0,0:30,0:-30")  # forward, turn left, turn right: a circle is 12 turns
+
+
+def test_poses_integrate_the_actions_and_the_rule_picks_the_oldest_frame_at_the_same_pose():
+    spin = torch.ones(40, dtype=torch.long)  # turning left on the spot: frame t faces t * 30 degrees
+    pose = poses(spin, CIRCLE)
+    assert pose.shape == (40, 3) and pose[:, :2].abs().amax() == 0
+    torch.testing.assert_close(pose[:, 2], torch.deg2rad(30.0 * torch.arange(40, dtype=torch.float64)))
+    for frame in (12, 17, 30, 39):  # the same heading a circle (or three) earlier: the oldest is taken
+        assert pose_index(pose, frame, 4, CIRCLE) == frame % 12
+    assert pose_index(pose, 3, 4, CIRCLE) is None and pose_index(pose, 4, 4, CIRCLE) == 0  # no past yet / one frame
+    assert pose_index(pose, 7, 4, CIRCLE) == 3  # 210 degrees against 0..90: the nearest heading, 4 turns away
+    assert pose_index(pose, 8, 4, CIRCLE) == 0  # 240 against 0..120: frames 0 and 4 both 4 turns away, the oldest
+    # frames 1-3 out, 4-9 half a circle left, 10-12 back, 13-18 half a circle right: the start pose again at 18
+    walk = torch.tensor([0, 0, 0, 0] + [1] * 6 + [0, 0, 0] + [2] * 6 + [0])
+    pose = poses(walk, CIRCLE)
+    torch.testing.assert_close(pose[3], torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(pose[12], torch.tensor([0.0, 0.0, torch.pi], dtype=torch.float64))
+    torch.testing.assert_close(pose[18], torch.zeros(3, dtype=torch.float64))
+    assert pose_index(pose, 18, 4, CIRCLE) == 0 and pose_index(pose, 19, 4, CIRCLE) == 1  # the way out again
+
+
+def test_dead_reckoning_is_exact_on_the_revisit_family():
+    """The revisit renderer's own poses, seen from frame 0, are the ones its actions integrate to, so the rule
+    finds a frame that saw the same view whenever the clip has one out of the window's reach."""
+    import numpy as np
+
+    from minisora.data.synthetic import clip_seed
+    from minisora.data.synthetic.maze import MAZE_SPEED, make_maze
+    from minisora.data.synthetic.revisit import REVISIT_TURN, revisit_walk
+
+    motion = parse_motion(f"{MAZE_SPEED}:0,0:{np.degrees(REVISIT_TURN)},0:{-np.degrees(REVISIT_TURN)},0:0")
+    rng = np.random.default_rng(clip_seed(0, "test", 2))
+    maze = make_maze(rng, cells=int(rng.integers(6, 9)))
+    pos, angle, actions = revisit_walk(maze, rng, 200)
+    pose = poses(torch.from_numpy(actions), motion).numpy()
+    c, s = np.cos(angle[0]), np.sin(angle[0])
+    seen = (pos - pos[0]) @ np.array([[c, -s], [s, c]])  # the true positions in frame 0's axes
+    np.testing.assert_allclose(pose[:, :2], seen, atol=1e-9)
+    np.testing.assert_allclose(np.cos(pose[:, 2] - (angle - angle[0])), 1.0, atol=1e-12)
+    same = lambda j, u: np.hypot(*(pos[j] - pos[u])) < 1e-9 and np.cos(angle[j] - angle[u]) > 1 - 1e-12  # noqa: E731
+    found = 0
+    for u in range(20, 200):
+        j = pose_index(torch.from_numpy(pose), u, 8, motion)
+        assert j <= u - 8
+        if any(same(k, u) for k in range(u - 7)):  # a frame at the same pose exists: the rule finds one
+            assert same(j, u)
+            found += 1
+    assert found > 60  # the family comes back often
+
+
+def test_the_motion_option_is_checked():
+    assert parse_motion("") == () and parse_motion("1:0, 0:-7.5") == ((1.0, 0.0), (0.0, -7.5))
+    with pytest.raises(ValueError, match="forward:turn_degrees per action id"):
+        parse_motion("1,0")
+    with pytest.raises(ValueError, match="no action moves the camera"):
+        parse_motion("0:0,0:0")
+    with pytest.raises(ValueError, match="needs --retrieve-frames > 0 and --use-actions"):
+        check_setting(0, 8, "causal", 0, "1:0")
+    with pytest.raises(ValueError, match="needs --retrieve-frames > 0 and --use-actions"):
+        check_setting(4, 8, "causal", 0, "1:0", use_actions=False)
+
+
+@pytest.mark.parametrize("motion", [(), CIRCLE], ids=["latents", "pose"])
+def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path, motion):
     from _store_helpers import make_store
 
     make_store(tmp_path / "store", {"train": [30, 26, 30]}, hw=(4, 4))
-    windows = RetrievalWindows(str(tmp_path / "store"), "train", window=5, memory=3)
+    windows = RetrievalWindows(str(tmp_path / "store"), "train", window=5, memory=3, motion=motion)
     assert list(windows.usable) == [0, 1, 2] and windows.frames == 11  # spans of 2 W + 1 frames
     batch = windows.read([0, 2, 1], [0, 13, 15])  # windows start at span + W + 1: 6, 19, 21
     assert batch.mean.shape == (3, 8, 4, 4, 4) and batch.start.tolist() == [6, 19, 21]
@@ -51,12 +116,15 @@ def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path):
     for i, (clip, start) in enumerate(((0, 6), (2, 19), (1, 21))):
         full = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0]).mean[0]  # (26, C, h, w)
         lat = (full.float() - mu) / sd  # the clip's normalised latents
-        found, index = memory_batch(lat[None], start, 5, 3)  # the rollout's retrieval on the same frames
-        assert index[0].tolist() == [memory_index(lat, u, 5) for u in range(start + 2, start + 5)]
+        whole = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0])
+        pose = poses(whole.actions.long(), motion) if motion else None  # (1, 26, 3)
+        found, index = memory_batch(lat[None], start, 5, 3, pose, motion)  # the rollout's retrieval, same frames
+        rule = [pose_index(pose[0], u, 5, motion) if motion else memory_index(lat, u, 5)
+                for u in range(start + 2, start + 5)]
+        assert index[0].tolist() == rule
         assert all(j <= u - 5 for j, u in zip(index[0].tolist(), range(start + 2, start + 5)))
         torch.testing.assert_close(batch.mean[i, :3].float(), full[index[0]].float())  # memory
         torch.testing.assert_close(batch.mean[i, 3:].float(), full[start:start + 5].float())  # then the window
-        whole = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0])
         assert batch.actions[i, :3].tolist() == whole.actions[0, index[0]].tolist()
     with pytest.raises(IndexError, match="span .* leaves its 26 latent frames"):
         windows.read([1], [16])
@@ -84,15 +152,26 @@ def tiny_pipe(memory: int, window: int = 4) -> DiTPipeline:
     return pipe
 
 
-def test_the_rollout_steps_the_new_frame_as_teacher_forcing_sees_it():
+@pytest.mark.parametrize("by_pose", [False, True], ids=["latents", "pose"])
+def test_the_rollout_steps_the_new_frame_as_teacher_forcing_sees_it(by_pose):
     """One Euler step from t = 1: frame t = noise - v, v from a teacher-forcing pass over [memory | window]."""
     pipe, ctx = tiny_pipe(memory=3), circle_clip(frames=31)[None]
     actions = torch.randint(0, 3, (1, 32), generator=torch.Generator().manual_seed(2))
+    if by_pose:  # the camera turns left every frame, as the clip's views do: a circle is 12 frames
+        actions = torch.ones(1, 32, dtype=torch.long)
+        pipe.register_to_config(retrieve_motion="0.1:0,0:30,0:-30")
     out = pipe(context_latents=ctx, num_frames=32, num_inference_steps=1, actions=actions,
                generator=torch.Generator().manual_seed(0), output_type="latent")
-    assert out.kv_cache == "window" and "retrieved memory (3 frames" in pipe.rollout_line("rolling")
+    assert out.kv_cache == "window" == pipe.kv_cache_mode("auto")  # rebuilt per window, whatever was asked
+    assert "retrieved memory (3 frames" in pipe.rollout_line("window")
+    assert ("by the pose the actions integrate to" in pipe.rollout_line("window")) == by_pose
     noise = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))[:, -1:]  # the window's last
     index = [memory_index(ctx[0], u, 4) for u in (29, 30, 31)]  # the window 28..31's last 3 frames
+    if by_pose:
+        index = [pose_index(poses(actions[0], CIRCLE), u, 4, CIRCLE) for u in (29, 30, 31)]
+        assert index == [5, 6, 7]  # the oldest frames at the same heading
+        with pytest.raises(ValueError, match="give the rollout its actions"):
+            pipe(context_latents=ctx, num_frames=32, num_inference_steps=1, output_type="latent")
     assert [j % 12 for j in index] == [5, 6, 7] and max(index) <= 27  # views 5, 6, 7, a circle or two earlier
     seq = torch.cat([ctx[:, index], ctx[:, 28:31], noise], 1)  # [memory | known window frames | the new frame]
     act = torch.cat([actions[:, index], actions[:, 28:32]], 1)
@@ -141,3 +220,28 @@ def test_train_records_the_setting_and_old_runs_load_without_it(tmp_path):
     assert old.config.retrieve_frames == 0 and "retrieved" not in old.rollout_line("rolling")
     r = CliRunner().invoke(app, args(5, 2) + ["--out", str(tmp_path / "bad")])
     assert r.exit_code != 0 and "--retrieve-frames 5 must be in [0, --frames 4]" in r.output
+
+
+def test_train_by_pose_records_the_motion_and_checks_it_against_the_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from _store_helpers import synthetic_store
+    from cli.main import app
+
+    synthetic_store(tmp_path, clips=2, test_clips=0, frames=12)  # action ids 0..2 in these clips
+
+    def args(motion, out="run", steps=2):
+        return ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / out), "--frames", "4",
+                "--retrieve-frames", "2", "--retrieve-motion", motion, "--patch-size", "4", "--batch-size", "2",
+                "--steps", str(steps), "--warmup", "1", "--ckpt-every", "2", "--device", "cpu", "--use-actions"]
+
+    r = CliRunner().invoke(app, args("0.09:0,0:6,0:-6,0:0"))
+    assert r.exit_code == 0, r.output
+    assert "by the pose the actions integrate to (0.09:0,0:6,0:-6,0:0)" in r.output
+    pipe = DiTPipeline.from_run(tmp_path / "run")
+    assert pipe.config.retrieve_motion == "0.09:0,0:6,0:-6,0:0" and pipe.config.retrieve_frames == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["retrieve_motion"] == "0.09:0,0:6,0:-6,0:0"
+    r = CliRunner().invoke(app, args("0.09:0,0:10,0:-10,0:0", steps=4))  # resuming by another table: another run
+    assert r.exit_code != 0 and "--retrieve-motion" in r.output and "0:10" in r.output
+    r = CliRunner().invoke(app, args("0.09:0,0:6", out="short"))
+    assert r.exit_code != 0 and "gives 2 actions' moves" in r.output and "actions up to id 2" in r.output
