@@ -60,7 +60,7 @@ def synth(
 ):
     """Write procedurally generated, learnable clips (with actions) in TECO's published layout."""
     from minisora import paths
-    from minisora.data.synthetic import write_synthetic_dataset
+    from minisora.data.synthetic import camera_motion, write_synthetic_dataset
 
     paths.check_output_dir(out)
     n_test = max(1, clips // 8) if test_clips is None else test_clips
@@ -81,6 +81,10 @@ def synth(
         f"wrote {stats['written']} {kind.value} clips ({stats['written'] * frames} frames) to {out}{reused} "
         f"in {stats['seconds']:.1f}s: {stats['written'] / max(stats['seconds'], 1e-9):.1f} clips/s"
     )
+    moves = camera_motion(kind.value, motion.value)
+    if moves:
+        typer.echo(f"actions move the camera by {moves} (forward:turn-degrees per action id): to retrieve memory by "
+                   f"pose, train with --retrieve-frames N --retrieve-motion {moves}")
 
 
 @app.command()

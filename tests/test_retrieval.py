@@ -67,11 +67,13 @@ def test_dead_reckoning_is_exact_on_the_revisit_family():
     finds a frame that saw the same view whenever the clip has one out of the window's reach."""
     import numpy as np
 
-    from minisora.data.synthetic import clip_seed
-    from minisora.data.synthetic.maze import MAZE_SPEED, make_maze
-    from minisora.data.synthetic.revisit import REVISIT_TURN, revisit_walk
+    from minisora.data.synthetic import camera_motion, clip_seed
+    from minisora.data.synthetic.maze import make_maze
+    from minisora.data.synthetic.revisit import revisit_walk
 
-    motion = parse_motion(f"{MAZE_SPEED}:0,0:{np.degrees(REVISIT_TURN)},0:{-np.degrees(REVISIT_TURN)},0:0")
+    assert camera_motion("dmlab", "revisit") == "0.09:0,0:10,0:-10,0:0"  # what `data synth` prints for the family
+    assert camera_motion("dmlab", "walk") == "0.09:0,0:6,0:-6,0:0" and camera_motion("doom", "walk") is None
+    motion = parse_motion(camera_motion("dmlab", "revisit"))
     rng = np.random.default_rng(clip_seed(0, "test", 2))
     maze = make_maze(rng, cells=int(rng.integers(6, 9)))
     pos, angle, actions = revisit_walk(maze, rng, 200)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minisora.data.synthetic.calm import CALM_LOOK, calm_walk, render_calm_clip
+from minisora.data.synthetic.calm import CALM_LOOK, CALM_SPEED, CALM_TURN, calm_walk, render_calm_clip
 from minisora.data.synthetic.common import DMLAB_ACTIONS, MINECRAFT_ACTIONS
 from minisora.data.synthetic.doom import DOOM_MOTIONS, DOOM_SIZES, import_vizdoom, render_doom_clip
 from minisora.data.synthetic.maze import (MAZE_RADIUS, MAZE_SPEED, MAZE_TURN, WALK_LOOK, Maze, MazeLook, MazePose,
@@ -56,7 +56,7 @@ __all__ = ["DMLAB_ACTIONS", "MINECRAFT_ACTIONS", "KINDS", "SPLITS", "MAZE_RADIUS
            "render_maze", "WORLD_EYE", "Player", "World", "make_world", "minecraft_walk", "move_in_world",
            "render_minecraft_clip", "render_world", "world_clearance", "clip_stem", "clip_seed", "save_npz",
            "write_synthetic_dataset", "MOTIONS", "CALM_LOOK", "WALK_LOOK", "MazeLook", "calm_walk", "render_calm_clip",
-           "REVISIT_CIRCLE", "REVISIT_TURN", "render_revisit_clip", "revisit_walk"]
+           "REVISIT_CIRCLE", "REVISIT_TURN", "render_revisit_clip", "revisit_walk", "camera_motion"]
 
 KINDS = ("dmlab", "minecraft", "doom")
 MOTIONS = ("walk", "calm", "revisit")  # dmlab's motion families; minecraft has walk only
@@ -66,6 +66,18 @@ SPLITS = ("train", "test")
 CLIPS_PER_SUBDIR = 1000
 GENERATOR_VERSION = 1  # bump when a change alters the rendered pixels
 PARAMS_FILE = "synthetic.json"
+
+
+def camera_motion(kind: str, motion: str) -> str | None:
+    """How a synthetic family's actions move the camera, as `minisora train --retrieve-motion` takes it: per
+    DMLAB_ACTIONS id its forward step and turn in degrees (left positive); None where the actions move it by no
+    fixed amounts (minecraft's jumps and falls, doom's engine). A forward step into a wall slides or stays put, so
+    the sum of the moves is exact only on `revisit`, whose walks never slide."""
+    rates = {"walk": (MAZE_SPEED, MAZE_TURN), "calm": (CALM_SPEED, CALM_TURN), "revisit": (MAZE_SPEED, REVISIT_TURN)}
+    if kind != "dmlab" or motion not in rates:
+        return None
+    speed, turn = rates[motion]
+    return f"{speed:g}:0,0:{np.degrees(turn):g},0:{-np.degrees(turn):g},0:0"
 
 
 # --- writing a dataset --------------------------------------------------------------------------
