@@ -81,9 +81,11 @@ def parse_motion(text: str) -> tuple[tuple[float, float], ...]:
 
 def poses(actions: Tensor, motion: tuple[tuple[float, float], ...]) -> Tensor:
     """(..., T) action ids -> (..., T, 3) float64 poses (x, y, heading in radians) the actions integrate to, frame 0
-    at (0, 0, 0); `actions[t]` moves into frame t (frame 0's is not used): a step along the heading, then the turn."""
+    at (0, 0, 0); `actions[t]` moves into frame t (frame 0's is not used): a step along the heading, then the turn.
+    A negative id (the null action: unknown) does not move the camera."""
     table = torch.tensor(motion, dtype=torch.float64, device=actions.device)  # (A, 2)
-    step, turn = table[actions, 0], torch.deg2rad(table[actions, 1])  # (..., T) each
+    moves = table[actions.clamp(min=0)] * (actions >= 0)[..., None]  # (..., T, 2)
+    step, turn = moves[..., 0], torch.deg2rad(moves[..., 1])  # (..., T) each
     step[..., 0], turn[..., 0] = 0.0, 0.0
     heading = turn.cumsum(-1)  # after frame t's action
     before = heading - turn  # the heading frame t's step is taken along
@@ -136,8 +138,8 @@ def check_setting(retrieve_frames: int, frames: int, attention: str, short_frame
 
 class RetrievalWindows(LatentWindows):
     """Training sequences [memory | window] of M + W frames: windows of W frames starting at s > W, each after
-    the memory frames `memory_index` gives its last M frames. The sampler sees spans of 2 W + 1 frames (s = span
-    start + W + 1), so clips need at least 2 W + 1 latent frames."""
+    the memory frames `find_memory` gives its last M frames (by latents, or by pose with a motion table). The
+    sampler sees spans of 2 W + 1 frames (s = span start + W + 1), so clips need at least 2 W + 1 latent frames."""
 
     def __init__(self, store, split: str, window: int, memory: int, cache_shards: int = 8,
                  motion: tuple[tuple[float, float], ...] = ()):

@@ -51,6 +51,9 @@ def test_poses_integrate_the_actions_and_the_rule_picks_the_oldest_frame_at_the_
     for frame in (12, 17, 30, 39):  # the same heading a circle (or three) earlier: the oldest is taken
         assert pose_index(pose, frame, 4, CIRCLE) == frame % 12
     assert pose_index(pose, 3, 4, CIRCLE) is None and pose_index(pose, 4, 4, CIRCLE) == 0  # no past yet / one frame
+    held = spin.clone()
+    held[5:8] = -1  # the null action (unknown) does not move the camera
+    torch.testing.assert_close(poses(held, CIRCLE)[8, 2], torch.tensor(torch.pi * 5 / 6, dtype=torch.float64))
     assert pose_index(pose, 7, 4, CIRCLE) == 3  # 210 degrees against 0..90: the nearest heading, 4 turns away
     assert pose_index(pose, 8, 4, CIRCLE) == 0  # 240 against 0..120: frames 0 and 4 both 4 turns away, the oldest
     # frames 1-3 out, 4-9 half a circle left, 10-12 back, 13-18 half a circle right: the start pose again at 18

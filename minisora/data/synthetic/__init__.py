@@ -71,8 +71,8 @@ PARAMS_FILE = "synthetic.json"
 def camera_motion(kind: str, motion: str) -> str | None:
     """How a synthetic family's actions move the camera, as `minisora train --retrieve-motion` takes it: per
     DMLAB_ACTIONS id its forward step and turn in degrees (left positive); None where the actions move it by no
-    fixed amounts (minecraft's jumps and falls, doom's engine). A forward step into a wall slides or stays put, so
-    the sum of the moves is exact only on `revisit`, whose walks never slide."""
+    fixed amounts (minecraft's jumps and falls, doom's engine). A forward step into a wall may slide or stay put, so
+    the sum of the moves is exact by construction only on `revisit`, whose walks never slide."""
     rates = {"walk": (MAZE_SPEED, MAZE_TURN), "calm": (CALM_SPEED, CALM_TURN), "revisit": (MAZE_SPEED, REVISIT_TURN)}
     if kind != "dmlab" or motion not in rates:
         return None
