@@ -31,11 +31,10 @@ synthetic renderer states it), the rule can key on where the camera is instead (
 (x, y, heading) is the sum of the actions' moves since frame 0 (`poses`, dead reckoning), and the memory frame of u is
 the frame j <= u - W whose pose is nearest u's, in units of one action (distance / the longest step + heading
 difference / the largest turn); among the frames within half an action of the best, the oldest (in a rollout, the
-likeliest to be a known context frame rather than a generated one). When even the nearest is more than POSE_MATCH (one
-action) away, nothing was seen from there, and the memory is frame u - W, the newest out of the window's reach.
-Nothing but the actions decides it, so a drifting rollout retrieves exactly what teacher forcing saw. It is only as
-right as the table: collisions, slides along walls or a policy that moves other than its actions say make the poses
-drift (exact on the `revisit` family, whose walks never slide).
+likeliest to be a known context frame rather than a generated one). Nothing but the actions decides it, so a drifting
+rollout retrieves exactly what teacher forcing saw. It is only as right as the table: collisions, slides along
+walls or a policy that moves other than its actions say make the poses drift (exact on the `revisit` family, whose
+walks never slide).
 """
 
 from __future__ import annotations
@@ -94,14 +93,9 @@ def poses(actions: Tensor, motion: tuple[tuple[float, float], ...]) -> Tensor:
     return torch.stack([x, y, heading], -1)
 
 
-POSE_MATCH = 1.0  # actions: farther than this, no earlier frame was taken from here (pose_index)
-
-
 def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float, float], ...]) -> int | None:
     """The memory frame of `frame` by pose (module docstring): among the frames <= frame - window of one clip's
-    poses (T, 3), the oldest within half an action of the nearest; when even the nearest is more than POSE_MATCH
-    actions away (nothing was seen from here), the newest of them, frame - window: a longer view back instead of a
-    view from elsewhere. None when there are none."""
+    poses (T, 3), the oldest within half an action of the nearest; None when there are none."""
     last = frame - window
     if last < 0:
         return None
@@ -112,10 +106,7 @@ def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float,
         dist += delta[:, :2].norm(dim=1) / step
     if turn:
         dist += torch.remainder(delta[:, 2] + np.pi, 2 * np.pi).sub(np.pi).abs() / turn  # heading apart, in [0, pi]
-    best = dist.min()
-    if best > POSE_MATCH:
-        return last
-    return int(torch.nonzero(dist <= best + 0.5)[0, 0])
+    return int(torch.nonzero(dist <= dist.min() + 0.5)[0, 0])
 
 
 def find_memory(latents: Tensor, pose: Tensor | None, frame: int, window: int,

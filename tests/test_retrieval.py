@@ -54,11 +54,8 @@ def test_poses_integrate_the_actions_and_the_rule_picks_the_oldest_frame_at_the_
     held = spin.clone()
     held[5:8] = -1  # the null action (unknown) does not move the camera
     torch.testing.assert_close(poses(held, CIRCLE)[8, 2], torch.tensor(torch.pi * 5 / 6, dtype=torch.float64))
-    # 240 degrees against 0..120: nothing within one turn was seen, so the newest candidate (a longer view back)
-    assert pose_index(pose, 8, 4, CIRCLE) == 4
-    half = parse_motion("0:0,0:30,0:-30,0:15")  # a half turn too: frame 9 faces 105 degrees, the candidates 0..90
-    near = poses(torch.tensor([0, 1, 1, 1, 0, 0, 0, 0, 0, 3]), half)
-    assert pose_index(near, 9, 4, half) == 3  # frames 3-5 face 90 (half an action away): the oldest of them
+    assert pose_index(pose, 7, 4, CIRCLE) == 3  # 210 degrees against 0..90: the nearest heading, 4 turns away
+    assert pose_index(pose, 8, 4, CIRCLE) == 0  # 240 against 0..120: frames 0 and 4 both 4 turns away, the oldest
     # frames 1-3 out, 4-9 half a circle left, 10-12 back, 13-18 half a circle right: the start pose again at 18
     walk = torch.tensor([0, 0, 0, 0] + [1] * 6 + [0, 0, 0] + [2] * 6 + [0])
     pose = poses(walk, CIRCLE)
