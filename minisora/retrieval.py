@@ -109,7 +109,7 @@ def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float,
     return int(torch.nonzero(dist <= dist.min() + 0.5)[0, 0])
 
 
-def find_memory(latents: Tensor, pose: Tensor | None, frame: int, window: int,
+def find_memory(latents: Tensor | None, pose: Tensor | None, frame: int, window: int,
                 motion: tuple[tuple[float, float], ...]) -> int | None:
     """The memory frame of `frame` in one clip: by pose when a motion table is given, else by latents."""
     return pose_index(pose, frame, window, motion) if motion else memory_index(latents, frame, window)
@@ -161,9 +161,12 @@ class RetrievalWindows(LatentWindows):
         cps = self.layout.clips_per_shard
         for clip, span in zip(clips.tolist(), starts.tolist()):
             arrays, row, s = shards[clip // cps], clip % cps, span + w + 1
-            past = (torch.from_numpy(arrays["mean"][row, : s + w].astype(np.float32)) - mu) / sd  # (s+W, C, h, w)
-            pose = poses(torch.from_numpy(arrays["actions"][row, : s + w].astype(np.int64)), self.motion) \
-                if self.motion else None  # (s+W, 3)
+            if self.motion:  # by pose: the actions alone decide, the latents are not read
+                past, pose = None, poses(torch.from_numpy(arrays["actions"][row, : s + w].astype(np.int64)),
+                                         self.motion)  # (s+W, 3)
+            else:
+                past = (torch.from_numpy(arrays["mean"][row, : s + w].astype(np.float32)) - mu) / sd  # (s+W, C, h, w)
+                pose = None
             index = [find_memory(past, pose, u, w, self.motion) for u in range(s + w - m, s + w)]  # the last M
             for name in self.names:
                 arr = arrays[name][row]

@@ -134,15 +134,15 @@ class Run:
 def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, device: torch.device) -> Run:
     rank, world, _ = dist_info()
     store = LatentStore(cfg.store)  # a complete store, windows of cfg.frames latent frames
-    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards,
-                                parse_motion(cfg.retrieve_motion))
+    motion = parse_motion(cfg.retrieve_motion)  # () unless memory is retrieved by pose
+    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards, motion)
                if cfg.retrieve_frames else LatentWindows(store, cfg.split, cfg.frames, cache_shards=cfg.cache_shards))
     sampler = WindowSampler(windows, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     num_actions = int(store.attrs.get("num_actions", 0)) if cfg.use_actions else 0
     if cfg.use_actions and num_actions == 0:
         raise ValueError(f"--use-actions: store {cfg.store} records no actions")
-    if cfg.retrieve_motion and len(parse_motion(cfg.retrieve_motion)) < num_actions:
-        raise ValueError(f"--retrieve-motion {cfg.retrieve_motion!r} gives {len(parse_motion(cfg.retrieve_motion))} "
+    if motion and len(motion) < num_actions:
+        raise ValueError(f"--retrieve-motion {cfg.retrieve_motion!r} gives {len(motion)} "
                          f"actions' moves; store {cfg.store} has actions up to id {num_actions - 1}")
     lay = store.layout(cfg.split)
     if lay.height % cfg.patch_size or lay.width % cfg.patch_size:
