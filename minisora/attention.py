@@ -91,12 +91,15 @@ def _causal_mod(first: int, tokens: int) -> MaskMod:
     return mod
 
 
-def _teacher_forcing_mod(frames: int, tokens: int) -> MaskMod:
-    n = frames * tokens  # tokens of one copy; the clean copy is [0, n), the noisy copy [n, 2n)
+def _teacher_forcing_mod(frames: int, tokens: int, clean_only: int = 0) -> MaskMod:
+    # the clean copy of `frames` frames is tokens [0, n); then the noisy copy of frames clean_only.., so noisy
+    # token q stands where clean token q - shift does
+    n, shift = frames * tokens, (frames - clean_only) * tokens
 
     def mod(b, h, q, kv):
-        q_frame, kv_frame = (q % n) // tokens, (kv % n) // tokens
         q_clean, kv_clean = q < n, kv < n
+        q_frame = torch.where(q_clean, q, q - shift) // tokens
+        kv_frame = torch.where(kv_clean, kv, kv - shift) // tokens
         clean_key = kv_clean & ((kv_frame < q_frame) | ((kv_frame == q_frame) & q_clean))
         own_noisy_frame = ~kv_clean & ~q_clean & (kv_frame == q_frame)
         return clean_key | own_noisy_frame
@@ -108,9 +111,9 @@ def _teacher_forcing_mod(frames: int, tokens: int) -> MaskMod:
 def _build(kind: str, first: int, frames: int, tokens: int, device: torch.device, kernel: str) -> FrameMask:
     if kind == "causal":
         q_len, kv_len, mod = frames * tokens, (first + frames) * tokens, _causal_mod(first, tokens)
-    else:
-        q_len = kv_len = 2 * frames * tokens
-        mod = _teacher_forcing_mod(frames, tokens)
+    else:  # teacher forcing: `first` leading frames have a clean copy only
+        q_len = kv_len = (2 * frames - first) * tokens
+        mod = _teacher_forcing_mod(frames, tokens, first)
     if kernel == "flex":
         flex = create_block_mask(mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
         return FrameMask(kind, q_len, kv_len, mod, None, flex)
@@ -127,12 +130,16 @@ def causal_mask(first: int, frames: int, tokens: int, device: torch.device, kern
     return _build("causal", first, frames, tokens, torch.device(device), resolve_kernel(kernel, torch.device(device)))
 
 
-def teacher_forcing_mask(frames: int, tokens: int, device: torch.device, kernel: str = "auto") -> FrameMask:
-    """The mask of a teacher-forcing pass over 2 * frames frames: a clean copy of the window, then its noisy
-    copy. Clean frame i sees clean frames <= i (a causal pass at t = 0); noisy frame i sees clean frames < i and
-    itself, exactly what a chunk-1 rollout with the KV cache shows it."""
+def teacher_forcing_mask(frames: int, tokens: int, device: torch.device, kernel: str = "auto",
+                         clean_only: int = 0) -> FrameMask:
+    """The mask of a teacher-forcing pass: a clean copy of the window's `frames` frames, then a noisy copy of its
+    frames from `clean_only` on (2 * frames - clean_only frames; the first clean_only frames, e.g. retrieved
+    memory, are context only). Clean frame i sees clean frames <= i (a causal pass at t = 0); noisy frame i sees
+    clean frames < i and itself, exactly what a chunk-1 rollout with the KV cache shows it."""
+    if not 0 <= clean_only < frames:
+        raise ValueError(f"teacher forcing: clean_only {clean_only} must be in [0, frames {frames})")
     device = torch.device(device)
-    return _build("teacher_forcing", 0, frames, tokens, device, resolve_kernel(kernel, device))
+    return _build("teacher_forcing", clean_only, frames, tokens, device, resolve_kernel(kernel, device))
 
 
 class LongShort(NamedTuple):

@@ -16,7 +16,8 @@ A matmul of an (m, k) by a (k, n) matrix is 2 m k n FLOPs; the backward pass cos
   itself, as minisora.attention.teacher_forcing_mask does.
 Norms, RoPE, softmax and other elementwise work are left out, as is usual for MFU (PaLM, Chinchilla).
 A teacher-forcing pass runs the per-token and per-frame work over 2T frames, and the final layer over
-the T noisy ones only (the model returns their velocity alone).
+the T noisy ones only (the model returns their velocity alone); with M context-only frames (retrieved
+memory: a clean copy, no noisy one) over 2T - M frames, the final layer over T - M.
 """
 
 from __future__ import annotations
@@ -38,35 +39,39 @@ class StepFlops(NamedTuple):
         return self.per_token + self.per_frame + self.attention
 
 
-def visible_pairs(mode: str, frames: int, tokens: int) -> int:
-    """(query, key) pairs attention computes for `frames` frames of `tokens` tokens (2 x frames for teacher
-    forcing, counted here), under the mask of `mode`."""
+def visible_pairs(mode: str, frames: int, tokens: int, context_only: int = 0) -> int:
+    """(query, key) pairs attention computes for `frames` frames of `tokens` tokens (for teacher forcing: a clean
+    copy of the frames and a noisy copy of those after the first `context_only`), under the mask of `mode`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "full":
         return (frames * tokens) ** 2
     causal = tokens * tokens * frames * (frames + 1) // 2  # frame i (from 1) sees i frames
-    return causal if mode == "causal" else 2 * causal  # noisy frame i sees i clean frames and itself: the same
+    # noisy frame i sees i clean frames and itself: the causal count, less the frames with no noisy copy
+    return causal if mode == "causal" else 2 * causal - tokens * tokens * context_only * (context_only + 1) // 2
 
 
 def train_step_flops(config, frames: int, height: int, width: int, batch: int = 1, mode: str = "teacher_forcing",
-                     backward: bool = True) -> StepFlops:
+                     backward: bool = True, context_only: int = 0) -> StepFlops:
     """Model FLOPs of a training step of a VideoDiT with `config` (its .config) on a batch of `batch` windows of
     `frames` latent frames of height x width, with `mode` full, causal or teacher_forcing; forward only with
-    backward=False."""
+    backward=False. context_only: teacher forcing whose first frames have a clean copy only (retrieved memory)."""
     d, depth, pt, p = config.hidden_size, config.depth, config.patch_size_t, config.patch_size
     if frames % pt or height % p or width % p:
         raise ValueError(f"latents (T, H, W) = {(frames, height, width)} must be divisible by the patch "
                          f"{(pt, p, p)}")
     mlp, patch_dim = int(d * config.mlp_ratio), pt * p * p * config.in_channels
-    copies = 2 if mode == "teacher_forcing" else 1
-    t_, s = frames // pt, (height // p) * (width // p)  # patch frames, tokens per frame
-    out_tokens, tokens = t_ * s, copies * t_ * s  # velocity tokens; tokens of the pass
+    if context_only and (mode != "teacher_forcing" or context_only % pt or not 0 < context_only < frames):
+        raise ValueError(f"context_only {context_only} needs mode teacher_forcing and a multiple of the temporal "
+                         f"patch {pt} below frames {frames}")
+    t_, s, m = frames // pt, (height // p) * (width // p), context_only // pt  # patch frames, tokens per frame
+    pass_frames = 2 * t_ - m if mode == "teacher_forcing" else t_  # the clean copy, then the noisy frames
+    out_tokens, tokens = (t_ - m) * s, pass_frames * s  # velocity tokens; tokens of the pass
     linear = 2 * (d * 3 * d + d * d + 2 * d * mlp)  # qkv, proj, MLP: per token per block
     per_token = 2 * patch_dim * d * tokens + depth * linear * tokens + 2 * d * patch_dim * out_tokens
     time_mlp = 2 * (config.frequency_dim * d + d * d)  # TimestepEmbedding: two linears, per latent frame
-    per_frame = (time_mlp * copies * frames + depth * 2 * d * 6 * d * copies * t_  # blocks' adaLN
-                 + 2 * d * 2 * d * t_)  # final layer's adaLN, noisy frames only
-    attention = depth * 4 * d * visible_pairs(mode, t_, s)
+    per_frame = (time_mlp * pass_frames * pt + depth * 2 * d * 6 * d * pass_frames  # blocks' adaLN
+                 + 2 * d * 2 * d * (t_ - m))  # final layer's adaLN, noisy frames only
+    attention = depth * 4 * d * visible_pairs(mode, t_, s, m)
     scale = batch * (3 if backward else 1)
     return StepFlops(scale * per_token, scale * per_frame, scale * attention)

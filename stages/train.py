@@ -269,6 +269,8 @@ def train_step(run: Run, loader: WindowLoader, step: int, stats: tuple[torch.Ten
             t = plugins.time_as_seen(c, run.precision, t)  # (B, F) fp32, exactly what the model is given
             clean = t_clean = None
         noise = torch.randn(x0.shape, generator=gen, device=device)
+        lead = slice(cfg.retrieve_frames if teacher else 0, None)  # memory: context only, no noisy copy to teach
+        x0, noise, t, context = x0[:, lead], noise[:, lead], t[:, lead], None if context is None else context[:, lead]
         with plugins.micro_step(run.booster, run.model, run.optimizer, c, last=micro == cfg.grad_accum - 1):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = run.model(noisy(x0, noise, t, cfg.flow.path), t, actions, clean=clean, clean_timesteps=t_clean)

@@ -23,14 +23,14 @@ def _dense_causal(first, frames, tokens):
     return k_frame[None, :] <= q_frame[:, None]
 
 
-def _dense_teacher_forcing(frames, tokens):
-    """Clean frame i sees clean frames <= i; noisy frame i sees clean frames < i and noisy frame i."""
-    n = 2 * frames * tokens
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for q in range(n):
-        q_frame, q_clean = (q // tokens) % frames, q < frames * tokens
-        for k in range(n):
-            k_frame, k_clean = (k // tokens) % frames, k < frames * tokens
+def _dense_teacher_forcing(frames, tokens, clean_only=0):
+    """Clean frame i sees clean frames <= i; noisy frame i (a noisy copy of frames clean_only on) sees clean
+    frames < i and noisy frame i."""
+    copies = [(f, True) for f in range(frames)] + [(f, False) for f in range(clean_only, frames)]
+    token = [c for c in copies for _ in range(tokens)]  # (frame, clean?) of each token
+    allowed = torch.zeros(len(token), len(token), dtype=torch.bool)
+    for q, (q_frame, q_clean) in enumerate(token):
+        for k, (k_frame, k_clean) in enumerate(token):
             if q_clean:
                 allowed[q, k] = k_clean and k_frame <= q_frame
             else:
@@ -42,6 +42,8 @@ MASKS = {  # name -> (build(kernel), dense reference)
     "causal": (lambda kernel: causal_mask(0, 4, 6, "cpu", kernel), _dense_causal(0, 4, 6)),
     "kv_cache": (lambda kernel: causal_mask(3, 2, 6, "cpu", kernel), _dense_causal(3, 2, 6)),
     "teacher_forcing": (lambda kernel: teacher_forcing_mask(3, 6, "cpu", kernel), _dense_teacher_forcing(3, 6)),
+    "teacher_forcing_after_memory": (lambda kernel: teacher_forcing_mask(5, 6, "cpu", kernel, clean_only=2),
+                                     _dense_teacher_forcing(5, 6, clean_only=2)),
 }
 
 

@@ -26,14 +26,15 @@ def matmul_sdpa(q, k, v, attn_mask=None):
     return scores.softmax(-1) @ v
 
 
-def counted_forward(mode, monkeypatch):
+def counted_forward(mode, monkeypatch, context_only=0):
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", matmul_sdpa)
     torch.manual_seed(0)
     model = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, num_actions=3,
                      attention="full" if mode == "full" else "causal")
     x, t = torch.randn(B, T, 4, H, W), torch.rand(B, T)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t, torch.zeros(B, T, dtype=torch.long), clean=x if mode == "teacher_forcing" else None)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # noisy frames: those after context_only
+        model(x[:, context_only:], t[:, context_only:], torch.zeros(B, T, dtype=torch.long),
+              clean=x if mode == "teacher_forcing" else None)
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     return model, counts
 
@@ -58,6 +59,20 @@ def test_masked_forward_counts_matmuls_exactly_and_only_visible_pairs(mode, monk
     assert counts["aten.bmm"] == 2 * 4 * 32 * B * dense_pairs  # the counter's dense attention
     assert visible_pairs(mode, T, 16) == int(mask.sdpa.sum())
     assert ours.attention == 2 * 4 * 32 * B * int(mask.sdpa.sum())
+
+
+def test_context_only_frames_are_counted_once(monkeypatch):
+    """Teacher forcing after a retrieved memory frame (clean copy only): the counter's matmuls and the mask's pairs."""
+    model, counts = counted_forward("teacher_forcing", monkeypatch, context_only=1)
+    ours = train_step_flops(model.config, T, H, W, batch=B, backward=False, context_only=1)
+    every = train_step_flops(model.config, T, H, W, batch=B, backward=False)
+    assert counts["aten.addmm"] == ours.per_token + ours.per_frame < every.per_token + every.per_frame
+    mask = attention.teacher_forcing_mask(T, 16, "cpu", "sdpa", clean_only=1)
+    pairs = int(mask.sdpa.sum())  # less one noisy frame's own 16 x 16
+    assert visible_pairs("teacher_forcing", T, 16, 1) == pairs == visible_pairs("teacher_forcing", T, 16) - 16 * 16
+    assert ours.attention == 2 * 4 * 32 * B * int(mask.sdpa.sum())
+    with pytest.raises(ValueError, match="context_only 1 needs mode teacher_forcing"):
+        train_step_flops(model.config, T, H, W, mode="causal", context_only=1)
 
 
 def test_a_training_step_is_three_forwards():

@@ -339,6 +339,27 @@ def test_teacher_forcing_pass_equals_a_chunk_1_recompute_for_every_frame(with_ac
         assert not torch.allclose(v, model(noisy, t, actions, clean=clean, clean_timesteps=torch.full((2, 5), 0.5)))
 
 
+def test_context_only_frames_need_no_noisy_copy():
+    """Retrieved memory is context only: a teacher-forcing pass over the clean copy of [memory | window] and the
+    noisy window alone gives each window frame the velocity the pass with a noisy copy of every frame gives it."""
+    model = random_dit(depth=3, num_actions=3)
+    g = torch.Generator().manual_seed(1)
+    clean, noisy = torch.randn(2, 6, 4, 4, 4, generator=g), torch.randn(2, 6, 4, 4, 4, generator=g)
+    t, t_clean = torch.rand(2, 6, generator=g), 0.1 * torch.rand(2, 6, generator=g)
+    actions = torch.randint(0, 3, (2, 6), generator=g)
+    with torch.no_grad():
+        every = model(noisy, t, actions, clean=clean, clean_timesteps=t_clean)
+        for memory in (1, 4):
+            v = model(noisy[:, memory:], t[:, memory:], actions, clean=clean, clean_timesteps=t_clean)
+            assert v.shape == (2, 6 - memory, 4, 4, 4)
+            torch.testing.assert_close(v, every[:, memory:], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"actions \(2, 4\) must be \(B, T\) of the clean copy \(2, 6\)"):
+        model(noisy[:, 2:], t[:, 2:], actions[:, 2:], clean=clean)
+    long_short = VideoDiT(in_channels=4, hidden_size=32, depth=1, num_heads=2, attention="causal", short_frames=2)
+    with pytest.raises(ValueError, match="2 context-only frames need .* no long-short attention"):
+        long_short(noisy[:, 2:], t[:, 2:], clean=clean)
+
+
 def test_teacher_forcing_needs_a_causal_model_and_matching_shapes():
     full, causal = random_dit(attention="full"), random_dit()
     x = torch.randn(1, 3, 4, 4, 4)

@@ -265,7 +265,7 @@ def test_each_pass_checks_its_own_arguments():
         causal(x, t, clean=x, kv_cache=KVCache(2))
     with pytest.raises(ValueError, match="clean_timesteps are the times of a clean copy"):
         causal(x, t, clean_timesteps=t)
-    with pytest.raises(ValueError, match=r"clean_timesteps \(1, 2\) must match timesteps \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"clean_timesteps \(1, 2\) must be \(B, T\) of the clean copy \(1, 3\)"):
         causal(x, t, clean=x, clean_timesteps=t[:, :2])
     with pytest.raises(ValueError, match="update_cache=True needs a kv_cache"):
         causal(x, t, update_cache=True)
