@@ -60,6 +60,10 @@ def train(
                                         "walk: 0.09:0,0:6,0:-6,0:0). The pose is the sum of the actions' moves; the "
                                         "memory frame of u is the oldest of the frames (at least --frames back) "
                                         "nearest its pose. Saved with the run."),
+    retrieve_radius: float = typer.Option(T.retrieve_radius, help="With --retrieve-motion: a frame whose nearest "
+                                          "pose is more than this many actions away gets a blank memory frame "
+                                          "(zero latents, the null action) instead of a view from elsewhere. 0: "
+                                          "always the nearest. Saved with the run."),
     batch_size: int = typer.Option(T.batch_size, min=1, help="Windows per process per micro-step (global batch = "
                                    "processes x this x grad-accum)."),
     lr: float = typer.Option(T.lr, help="Peak AdamW learning rate."),

@@ -165,6 +165,7 @@ class TrainConfig:
     # "" (by latents, as above) or "F:D,...": per action id its forward step and turn (degrees); then the memory
     # frame of u is the one whose pose (integrated from the actions) is nearest u's (minisora.retrieval.pose_index)
     retrieve_motion: str = ""
+    retrieve_radius: float = 0.0  # with retrieve_motion: > 0 blanks the memory of frames no pose within R actions of
     batch_size: int = 8  # windows per rank per micro-step
     lr: float = 3e-4
     warmup: int = 100

@@ -252,48 +252,39 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
     def forward_teacher_forcing(self, latents: Tensor, timesteps: Tensor, clean: Tensor,
                                 actions: Tensor | None = None, clean_timesteps: Tensor | None = None) -> Tensor:
-        """Velocity of the noisy frames from one pass: the clean copy of the window first, then the noisy frames.
-
-        Args:
-            latents: (B, T, C, H, W) the noisy frames, the last T of the clean copy's M + T; noisy frame i sees clean
-                frames < M + i and itself (a chunk-1 rollout). M > 0 (e.g. retrieved memory, which is context only
-                and out of the loss) spares the pass a noisy copy of those frames.
-            timesteps: (B, T) their times in [0, 1].
-            clean: (B, M + T, C, H, W) the clean (or lightly noised) copy of the window.
-            actions: (B, M + T) or None, as for `forward`: the clean copy's; the noisy frames get their last T.
-            clean_timesteps: (B, M + T) the clean copy's times; None for 0.
-        """
+        """Velocity (B, T, C, H, W) of the noisy frames `latents` from one pass over the clean copy `clean` (B, M + T,
+        C, H, W) of the window, then the noisy frames: noisy frame i (times `timesteps` (B, T)) sees clean frames
+        < M + i and itself, a chunk-1 rollout's view; M > 0 context-only frames (retrieved memory) get no noisy
+        copy. `actions` (B, M + T) or None (as for `forward`) and `clean_timesteps` (B, M + T) (None: 0) are the
+        clean copy's."""
         self._require_causal("teacher forcing (clean=...) needs")
-        lead = clean.shape[1] - latents.shape[1] if clean.ndim == latents.ndim == 5 else -1  # context-only frames
-        if lead < 0 or clean.shape[:1] + clean.shape[2:] != latents.shape[:1] + latents.shape[2:]:
+        self._grid(latents, timesteps)
+        lead, pt = clean.shape[1] - latents.shape[1], self.config.patch_size_t  # M context-only frames
+        if clean.ndim != 5 or lead < 0 or clean.shape[:1] + clean.shape[2:] != latents.shape[:1] + latents.shape[2:]:
             raise ValueError(f"clean {tuple(clean.shape)} must match latents {tuple(latents.shape)} (or have "
                              "more frames: context-only frames before them)")
-        self._grid(latents, timesteps)
-        clean_t = timesteps.new_zeros(clean.shape[:2]) if clean_timesteps is None else clean_timesteps
-        if clean_t.shape != clean.shape[:2]:
-            raise ValueError(f"clean_timesteps {tuple(clean_t.shape)} must be (B, T) of the clean copy "
-                             f"{tuple(clean.shape[:2])}")
-        if actions is not None and actions.shape != clean_t.shape:
-            raise ValueError(f"actions {tuple(actions.shape)} must be (B, T) of the clean copy {tuple(clean_t.shape)}")
-        grid, pt = self._grid(clean, clean_t), self.config.patch_size_t  # the noisy frames: its last ones
         if lead % pt or (lead and self.config.short_frames):
             raise ValueError(f"teacher forcing: {lead} context-only frames need a multiple of patch_size_t {pt} "
                              "and no long-short attention (short_frames 0)")
+        clean_t = timesteps.new_zeros(clean.shape[:2]) if clean_timesteps is None else clean_timesteps
+        for name, value in (("clean_timesteps", clean_t), ("actions", actions)):
+            if value is not None and value.shape != clean.shape[:2]:
+                raise ValueError(f"{name} {tuple(value.shape)} must be (B, T) of the clean copy "
+                                 f"{tuple(clean.shape[:2])}")
+        grid, m = self._grid(clean, clean_t), lead // pt  # the clean copy's; the noisy frames are its last - m
         both = None if actions is None else torch.cat([actions, actions[:, lead:]], 1)
         x = self._embed(torch.cat([clean, latents], 1))  # (B, 2 (M + T) - M, h*w, D) patch frames
         mods = self._modulations(torch.cat([clean_t, timesteps], 1), both, final_from=grid.frames)
         cos, sin = self._rope(grid, 0, x.device)
-        tail = slice(lead // pt * grid.height * grid.width, None)  # noisy frame i at its clean copy's position
+        tail = slice(m * grid.height * grid.width, None)  # noisy frame i at its clean copy's position
         cos, sin = torch.cat([cos, cos[tail]]), torch.cat([sin, sin[tail]])
         if self.config.short_frames:  # the memory of the clean copy's frames
             mask, memory = self._long_short(grid, x.device, 0, 0, grid.frames, teacher_forcing=True)
         else:
-            mask = teacher_forcing_mask(grid.frames, grid.height * grid.width, x.device, self.attention_kernel,
-                                        lead // pt)
+            mask = teacher_forcing_mask(grid.frames, grid.height * grid.width, x.device, self.attention_kernel, m)
             memory = None
         x = self._run_blocks(x, mods, cos, sin, mask, memory=memory)
-        return self._unpatchify(self.final_layer(x[:, grid.frames:], mods[-1]),
-                                grid._replace(frames=grid.frames - lead // pt))  # the noisy frames only
+        return self._unpatchify(self.final_layer(x[:, grid.frames:], mods[-1]), grid._replace(frames=grid.frames - m))
 
     def _grid(self, latents: Tensor, timesteps: Tensor) -> PatchGrid:
         """The patch grid of latents (B, T, C, H, W), after checking them and timesteps (B, T)."""

@@ -73,7 +73,8 @@ class DiTPipeline(DiffusionPipeline):
                  latents_mean: list[float] | None = None, latents_std: list[float] | None = None,
                  window_frames: int = 8, latent_size: list[int] | None = None, fps: float | None = None,
                  frame_stride: int = 1, resolution: list[int] | None = None, path: str = "linear",
-                 prediction: str = "velocity", retrieve_frames: int = 0, retrieve_motion: str = ""):
+                 prediction: str = "velocity", retrieve_frames: int = 0, retrieve_motion: str = "",
+                 retrieve_radius: float = 0.0):
         super().__init__()
         check_path(path, prediction)  # the interpolant the transformer was trained on, and what it predicts
         transformer.eval()  # sampling: no action dropout (a DiT built with from_config starts in train mode)
@@ -84,7 +85,7 @@ class DiTPipeline(DiffusionPipeline):
                                 latent_size=list(latent_size or [16, 16]), fps=None if fps is None else float(fps),
                                 frame_stride=frame_stride, resolution=None if resolution is None else list(resolution),
                                 path=path, prediction=prediction, retrieve_frames=retrieve_frames,
-                                retrieve_motion=retrieve_motion)
+                                retrieve_motion=retrieve_motion, retrieve_radius=float(retrieve_radius))
         self.video_vae = VideoVAE.from_model(vae)
 
     # ------------------------------------------------------------------ the run directory (minisora.run_dir)
@@ -320,7 +321,8 @@ class DiTPipeline(DiffusionPipeline):
     def rollout_line(self, kv_cache: str) -> str:
         """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
         how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
-        how += retrieval.memory_line(self.config.get("retrieve_frames", 0), self.config.get("retrieve_motion", ""))
+        how += retrieval.memory_line(self.config.get("retrieve_frames", 0), self.config.get("retrieve_motion", ""),
+                                     self.config.get("retrieve_radius") or 0.0)
         tcfg = self.transformer.config
         if tcfg.get("short_frames", 0):  # long-short: say how far it sees in full
             return (f"{tcfg.attention} attention, long-short (the last {tcfg.short_frames} frames in full, older "

@@ -18,6 +18,7 @@ from minisora.checkpoint import CheckpointError
 SAME = {"model": ("--model", None), "patch_size": ("--patch-size", None), "attention": ("--attention", "full"),
         "short_frames": ("--short-frames", 0), "memory_pool": ("--memory-pool", 2),
         "retrieve_frames": ("--retrieve-frames", 0), "retrieve_motion": ("--retrieve-motion", ""),
+        "retrieve_radius": ("--retrieve-radius", 0.0),
         "frames": ("--frames", None), "split": ("--split", None), "use_actions": ("--use-actions", None),
         "seed": ("--seed", None), "cache_shards": ("--cache-shards", None)}
 RECIPE_DEFAULTS = {"teacher_forcing": 0.0, "context_noise": 0.0, "logit_mean": 0.0}  # absent in older checkpoints

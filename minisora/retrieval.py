@@ -34,7 +34,10 @@ difference / the largest turn); among the frames within half an action of the be
 likeliest to be a known context frame rather than a generated one). Nothing but the actions decides it, so a drifting
 rollout retrieves exactly what teacher forcing saw. It is only as right as the table: collisions, slides along
 walls or a policy that moves other than its actions say make the poses drift (exact on the `revisit` family, whose
-walks never slide).
+walks never slide). With a radius R > 0 (`--retrieve-radius`), a frame whose nearest pose is more than R actions
+away gets a *blank* memory frame (`BLANK`: zero normalised latents, the null action) instead of a view from
+elsewhere, so the model can tell "no memory here" from a memory to trust (WorldMem and Context-as-Memory likewise
+retrieve only views that overlap the target's).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from torch import Tensor
 
 from minisora.dataset import LatentBatch, LatentWindows
 from minisora.kv_cache import KVCache
+
+BLANK = -1  # the memory "frame" of a frame with no pose within the radius: zero normalised latents, the null action
 
 
 def recall(latents: Tensor, key: int, last: int) -> int | None:
@@ -93,9 +98,11 @@ def poses(actions: Tensor, motion: tuple[tuple[float, float], ...]) -> Tensor:
     return torch.stack([x, y, heading], -1)
 
 
-def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float, float], ...]) -> int | None:
+def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float, float], ...],
+               radius: float = 0.0) -> int | None:
     """The memory frame of `frame` by pose (module docstring): among the frames <= frame - window of one clip's
-    poses (T, 3), the oldest within half an action of the nearest; None when there are none."""
+    poses (T, 3), the oldest within half an action of the nearest; BLANK when radius > 0 and the nearest is more
+    than radius actions away; None when there are no such frames."""
     last = frame - window
     if last < 0:
         return None
@@ -106,13 +113,16 @@ def pose_index(pose: Tensor, frame: int, window: int, motion: tuple[tuple[float,
         dist += delta[:, :2].norm(dim=1) / step
     if turn:
         dist += torch.remainder(delta[:, 2] + np.pi, 2 * np.pi).sub(np.pi).abs() / turn  # heading apart, in [0, pi]
+    if radius > 0 and dist.min() > radius:
+        return BLANK
     return int(torch.nonzero(dist <= dist.min() + 0.5)[0, 0])
 
 
 def find_memory(latents: Tensor | None, pose: Tensor | None, frame: int, window: int,
-                motion: tuple[tuple[float, float], ...]) -> int | None:
-    """The memory frame of `frame` in one clip: by pose when a motion table is given, else by latents."""
-    return pose_index(pose, frame, window, motion) if motion else memory_index(latents, frame, window)
+                motion: tuple[tuple[float, float], ...], radius: float = 0.0) -> int | None:
+    """The memory frame of `frame` in one clip: by pose when a motion table is given (BLANK beyond the radius),
+    else by latents."""
+    return pose_index(pose, frame, window, motion, radius) if motion else memory_index(latents, frame, window)
 
 
 def loss_context(batch: int, memory: int, window: int, device=None) -> Tensor:
@@ -121,11 +131,14 @@ def loss_context(batch: int, memory: int, window: int, device=None) -> Tensor:
 
 
 def check_setting(retrieve_frames: int, frames: int, attention: str, short_frames: int, motion: str = "",
-                  use_actions: bool = True) -> None:
-    """Refuse a --retrieve-frames (and --retrieve-motion) the model cannot use, naming the option."""
+                  use_actions: bool = True, radius: float = 0.0) -> None:
+    """Refuse a --retrieve-frames (and --retrieve-motion, --retrieve-radius) the model cannot use, naming the option."""
     if motion and not (retrieve_frames and use_actions):
         raise ValueError(f"--retrieve-motion {motion!r} picks the memory frames of --retrieve-frames by the pose the "
                          f"actions integrate to: it needs --retrieve-frames > 0 and --use-actions")
+    if radius < 0 or (radius and not motion):
+        raise ValueError(f"--retrieve-radius {radius:g} blanks memory beyond that many actions of the pose: it needs "
+                         "a value >= 0 and --retrieve-motion")
     parse_motion(motion)
     if retrieve_frames == 0:
         return
@@ -142,9 +155,9 @@ class RetrievalWindows(LatentWindows):
     sampler sees spans of 2 W + 1 frames (s = span start + W + 1), so clips need at least 2 W + 1 latent frames."""
 
     def __init__(self, store, split: str, window: int, memory: int, cache_shards: int = 8,
-                 motion: tuple[tuple[float, float], ...] = ()):
+                 motion: tuple[tuple[float, float], ...] = (), radius: float = 0.0):
         super().__init__(store, split, 2 * window + 1, cache_shards=cache_shards)
-        self.window, self.memory, self.motion = window, memory, motion
+        self.window, self.memory, self.motion, self.radius = window, memory, motion, radius
 
     def gather(self, shards: dict[int, dict[str, np.ndarray]], clips: np.ndarray, starts: np.ndarray,
                pin_memory: bool = False) -> LatentBatch:
@@ -167,10 +180,16 @@ class RetrievalWindows(LatentWindows):
             else:
                 past = (torch.from_numpy(arrays["mean"][row, : s + w].astype(np.float32)) - mu) / sd  # (s+W, C, h, w)
                 pose = None
-            index = [find_memory(past, pose, u, w, self.motion) for u in range(s + w - m, s + w)]  # the last M
+            index = np.array([find_memory(past, pose, u, w, self.motion, self.radius)
+                              for u in range(s + w - m, s + w)])  # the last M
+            blank = index == BLANK
             for name in self.names:
                 arr = arrays[name][row]
-                out[name].append(np.concatenate([arr[index], arr[s:s + w]]))  # (M + W, ...)
+                mem = arr[np.where(blank, 0, index)]  # (M, ...)
+                if blank.any():  # a point mass at the store's mean (zero once normalised), the null action
+                    fill = {"mean": self.stats_mean.numpy()[:, None, None], "logvar": -np.inf, "actions": -1}[name]
+                    mem[blank] = fill
+                out[name].append(np.concatenate([mem, arr[s:s + w]]))  # (M + W, ...)
         tensors = {name: torch.from_numpy(np.stack(v)) for name, v in out.items()}
         tensors["actions"] = tensors["actions"].long()
         if pin_memory:
@@ -180,16 +199,17 @@ class RetrievalWindows(LatentWindows):
 
 
 def memory_batch(latents: Tensor, start: int, window: int, memory: int, pose: Tensor | None = None,
-                 motion: tuple[tuple[float, float], ...] = ()) -> tuple[Tensor, Tensor] | None:
-    """(memory latents (B, M, C, h, w), frame index of each (B, M)) of the window starting at `start` of every video
-    of `latents` (B, T, C, h, w), each by `find_memory` on its own frames (and poses (B, T, 3) with a motion table);
-    None when start <= M (too little past)."""
+                 motion: tuple[tuple[float, float], ...] = (), radius: float = 0.0) -> tuple[Tensor, Tensor] | None:
+    """(memory latents (B, M, C, h, w), frame index of each (B, M), BLANK for a blank one: zero latents) of the window
+    starting at `start` of every video of `latents` (B, T, C, h, w), each by `find_memory` on its own frames (and
+    poses (B, T, 3) with a motion table); None when start <= M (too little past)."""
     if start <= memory:
         return None
     frames = range(start + window - memory, start + window)  # the window's last M frames
-    index = torch.tensor([[find_memory(video, None if pose is None else pose[b], u, window, motion) for u in frames]
-                          for b, video in enumerate(latents)], device=latents.device)  # (B, M)
-    return latents[torch.arange(latents.shape[0], device=latents.device)[:, None], index], index
+    index = torch.tensor([[find_memory(video, None if pose is None else pose[b], u, window, motion, radius)
+                           for u in frames] for b, video in enumerate(latents)], device=latents.device)  # (B, M)
+    found = latents[torch.arange(latents.shape[0], device=latents.device)[:, None], index.clamp(min=0)]
+    return torch.where((index == BLANK)[..., None, None, None], torch.zeros_like(found), found), index
 
 
 def rollout(pipe, latents: Tensor, plan: list[tuple[int, int, int]], actions: Tensor | None, solver,
@@ -205,17 +225,19 @@ def rollout(pipe, latents: Tensor, plan: list[tuple[int, int, int]], actions: Te
         raise ValueError("this model retrieves its memory by the pose the actions integrate to (retrieve_motion "
                          f"{pipe.config.retrieve_motion!r}): give the rollout its actions")
     pose = poses(actions, motion) if motion else None  # (B, T, 3)
+    radius = pipe.config.get("retrieve_radius") or 0.0
     cache = KVCache(len(pipe.transformer.blocks))
     for i, (start, n, known) in enumerate(plan):
         noise = pipe._window_noise(latents, solver, i, len(plan), n)  # the other algorithms' draws
         act = None if actions is None else actions[:, start:start + n]
-        found = memory_batch(latents, start, pipe.config.window_frames, memory, pose, motion) \
+        found = memory_batch(latents, start, pipe.config.window_frames, memory, pose, motion, radius) \
             if n == pipe.config.window_frames else None
         clean = latents[:, start:known]
         if found is not None:
             clean = torch.cat([found[0], clean], 1)  # (B, M + W - 1, C, h, w)
             if act is not None:
-                act = torch.cat([torch.gather(actions, 1, found[1]), act], 1)
+                remembered = torch.gather(actions, 1, found[1].clamp(min=0))  # (B, M); a blank's: the null action
+                act = torch.cat([torch.where(found[1] == BLANK, -1, remembered), act], 1)
         cache.reset(position=0)
         pipe._commit(cache, clean, act, solver.guidance, 0, 0)
         new_act = None if act is None else act[:, clean.shape[1]:]
@@ -225,11 +247,12 @@ def rollout(pipe, latents: Tensor, plan: list[tuple[int, int, int]], actions: Te
     return "window"
 
 
-def memory_line(retrieve_frames: int, motion: str = "") -> str:
+def memory_line(retrieve_frames: int, motion: str = "", radius: float = 0.0) -> str:
     """How a model with retrieved memory rolls out, for the user ("" without it)."""
     if not retrieve_frames:
         return ""
     by = f", by the pose the actions integrate to ({motion})" if motion else ""
+    by += f", blank beyond {radius:g} actions" if motion and radius > 0 else ""
     return f", retrieved memory ({retrieve_frames} frames of the clip's past before each window{by})"
 
 

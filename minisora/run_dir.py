@@ -53,7 +53,8 @@ def pipeline_meta(store: LatentStore, cfg, num_actions: int) -> dict:
             "scheduler": {"type": "flow_euler", "shift": 1.0},
             "flow": {"path": cfg.flow.path, "prediction": cfg.flow.prediction},
             "retrieve_frames": getattr(cfg, "retrieve_frames", 0),
-            "retrieve_motion": getattr(cfg, "retrieve_motion", "")}
+            "retrieve_motion": getattr(cfg, "retrieve_motion", ""),
+            "retrieve_radius": getattr(cfg, "retrieve_radius", 0.0)}
 
 
 def save_run(path: Path, model: VideoDiT, weights: dict[str, torch.Tensor], store: LatentStore, cfg) -> None:
@@ -97,7 +98,7 @@ def pipeline_kwargs(meta: dict) -> dict:
             "window_frames": meta["frames"], "latent_size": meta["latent_size"], "fps": src.get("fps"),
             "frame_stride": src.get("frame_stride", 1), "resolution": src.get("resolution"),
             "retrieve_frames": meta.get("retrieve_frames", 0),  # absent in older runs: none
-            "retrieve_motion": meta.get("retrieve_motion", "")}
+            "retrieve_motion": meta.get("retrieve_motion", ""), "retrieve_radius": meta.get("retrieve_radius", 0.0)}
 
 
 def build_pipeline(cls: type[DiffusionPipeline], transformer: VideoDiT, meta: dict, device: torch.device | str,

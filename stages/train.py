@@ -98,7 +98,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--short-frames must be >= 0 and --memory-pool >= 1, got {cfg.short_frames} and "
                          f"{cfg.memory_pool}")
     check_setting(cfg.retrieve_frames, cfg.frames, cfg.attention, cfg.short_frames, cfg.retrieve_motion,
-                  cfg.use_actions)
+                  cfg.use_actions, cfg.retrieve_radius)
     if cfg.frames < 2:
         raise ValueError(f"--frames {cfg.frames}: a training window needs at least 2 latent frames (the model learns "
                          "to continue frames from earlier ones, and a 1-frame model cannot continue anything)")
@@ -135,7 +135,8 @@ def build_run(cfg: TrainConfig, contract: plugins.Contract, precision: str, devi
     rank, world, _ = dist_info()
     store = LatentStore(cfg.store)  # a complete store, windows of cfg.frames latent frames
     motion = parse_motion(cfg.retrieve_motion)  # () unless memory is retrieved by pose
-    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards, motion)
+    windows = (RetrievalWindows(store, cfg.split, cfg.frames, cfg.retrieve_frames, cfg.cache_shards, motion,
+                                cfg.retrieve_radius)
                if cfg.retrieve_frames else LatentWindows(store, cfg.split, cfg.frames, cache_shards=cfg.cache_shards))
     sampler = WindowSampler(windows, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     num_actions = int(store.attrs.get("num_actions", 0)) if cfg.use_actions else 0
@@ -345,7 +346,7 @@ def main(cfg: TrainConfig) -> dict:
            f"{cfg.split}, {run.sampler.batches_per_epoch()} batches/epoch; {world} process(es) x batch "
            f"{cfg.batch_size} x accum {cfg.grad_accum} on {device.type}, plugin {cfg.plugin}, {choice.precision}, "
            f"{cfg.attention} attention ({resolve_kernel(cfg.attention_kernel, device)}){long_short_line(cfg)}"
-           f"{memory_line(cfg.retrieve_frames, cfg.retrieve_motion)}")
+           f"{memory_line(cfg.retrieve_frames, cfg.retrieve_motion, cfg.retrieve_radius)}")
     validator = Validator(cfg, run.store, run.module, device) if cfg.sample_every > 0 and rank == 0 else None
     from tqdm.auto import tqdm
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from minisora.dataset import LatentWindows
+from minisora.dataset import LatentWindows, sample_latents
 from minisora.model import VideoDiT
 from minisora.pipeline import DiTPipeline
-from minisora.retrieval import (RetrievalWindows, check_setting, loss_context, memory_batch, memory_index,
+from minisora.retrieval import (BLANK, RetrievalWindows, check_setting, loss_context, memory_batch, memory_index,
                                 parse_motion, pose_index, poses, recall, with_memory)
 from minisora.vae import build_vae, tiny_vae_config
 
@@ -106,31 +106,47 @@ def test_the_motion_option_is_checked():
         check_setting(0, 8, "causal", 0, "1:0")
     with pytest.raises(ValueError, match="needs --retrieve-frames > 0 and --use-actions"):
         check_setting(4, 8, "causal", 0, "1:0", use_actions=False)
+    with pytest.raises(ValueError, match="--retrieve-radius 2 .* needs a value >= 0 and --retrieve-motion"):
+        check_setting(4, 8, "causal", 0, "", radius=2.0)
+    with pytest.raises(ValueError, match="--retrieve-radius -1 blanks memory"):
+        check_setting(4, 8, "causal", 0, "1:0", radius=-1.0)
+    check_setting(4, 8, "causal", 0, "1:0", radius=2.0)
 
 
-@pytest.mark.parametrize("motion", [(), CIRCLE], ids=["latents", "pose"])
-def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path, motion):
+@pytest.mark.parametrize("motion,radius", [((), 0.0), (CIRCLE, 0.0), (CIRCLE, 1.5)],
+                         ids=["latents", "pose", "pose-radius"])
+def test_training_windows_and_the_rollout_use_the_same_rule(tmp_path, motion, radius):
     from _store_helpers import make_store
 
     make_store(tmp_path / "store", {"train": [30, 26, 30]}, hw=(4, 4))
-    windows = RetrievalWindows(str(tmp_path / "store"), "train", window=5, memory=3, motion=motion)
+    windows = RetrievalWindows(str(tmp_path / "store"), "train", window=5, memory=3, motion=motion, radius=radius)
     assert list(windows.usable) == [0, 1, 2] and windows.frames == 11  # spans of 2 W + 1 frames
     batch = windows.read([0, 2, 1], [0, 13, 15])  # windows start at span + W + 1: 6, 19, 21
     assert batch.mean.shape == (3, 8, 4, 4, 4) and batch.start.tolist() == [6, 19, 21]
     mu, sd = windows.stats_mean.view(1, -1, 1, 1), windows.stats_std.view(1, -1, 1, 1)
+    x0 = sample_latents(batch, windows.stats_mean, windows.stats_std)  # a training step's (posterior samples)
+    blanks = 0
     for i, (clip, start) in enumerate(((0, 6), (2, 19), (1, 21))):
         full = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0]).mean[0]  # (26, C, h, w)
         lat = (full.float() - mu) / sd  # the clip's normalised latents
         whole = LatentWindows(str(tmp_path / "store"), "train", 26).read([clip], [0])
         pose = poses(whole.actions.long(), motion) if motion else None  # (1, 26, 3)
-        found, index = memory_batch(lat[None], start, 5, 3, pose, motion)  # the rollout's retrieval, same frames
-        rule = [pose_index(pose[0], u, 5, motion) if motion else memory_index(lat, u, 5)
+        found, index = memory_batch(lat[None], start, 5, 3, pose, motion, radius)  # the rollout's retrieval
+        rule = [pose_index(pose[0], u, 5, motion, radius) if motion else memory_index(lat, u, 5)
                 for u in range(start + 2, start + 5)]
         assert index[0].tolist() == rule
         assert all(j <= u - 5 for j, u in zip(index[0].tolist(), range(start + 2, start + 5)))
-        torch.testing.assert_close(batch.mean[i, :3].float(), full[index[0]].float())  # memory
-        torch.testing.assert_close(batch.mean[i, 3:].float(), full[start:start + 5].float())  # then the window
-        assert batch.actions[i, :3].tolist() == whole.actions[0, index[0]].tolist()
+        torch.testing.assert_close(batch.mean[i, 3:].float(), full[start:start + 5].float())  # the window
+        for k, j in enumerate(index[0].tolist()):  # memory: the frame found, or a blank
+            if j == BLANK:
+                blanks += 1
+                assert pose_index(pose[0], start + 2 + k, 5, motion) >= 0  # a frame exists, just not near enough
+                assert found[0, k].abs().max() == 0 and batch.actions[i, k] == -1
+                assert x0[i, k].abs().max() < 1e-3  # zero up to the store's float16 rounding of its mean
+            else:
+                torch.testing.assert_close(batch.mean[i, k].float(), full[j].float())
+                assert batch.actions[i, k] == whole.actions[0, j]
+    assert (blanks > 0) == (radius > 0) and blanks < 9  # this radius blanks some memory frames, not all
     with pytest.raises(IndexError, match="span .* leaves its 26 latent frames"):
         windows.read([1], [16])
 
@@ -157,29 +173,37 @@ def tiny_pipe(memory: int, window: int = 4) -> DiTPipeline:
     return pipe
 
 
-@pytest.mark.parametrize("by_pose", [False, True], ids=["latents", "pose"])
-def test_the_rollout_steps_the_new_frame_as_teacher_forcing_sees_it(by_pose):
+@pytest.mark.parametrize("by_pose,radius", [(False, 0.0), (True, 0.0), (True, 3.0)],
+                         ids=["latents", "pose", "pose-radius"])
+def test_the_rollout_steps_the_new_frame_as_teacher_forcing_sees_it(by_pose, radius):
     """One Euler step from t = 1: frame t = noise - v, v from a teacher-forcing pass over [memory | window]."""
     pipe, ctx = tiny_pipe(memory=3), circle_clip(frames=31)[None]
     actions = torch.randint(0, 3, (1, 32), generator=torch.Generator().manual_seed(2))
-    if by_pose:  # the camera turns left every frame, as the clip's views do: a circle is 12 frames
+    if by_pose and not radius:  # the camera turns left every frame, as the clip's views do: a circle is 12 frames
         actions = torch.ones(1, 32, dtype=torch.long)
-        pipe.register_to_config(retrieve_motion="0.1:0,0:30,0:-30")
+    if by_pose:
+        pipe.register_to_config(retrieve_motion="0.1:0,0:30,0:-30", retrieve_radius=radius)
     out = pipe(context_latents=ctx, num_frames=32, num_inference_steps=1, actions=actions,
                generator=torch.Generator().manual_seed(0), output_type="latent")
     assert out.kv_cache == "window" == pipe.kv_cache_mode("auto")  # rebuilt per window, whatever was asked
     assert "retrieved memory (3 frames" in pipe.rollout_line("window")
     assert ("by the pose the actions integrate to" in pipe.rollout_line("window")) == by_pose
+    assert ("blank beyond 3 actions" in pipe.rollout_line("window")) == (radius > 0)
     noise = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))[:, -1:]  # the window's last
     index = [memory_index(ctx[0], u, 4) for u in (29, 30, 31)]  # the window 28..31's last 3 frames
     if by_pose:
-        index = [pose_index(poses(actions[0], CIRCLE), u, 4, CIRCLE) for u in (29, 30, 31)]
-        assert index == [5, 6, 7]  # the oldest frames at the same heading
+        index = [pose_index(poses(actions[0], CIRCLE), u, 4, CIRCLE, radius) for u in (29, 30, 31)]
         with pytest.raises(ValueError, match="give the rollout its actions"):
             pipe(context_latents=ctx, num_frames=32, num_inference_steps=1, output_type="latent")
-    assert [j % 12 for j in index] == [5, 6, 7] and max(index) <= 27  # views 5, 6, 7, a circle or two earlier
-    seq = torch.cat([ctx[:, index], ctx[:, 28:31], noise], 1)  # [memory | known window frames | the new frame]
-    act = torch.cat([actions[:, index], actions[:, 28:32]], 1)
+    if radius:  # frame 29's nearest pose is 4 actions away, 30's and 31's 2: a blank, then two frames
+        assert index == [BLANK, 26, 25]
+    elif by_pose:
+        assert index == [5, 6, 7]  # the oldest frames at the same heading
+    if not radius:
+        assert [j % 12 for j in index] == [5, 6, 7] and max(index) <= 27  # views 5, 6, 7, a circle or two earlier
+    memory = torch.stack([torch.zeros_like(ctx[0, 0]) if j == BLANK else ctx[0, j] for j in index])[None]
+    seq = torch.cat([memory, ctx[:, 28:31], noise], 1)  # [memory | known window frames | the new frame]
+    act = torch.cat([torch.tensor([[-1 if j == BLANK else int(actions[0, j]) for j in index]]), actions[:, 28:32]], 1)
     with torch.no_grad():
         t = torch.zeros(1, 7)
         t[:, -1] = 1.0
@@ -250,3 +274,9 @@ def test_train_by_pose_records_the_motion_and_checks_it_against_the_store(tmp_pa
     assert r.exit_code != 0 and "--retrieve-motion" in r.output and "0:10" in r.output
     r = CliRunner().invoke(app, args("0.09:0,0:6", out="short"))
     assert r.exit_code != 0 and "gives 2 actions' moves" in r.output and "actions up to id 2" in r.output
+    r = CliRunner().invoke(app, args("0.09:0,0:6,0:-6,0:0", out="near") + ["--retrieve-radius", "2"])
+    assert r.exit_code == 0, r.output
+    assert "(0.09:0,0:6,0:-6,0:0), blank beyond 2 actions" in r.output
+    assert DiTPipeline.from_run(tmp_path / "near").config.retrieve_radius == 2.0
+    r = CliRunner().invoke(app, args("0.09:0,0:6,0:-6,0:0", out="near", steps=4))  # resuming without the radius
+    assert r.exit_code != 0 and "--retrieve-radius" in r.output
