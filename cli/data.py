@@ -84,7 +84,8 @@ def synth(
     moves = camera_motion(kind.value, motion.value)
     if moves:
         typer.echo(f"actions move the camera by {moves} (forward:turn-degrees per action id): to retrieve memory by "
-                   f"pose, train with --retrieve-frames N --retrieve-motion {moves}")
+                   f"pose, train with --retrieve-frames N --use-actions --retrieve-motion {moves} "
+                   "--retrieve-radius 2 (docs/design-notes.md, memory part 5)")
 
 
 @app.command()

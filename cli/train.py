@@ -63,7 +63,8 @@ def train(
     retrieve_radius: float = typer.Option(T.retrieve_radius, help="With --retrieve-motion: a frame whose nearest "
                                           "pose is more than this many actions away gets a blank memory frame "
                                           "(zero latents, the null action) instead of a view from elsewhere. 0: "
-                                          "always the nearest. Saved with the run."),
+                                          "always the nearest. 2 met issue 24's memory targets on the revisit and "
+                                          "walk families (docs/design-notes.md). Saved with the run."),
     batch_size: int = typer.Option(T.batch_size, min=1, help="Windows per process per micro-step (global batch = "
                                    "processes x this x grad-accum)."),
     lr: float = typer.Option(T.lr, help="Peak AdamW learning rate."),

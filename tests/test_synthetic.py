@@ -454,7 +454,7 @@ def test_cli_data_synth_motion_revisit(tmp_path):
                                       "--clips", "1", "--test-clips", "1", "--frames", "8"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "synthetic.json").read_text())["motion"] == "revisit"
-    assert "--retrieve-motion 0.09:0,0:10,0:-10,0:0" in result.output  # how its actions move the camera
+    assert "--retrieve-motion 0.09:0,0:10,0:-10,0:0 --retrieve-radius 2" in result.output  # how its actions move
     with np.load(out / "test/0000/00000.npz", allow_pickle=False) as z:
         video, actions = render_revisit_clip(clip_seed(0, "test", 0), 8)
         assert np.array_equal(z["video"], video) and np.array_equal(z["actions"], actions)
