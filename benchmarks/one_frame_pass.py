@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from minisora.hardware import cpu_facts, cpu_model
 from minisora.kv_cache import KVCache
 from minisora.model import VideoDiT
 
@@ -100,6 +101,7 @@ def main() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
+    print(f"{cpu_model()}, {cpu_facts().describe()}, torch {torch.__version__}")  # which machine the figures come from
     with torch.no_grad():
         print(flop_line(model, args.cached, args.steps))
     for threads in (int(n) for n in args.threads.split(",")):

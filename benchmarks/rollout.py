@@ -32,6 +32,7 @@ import time
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from minisora.hardware import cpu_facts, cpu_model
 from minisora.model import DIT_MODEL_SPECS, VideoDiT
 from minisora.pipeline import DiTPipeline
 from minisora.vae import build_vae, tiny_vae_config
@@ -103,6 +104,8 @@ def main() -> None:
     torch.manual_seed(0)
     vae = build_vae("kl", tiny_vae_config("kl"))  # only there to complete the pipeline: nothing is decoded
     tokens = (args.latent_size // args.patch_size) ** 2
+    if args.device == "cpu":  # which machine the figures come from
+        print(f"{cpu_model()}, {cpu_facts().describe()}, torch {torch.__version__}")
     print(f"{args.model} DiT, chunk {args.chunk}, {args.steps} steps, {tokens} tokens/frame, {args.device}, "
           f"{torch.get_num_threads()} threads; long-short: the last {args.short_frames} frames in full, older ones "
           f"pooled {args.memory_pool}x{args.memory_pool} ({tokens // args.memory_pool ** 2} tokens)")

@@ -65,6 +65,21 @@ def cpu_facts() -> CpuFacts:
                     amx=probe("_is_amx_tile_supported"), avx512_bf16=probe("_is_avx512_bf16_supported"))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform.processor() elsewhere) and its core count: what a
+    printed timing needs to say which machine it came from."""
+    import os
+    import platform
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def cuda_bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 

@@ -248,12 +248,12 @@ def evaluate(cfg: DemoConfig, paths: Paths, precision: str) -> str:
 
 def main(cfg: DemoConfig) -> dict:
     from minisora.dist import resolve_device
-    from minisora.hardware import cpu_facts, resolve_precision
+    from minisora.hardware import cpu_facts, cpu_model, resolve_precision
 
     t_start = time.time()
     device = resolve_device("auto")  # where the VAE, sampling and eval run (train picks the same)
     choice = resolve_precision(cfg.precision, device)
-    print(f"minisora demo on {device.type}, {cpu_facts().describe()} ({_cpu_model()}), torch {_torch_version()}\n"
+    print(f"minisora demo on {device.type}, {cpu_facts().describe()} ({cpu_model()}), torch {_torch_version()}\n"
           f"{choice.line()}", flush=True)
     precision = choice.precision  # the concrete value every stage gets: fp32 or bf16
     if cfg.data == "doom":  # without vizdoom: how to install it, before anything is written
@@ -280,20 +280,6 @@ def main(cfg: DemoConfig) -> dict:
     print(f"Total wall time {total / 60:.1f} min ({total:.0f}s) with {choice.precision} on {cpu_facts().describe()}")
     results["seconds"] = total
     return results
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, platform.processor() elsewhere) and its core count."""
-    import os
-    import platform
-
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def _torch_version() -> str:

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from minisora.hardware import CpuFacts, cpu_facts, resolve_precision
+from minisora.hardware import CpuFacts, cpu_facts, cpu_model, resolve_precision
 
 AVX2 = CpuFacts("AVX2", amx=False, avx512_bf16=False)
 AMX = CpuFacts("AVX512", amx=True, avx512_bf16=True)
@@ -49,3 +49,16 @@ def test_probes_read_this_machine():
     facts = cpu_facts()
     assert facts.capability == str(torch.backends.cpu.get_cpu_capability())
     assert facts.describe().startswith("CPU capability ")
+
+
+def test_cpu_model_names_this_machine():
+    import os
+    from pathlib import Path
+
+    line = cpu_model()
+    assert line.endswith(f", {os.cpu_count()} cores")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: the first "model name" entry, as lscpu prints it
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        if names:
+            assert line == f"{names[0]}, {os.cpu_count()} cores"
