@@ -18,7 +18,8 @@ Kernels (`KERNELS`), chosen explicitly or by `resolve_kernel("auto", device)`:
 - "flex": FlexAttention with the BlockMask, which skips fully masked blocks. Inside a compiled region
   (`VideoDiT.compile_blocks`, what `minisora train` uses on CUDA) the enclosing compile fuses it; eager
   callers get one compiled flex callable of their own. torch's CPU build compiles flex forward only
-  (no backward on CPU), so "auto" picks flex on CUDA and SDPA elsewhere.
+  (no backward on CPU), so "auto" picks flex on CUDA and SDPA elsewhere. On the CPU, heads smaller than
+  FLEX_CPU_MIN_HEAD_DIM channels take a flex mask through SDPA (torch's CPU flex kernel got them wrong).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ KERNELS = ("auto", "sdpa", "flex")
 # eager flex calls compile once per (mask, shapes, dtype, grad mode); a long rollout with chunks > 1 meets up to
 # about a window's worth of key lengths, more than Dynamo's default of 8 before it falls back to unfused code
 FLEX_RECOMPILE_LIMIT = 64
+# torch's compiled CPU FlexAttention returned wrong values (some NaN) for head_dim 8 and 16 with key lengths of 8 mod 16
+# (torch 2.13.0 on an AVX2-only AMD EPYC, fp32 and bf16; head_dim 32 and 64 were exact): on the CPU, smaller heads
+# take the same mask densely through SDPA
+FLEX_CPU_MIN_HEAD_DIM = 32
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (batch, head, q_idx, kv_idx) -> bool
 
@@ -253,6 +258,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: FrameMask | None) -> Tensor:
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"attend: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if mask is not None and mask.flex is not None:
+        if q.device.type == "cpu" and q.shape[-1] < FLEX_CPU_MIN_HEAD_DIM:  # the same pairs, by SDPA
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense(mask).to(q.device))
         return _flex(q, k, v, mask.flex)
     if mask is not None and mask.chunks:
         return torch.cat([_attend_chunk(q, k, v, chunk) for chunk in mask.chunks], dim=2)
