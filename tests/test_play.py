@@ -73,10 +73,9 @@ def test_live_frames_equal_the_pipelines_chunk_1_kv_cache_rollout(path, predicti
     k, n = 2, 7  # past the window (4): the cache rolls
     context = torch.randn(1, k, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     actions = torch.tensor([[0, 1, 2, 0, 1, 1, -1, 2, 0]])
-    run = dict(context_latents=context, num_frames=k + n, num_inference_steps=3, chunk=1, actions=actions,
-               kv_cache="rolling")
-    ref = pipe(**run, generator=torch.Generator().manual_seed(5), output_type="latent").frames  # (1, k + n, C, h, w)
-    pixels = pipe(**run, generator=torch.Generator().manual_seed(5)).frames  # (1, k + n, H, W, 3), decoded at once
+    ref = pipe(context_latents=context, num_frames=k + n, num_inference_steps=3, chunk=1, actions=actions,
+               kv_cache="rolling", generator=torch.Generator().manual_seed(5), output_type="latent").frames
+    pixels = np.asarray(pixels_to_frames(pipe.decode_latents(ref)))  # (1, k + n, H, W, 3): the pipeline's uint8 output
     live = LiveGenerator(pipe, context, actions[0, :k].numpy(), steps=3, seed=5)
     frames = [live.step(int(a)) for a in actions[0, k:]]
     assert [f.index for f in frames] == list(range(n)) and [f.action for f in frames] == actions[0, k:].tolist()
