@@ -49,6 +49,7 @@ def evaluate(
     kv_cache: str = options.kv_cache(E.kv_cache),
     no_kv_cache: bool = options.no_kv_cache(),
     attention_kernel: str = options.attention_kernel(E.attention_kernel),
+    compile: bool = options.compile_rollout(E.compile),
     device: str = typer.Option(E.device, help="auto, cpu or cuda[:N] (the transformer in bf16 on CUDA)."),
     precision: str = options.transformer_precision(E.precision),
     memory_margin_db: float = typer.Option(E.memory_margin_db, min=0.0,
@@ -78,7 +79,8 @@ def evaluate(
                      batch_size=batch_size, i3d=i3d,
                      context_noise=context_noise, sampler=sampler, sde=sde, precision=precision,
                      device=device, out=out, kv_cache="off" if no_kv_cache else kv_cache,
-                     attention_kernel=attention_kernel, protocol=protocol, memory_margin_db=memory_margin_db)
+                     attention_kernel=attention_kernel, protocol=protocol, memory_margin_db=memory_margin_db,
+                     compile=compile)
     given = tuple(n for n in ("context_frames", "frames")  # typer's bundled click: compare the source by name
                   if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE")
     try:

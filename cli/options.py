@@ -32,6 +32,14 @@ def attention_kernel(default: str):
                         "elsewhere), sdpa or flex (compiled on first use, on CPU too).")
 
 
+def compile_rollout(default: bool):
+    return typer.Option(default, "--compile/--no-compile", help="torch.compile the transformer's passes once a "
+                        "frame-by-frame rolling KV cache is full (the same shapes from then on): about 10 s to "
+                        "compile per model and batch size, then faster frames (1.4x on a 2-core Intel Xeon; "
+                        "docs/benchmarks.md). Causal models with --chunk 1 and the rolling cache only; worth it for "
+                        "long rollouts.")
+
+
 def no_kv_cache():
     return typer.Option(False, "--no-kv-cache", help="Recompute the whole window at every Euler step, as for "
                         "full-attention models (for comparison; slow).")

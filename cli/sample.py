@@ -50,6 +50,7 @@ def sample(
     kv_cache: str = options.kv_cache(S.kv_cache),
     no_kv_cache: bool = options.no_kv_cache(),
     attention_kernel: str = options.attention_kernel(S.attention_kernel),
+    compile: bool = options.compile_rollout(S.compile),
     format: str = typer.Option(",".join(S.formats),
                                help="Comma-separated outputs: mp4, gif (context frames framed in red), npz "
                                "(unmarked frames + latents)."),
@@ -81,7 +82,7 @@ def sample(
                        context=context, context_frames=context_frames, actions=actions,
                        guidance=guidance, context_noise=context_noise, formats=formats, chunk=chunk, fps=fps,
                        kv_cache="off" if no_kv_cache else kv_cache, attention_kernel=attention_kernel,
-                       sampler=sampler, sde=sde)
+                       sampler=sampler, sde=sde, compile=compile)
     try:
         result = main(cfg)
     except MinisoraError:

@@ -22,6 +22,13 @@ from minisora.attention import FrameMask, attend
 from minisora.kv_cache import KVCache
 
 
+class PatchGrid(NamedTuple):
+    """The patches of one pass: frames (temporal patches) x height x width."""
+    frames: int
+    height: int
+    width: int
+
+
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     """How a head's channels split across (frame, row, column) rotations (Wan's split); all even."""
     hw = 2 * (head_dim // 6)
@@ -66,10 +73,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Computed in x's dtype (cos/sin are cast to it): no fp32 copies of q and k under bf16. In fp32 one complex
     product (the same two products and a sum per channel, 6x faster on 64-token rollout steps); bf16 has no
-    complex type, so it takes the pairs apart."""
+    complex type, and torch.compile no complex kernels, so they take the pairs apart (compiled: fused)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     pairs = x.unflatten(-1, (-1, 2))  # (B, heads, N, head_dim/2, 2)
-    if x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1:
+    if x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1 and not torch.compiler.is_compiling():
         return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
     x1, x2 = pairs[..., 0], pairs[..., 1]  # each (B, heads, N, head_dim/2)
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # (B, heads, N, head_dim)

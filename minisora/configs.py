@@ -218,6 +218,7 @@ class SampleConfig:
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     sampler: str = "euler"  # euler | heun (2 steps - 1 model calls per window) | sde (minisora.sde)
     sde: SDEConfig = field(default_factory=SDEConfig)  # the sde sampler's options
+    compile: bool = False  # torch.compile a rolling rollout's passes once its KV cache is full (DiTPipeline)
 
 
 # TECO's evaluation shapes by name: (context, frames in all), in latent frames (TECO's pixel frames when the VAE
@@ -248,6 +249,7 @@ class EvalConfig:
     kv_cache: str = "auto"  # auto | rolling | window | off (see minisora.pipeline; full-attention models: off)
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
     precision: str = "auto"  # the transformer's dtype: minisora.hardware.resolve_precision
+    compile: bool = False  # torch.compile a rolling rollout's passes once its KV cache is full (DiTPipeline)
     protocol: str | None = None  # a name of EVAL_PROTOCOLS: sets context_frames and frames
     memory_margin_db: float = 6.0  # memory split: an earlier context frame beats the last by more (memory_split.py)
 

@@ -18,6 +18,12 @@ Keys and values live in preallocated buffers that grow by doubling: a pass write
 keys after the cached ones and attends to one slice of the buffer (no concatenation per block and
 pass); dropping old frames moves a start index, and the live part moves to the buffer's front only
 when the buffer's end is reached.
+
+`KVRing` is the steady state of a frame-by-frame rolling rollout at a fixed shape: once the cache holds
+window - 1 frames, each block's keys live in a ring of `window` frame slots, and a pass writes its one
+new frame into the spare slot and attends to the whole ring. Unmasked attention does not depend on the
+order of its keys (the keys were rotated at their own positions), so this is the same attention, and
+every pass has the same shapes and the same tensors: what a compiled pass needs (VideoDiT.compile_rollout).
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ class KVCache:
     and values (the caller makes sure those frames are clean, t = 0) and advances the position.
     `keep_last(n)` then drops all but the newest n frames (a rolling window).
     """
+
+    static = False  # shapes change from pass to pass (KVRing's do not)
 
     def __init__(self, depth: int, position: int = 0):
         self.depth = depth
@@ -153,3 +161,45 @@ class KVCache:
         for buffer in self._memory:
             buffer.drop(drop * self.memory_tokens)
         self.memory_frames -= drop
+
+
+class KVRing:
+    """A full rolling cache of `window - 1` clean frames in rings of `window` frame slots per block, for passes
+    of one frame: `extend` writes the frame's keys and values into the spare slot (a tensor index, so the
+    shapes never change) and returns the whole ring; committing pass or not, the next `advance` makes that
+    slot the newest frame's and the oldest frame's slot the spare. No long-short memory."""
+
+    static = True  # fixed shapes: a compiled pass may run on it
+
+    def __init__(self, cache: KVCache, window: int):
+        if cache.memory_frames or cache.frames != window - 1 or cache.keys[0] is None:
+            raise ValueError(f"KVRing needs a cache of exactly window - 1 = {window - 1} frames and no memory, "
+                             f"got {cache.frames} frames and {cache.memory_frames} memory frames")
+        self.depth, self.frames, self.tokens, self.position = cache.depth, cache.frames, cache.tokens, cache.position
+        self.memory_frames, self._remembered = 0, cache._remembered  # modulations stay remembered
+        pad = [torch.zeros_like(k[:, :, :cache.tokens]) for k in cache.keys]  # the spare slot, last at first
+        self.k = [torch.cat([k, p], dim=2) for k, p in zip(cache.keys, pad)]  # (B, heads, window * tokens, d)
+        self.v = [torch.cat([v, p], dim=2) for v, p in zip(cache.values, pad)]
+        self.slot = torch.arange(self.frames * self.tokens, window * self.tokens, device=self.k[0].device)
+
+    remember = KVCache.remember
+
+    def extend(self, layer: int, k: Tensor, v: Tensor, commit: bool = False) -> tuple[Tensor, Tensor]:
+        """Write one frame's k, v (B, heads, tokens, head_dim) into the spare slot; the whole ring (any order)."""
+        if k.shape[2] != self.tokens:
+            raise ValueError(f"KVRing passes take one frame of {self.tokens} tokens, got {k.shape[2]} tokens")
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, frames: int, tokens: int, memory_tokens: int = 0) -> None:
+        """After the committing pass of one frame: its slot is kept, the oldest frame's becomes the spare."""
+        if frames != 1 or tokens != self.tokens or memory_tokens:
+            raise ValueError(f"KVRing advances by one frame of {self.tokens} tokens, got {frames} of {tokens}")
+        self.slot.add_(tokens).remainder_(self.k[0].shape[2])  # in place: the same tensor for every pass
+        self.position += 1
+
+    def keep_last(self, frames: int) -> None:
+        """A ring always keeps window - 1 frames: only that is accepted."""
+        if frames != self.frames:
+            raise ValueError(f"KVRing keeps {self.frames} frames, asked to keep {frames}")

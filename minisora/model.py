@@ -21,7 +21,6 @@ A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -30,17 +29,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from minisora.attention import KERNELS, FrameMask, LongShort, causal_mask, long_short_mask, teacher_forcing_mask
-from minisora.blocks import DiTBlock, FinalLayer, Memory, apply_rope, rope_angles, rope_cos_sin  # noqa: F401
+from minisora.blocks import DiTBlock, FinalLayer, Memory, PatchGrid, apply_rope, rope_angles, rope_cos_sin  # noqa: F401
+from minisora.cached_passes import CachedPasses
 from minisora.kv_cache import KVCache
 
 ATTENTION_MODES = ("full", "causal")
-
-
-class PatchGrid(NamedTuple):
-    """The patches of one pass: frames (temporal patches) x height x width."""
-    frames: int
-    height: int
-    width: int
 
 
 # Sizes follow DiT (S/B/L/XL); "tiny" is for CPU demos and tests of the whole pipeline.
@@ -53,7 +46,7 @@ DIT_MODEL_SPECS: dict[str, dict] = {
 }
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
+class VideoDiT(CachedPasses, ModelMixin, ConfigMixin):
     """Velocity model v(x_t, t, actions) for flow matching on video latents (see minisora.flow)."""
 
     _supports_gradient_checkpointing = True
@@ -196,60 +189,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x = self._run_blocks(x, mods, cos, sin, mask, memory=memory)
         return self._unpatchify(self.final_layer(x, mods[-1]), grid)
 
-    def forward_cached(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None,
-                       update_cache: bool = False) -> Tensor:
-        """A causal pass of frames after the cached clean frames, at frame positions kv_cache.position on.
-
-        Args:
-            latents: (B, T, C, H, W) the frames after the cached ones.
-            timesteps: (B, T) their times in [0, 1].
-            kv_cache: the cache of this rollout; its batch must be B.
-            actions: (B, T) or None, as for `forward`.
-            update_cache: append these frames' keys and values and advance the cache (give clean frames, t = 0).
-        """
-        grid, x, mods, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
-        x = self._run_blocks(x, mods, cos, sin, mask, kv_cache, update_cache, memory)
-        if update_cache:
-            self._advance(kv_cache, grid, memory)
-        return self._unpatchify(self.final_layer(x, mods[-1]), grid)
-
-    def commit(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None) -> None:
-        """Append clean frames to kv_cache: `forward_cached(update_cache=True)` without its velocity, so the last
-        block computes only its keys and values (no attention, no MLP) and the output layer does not run; the cache
-        ends up the same. What a rollout does with each frame it has generated (DiTPipeline, LiveGenerator).
-
-        Args: as `forward_cached`; give clean frames (t = 0)."""
-        grid, x, mods, cos, sin, mask, memory = self._cached_pass(latents, timesteps, kv_cache, actions)
-        *first, last = self.blocks
-        for i, block in enumerate(first):
-            x = block(x, mods[i], cos, sin, mask, kv_cache, i, True, memory)
-        last.store(x, mods[len(first)], cos, sin, kv_cache, len(first), memory)
-        self._advance(kv_cache, grid, memory)
-
-    def _cached_pass(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache | None, actions: Tensor | None):
-        """(grid, tokens x, modulations, RoPE cos, sin, mask, memory) of a pass after kv_cache's frames."""
-        grid = self._grid(latents, timesteps)
-        self._require_causal("a KV cache needs")
-        if kv_cache is None:
-            raise ValueError("update_cache=True needs a kv_cache")
-        x, mods = self._embed(latents), self._cached_modulations(timesteps, actions, kv_cache)
-        cos, sin = self._rope(grid, kv_cache.position, x.device)
-        if self.config.short_frames:
-            mask, memory = self._long_short(grid, x.device, kv_cache.memory_frames, kv_cache.frames, grid.frames,
-                                            offset=kv_cache.position, cached=True)
-        else:
-            mask = causal_mask(kv_cache.frames, grid.frames, grid.height * grid.width, x.device, self.attention_kernel)
-            memory = None
-        return grid, x, mods, cos, sin, mask, memory
-
-    def _advance(self, kv_cache: KVCache, grid: PatchGrid, memory: Memory | None) -> None:
-        """After a committing pass: move the cache's position on (and keep the full keys a next query can see)."""
-        pool = self.config.memory_pool
-        kv_cache.advance(grid.frames, grid.height * grid.width,
-                         (grid.height // pool) * (grid.width // pool) if memory is not None else 0)
-        if memory is not None:  # full keys only where a next query frame can see them
-            kv_cache.keep_full(self.config.short_frames - 1)
-
     def forward_teacher_forcing(self, latents: Tensor, timesteps: Tensor, clean: Tensor,
                                 actions: Tensor | None = None, clean_timesteps: Tensor | None = None) -> Tensor:
         """Velocity (B, T, C, H, W) of the noisy frames `latents` from one pass over the clean copy `clean` (B, M + T,
@@ -313,23 +252,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if pt > 1:  # (B, T/pt, D): a temporal patch shares it ("b (t pt) d -> b t pt d", mean over pt)
             c = c.unflatten(1, (-1, pt)).mean(dim=2)
         return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c[:, final_from:])]
-
-    def _cached_modulations(self, timesteps: Tensor, actions: Tensor | None, kv_cache: KVCache) -> list[Tensor]:
-        """`_modulations`, remembered by kv_cache: every frame of a rollout steps through the same times (and a
-        commit's t = 0), so its passes compute each (times, actions) pair's modulations once. The key holds the
-        conditioning weights' versions, so changed weights are never served old values. Not in training (action
-        dropout) nor with gradients, and on the CPU only: elsewhere the key would cost a host sync per pass."""
-        if self.training or torch.is_grad_enabled() or timesteps.device.type != "cpu":
-            return self._modulations(timesteps, actions)
-        weights = tuple((p.data_ptr(), p._version) for p in self._conditioning_parameters())
-        key = (id(self), weights, timesteps.shape, tuple(timesteps.flatten().tolist()),
-               None if actions is None else tuple(actions.flatten().tolist()))
-        return kv_cache.remember(key, lambda: self._modulations(timesteps, actions))
-
-    def _conditioning_parameters(self) -> list[nn.Parameter]:
-        modules = [self.time_embed, self.action_embed, *(b.adaLN_modulation for b in self.blocks),
-                   self.final_layer.adaLN_modulation]
-        return [p for m in modules if m is not None for p in m.parameters()]
 
     def _embed(self, latents: Tensor) -> Tensor:
         """Tokens x (B, T/pt, h*w, D) of latents (B, T, C, H, W)."""

@@ -42,7 +42,7 @@ from minisora import pipeline_inputs as inputs, retrieval, run_dir
 from minisora.configs import SAMPLERS, SDEConfig
 from minisora.flow import euler_sample, heun_sample, noisy
 from minisora.interpolants import check_path, convert, sample_start
-from minisora.kv_cache import KVCache
+from minisora.kv_cache import KVCache, KVRing
 from minisora.model import VideoDiT
 from minisora.sde import sde_sample
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
@@ -195,7 +195,7 @@ class DiTPipeline(DiffusionPipeline):
                  guidance: float = 1.0, shift: float | None = None, chunk: int = 1,
                  generator: torch.Generator | None = None, output_type: str = "uint8", progress: bool = True,
                  kv_cache: str = "auto", context_t: float = 0.0, sampler: str = "euler",
-                 sde: SDEConfig | None = None) -> VideoOutput:
+                 sde: SDEConfig | None = None, compile: bool = False) -> VideoOutput:
         """Generate (or continue) videos of `num_frames` latent frames, context included.
 
         Args:
@@ -215,9 +215,9 @@ class DiTPipeline(DiffusionPipeline):
             output_type: "uint8" -> (B, T, H, W, 3), "float" -> (B, T, 3, H, W) in [-1, 1], "latent": no decoding.
             kv_cache: "auto" (rolling for causal models, off for full ones), "rolling", "window" or "off" (see
                 the module docstring); the mode used is in the output's `kv_cache`.
-            context_t: the noise level at which known frames are shown to the model (minisora.flow.euler_sample;
-                0: clean). Every window shows its known frames noised by its own draws, so "auto" takes the "window"
-                cache for context_t > 0 (the rolling one keeps each frame once) and "rolling" refuses it.
+            context_t: the noise level of known frames (minisora.flow.euler_sample; 0: clean). Every window noises
+                them by its own draws: "auto" takes the "window" cache for context_t > 0, and "rolling" refuses it.
+            compile: torch.compile a chunk-1 rolling rollout's passes once its cache is full (VideoDiT.compile_rollout).
         """
         # 1. check the inputs
         integrate = self._integrator(sampler, generator, sde)
@@ -229,6 +229,8 @@ class DiTPipeline(DiffusionPipeline):
         total = num_frames or self.config.window_frames
         plan = self.rollout_plan(total, given, chunk)  # validates total and chunk
         mode = self.kv_cache_mode(kv_cache, context_t)
+        if compile:  # refused where it cannot apply
+            inputs.compile_rollout(self, mode, chunk)
         if actions is not None:
             actions = inputs.check_actions(actions, self.transformer.config.num_actions, batch, total, self.device)
         h, w = inputs.latent_size(self, height, width, ctx)
@@ -246,7 +248,7 @@ class DiTPipeline(DiffusionPipeline):
         elif mode == "off":
             self._rollout_recompute(latents, plan, actions, solver, context_t)
         else:
-            self._rollout_kv_cache(latents, plan, actions, solver, mode, chunk, context_t)
+            self._rollout_kv_cache(latents, plan, actions, solver, mode, chunk, context_t, compile)
         if bar is not None:
             bar.close()
         # 3. decode
@@ -271,13 +273,13 @@ class DiTPipeline(DiffusionPipeline):
 
     def _rollout_kv_cache(self, latents: torch.Tensor, plan: list[tuple[int, int, int]],
                           actions: torch.Tensor | None, solver: _Solver, mode: str, chunk: int,
-                          context_t: float = 0.0) -> None:
+                          context_t: float = 0.0, ring: bool = False) -> None:
         """Fill `latents` window by window with a causal transformer's KV cache: the known frames' keys and
         values are computed once at t = 0, and each Euler step runs only the new frames against them.
         mode "window" recomputes the cache per window, with known frames noised at context_t > 0 as the
         recompute shows them (by the window's own draws); "rolling" adds each new frame once and keeps the
-        last window - chunk frames (see the module docstring)."""
-        cache = KVCache(len(self.transformer.blocks))
+        last window - chunk frames (see the module docstring); ring: once it holds them, in a fixed-shape `KVRing`."""
+        cache, window = KVCache(len(self.transformer.blocks)), self.config.window_frames
         for i, (start, n, known) in enumerate(plan):
             noise = self._window_noise(latents, solver, i, len(plan), n)
             act = None if actions is None else actions[:, start:start + n]
@@ -295,7 +297,9 @@ class DiTPipeline(DiffusionPipeline):
             latents[:, known:start + n] = out
             if mode == "rolling" and i + 1 < len(plan):  # the new frames join the cache once, clean
                 self._commit(cache, out, act, solver.guidance, start, known)
-                cache.keep_last(self.config.window_frames - chunk)
+                cache.keep_last(window - chunk)
+                if ring and not cache.static and cache.frames == window - 1:  # full: the same shapes from now on
+                    cache = KVRing(cache, window)
 
     def _window_noise(self, latents: torch.Tensor, solver: _Solver, i: int, windows: int, n: int) -> torch.Tensor:
         """Window i's starting noise (B, n, C, h, w), drawn whole (known frames included) whatever the rollout

@@ -38,6 +38,18 @@ def kv_cache_mode(tcfg, kv_cache: str = "auto", context_t: float = 0.0) -> str:
     return kv_cache
 
 
+def compile_rollout(pipe, mode: str, chunk: int) -> None:
+    """Compile pipe's transformer for a rollout in `mode` with `chunk` (VideoDiT.compile_rollout), or refuse where the
+    compiled passes would never run: they are a plain causal model's frame-by-frame rolling KV cache in its steady
+    state (minisora.kv_cache.KVRing)."""
+    tcfg, retrieve = pipe.transformer.config, pipe.config.get("retrieve_frames", 0)
+    if mode != "rolling" or chunk != 1 or tcfg.get("short_frames", 0) or retrieve:
+        raise ValueError(f"compile compiles a causal model's frame-by-frame rolling KV cache (chunk 1, no long-short "
+                         f"memory, no retrieval); this rollout has kv_cache {mode!r}, chunk {chunk}, short_frames "
+                         f"{tcfg.get('short_frames', 0)}, retrieve_frames {retrieve}")
+    pipe.transformer.compile_rollout()
+
+
 def context_latents(pipe, latents: torch.Tensor | None,
                     frames: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
     """The context as normalised float32 latents (B, K, C, h, w) on `pipe`'s device, or None: `latents`, or

@@ -63,7 +63,8 @@ def main(cfg: SampleConfig) -> dict:
     ctx_latents = None if ctx is None else ctx.latents.repeat(cfg.num_videos, 1, 1, 1, 1)  # (videos, K, C, h, w)
     out = pipe(batch_size=cfg.num_videos, num_inference_steps=cfg.steps, num_frames=total, context_latents=ctx_latents,
                actions=actions, guidance=cfg.guidance, shift=cfg.shift, chunk=cfg.chunk, generator=gen,
-               kv_cache=cfg.kv_cache, context_t=cfg.context_noise, sampler=cfg.sampler, sde=cfg.sde)
+               kv_cache=cfg.kv_cache, context_t=cfg.context_noise, sampler=cfg.sampler, sde=cfg.sde,
+               compile=cfg.compile)
     fps = cfg.fps or pipe.config.fps or 10
     out_path = Path(cfg.out)
     stem = out_path.with_suffix("") if out_path.suffix in (".mp4", ".gif", ".npz") else out_path

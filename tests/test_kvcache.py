@@ -258,21 +258,24 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     cached = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cached")])
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "plain"), "--no-kv-cache"])
     exact = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "exact"), "--kv-cache", "window"])
+    compiled = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "compiled"), "--compile"])
     assert cached.exit_code == plain.exit_code == exact.exit_code == 0, cached.output + plain.output + exact.output
+    assert compiled.exit_code == 0, compiled.output
     assert "rollout: causal attention, KV cache (rolling)" in cached.output
     assert "rollout: causal attention, window recompute at every Euler step" in plain.output
-    latents = {k: np.load(tmp_path / f"{k}.npz")["latents"] for k in ("cached", "plain", "exact")}
+    latents = {k: np.load(tmp_path / f"{k}.npz")["latents"] for k in ("cached", "plain", "exact", "compiled")}
     np.testing.assert_allclose(latents["exact"], latents["plain"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(latents["compiled"], latents["cached"], rtol=0, atol=ATOL)  # tests/test_kv_ring.py
     np.testing.assert_allclose(latents["cached"][:4], latents["plain"][:4], rtol=0, atol=ATOL)  # the first window
 
     report = tmp_path / "rep.json"
     r = CliRunner().invoke(app, ["eval", "--checkpoint", str(causal_run / "run"), "--store", str(causal_run / "store"),
                                  "--context-frames", "2", "--frames", "7", "--num-clips", "2", "--seeds", "1",
-                                 "--steps", "2", "--out", str(report)])
+                                 "--steps", "2", "--compile", "--out", str(report)])
     assert r.exit_code == 0, r.output
     assert "rollout: causal attention, KV cache (rolling), window 4, chunk 1" in r.output
     rep = json.loads(report.read_text())
-    assert rep["rollout"]["kv_cache"] == "rolling"
+    assert rep["rollout"]["kv_cache"] == "rolling" and rep["rollout"]["compiled"] is True
     curves = {"model": rep["model"]["per_horizon"],
               "repeat": rep["baselines"]["repeat_last_context_frame"]["per_horizon"]}
     for per_index in curves.values():  # quality per generated-frame index: 5 generated frames
