@@ -8,7 +8,9 @@ clean frames, side by side in one run for each thread count:
   2. the same at 2x2 latents (1 token/frame): the same ops on almost no data, i.e. the fixed per-op cost;
   3. a rollout's per-frame cache update at 16x16: `VideoDiT.commit` (keys and values only), then `keep_last`,
      and the same update by a whole committing forward (`update_cache=True`, which also computes a velocity);
-  4. the attention kernel alone at the pass's shape (64 queries over (cached + 1) x 64 keys, 3 heads of 64):
+  4. rows 1 and 3 on a full `KVRing` (the same keys at fixed shapes), eager and compiled (VideoDiT.compile_rollout,
+     what `DiTPipeline(..., compile=True)` runs once a rolling cache is full; compile time left out);
+  5. the attention kernel alone at the pass's shape (64 queries over (cached + 1) x 64 keys, 3 heads of 64):
      torch's SDPA against the math path (q k^T, softmax, times v).
 Each time is the mean over --passes calls after 10 warm-up calls; the ratio column divides by row 1 of its group.
 First, FLOPs (torch's FlopCounterMode) of a generated frame: --steps one-frame passes and a commit, against --steps
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from minisora.hardware import cpu_facts, cpu_model
-from minisora.kv_cache import KVCache
+from minisora.kv_cache import KVCache, KVRing
 from minisora.model import VideoDiT
 
 
@@ -42,6 +45,13 @@ def filled(model: VideoDiT, cached: int, size: int) -> KVCache:
     cache = KVCache(len(model.blocks))
     model.commit(torch.randn(1, cached, 4, size, size), torch.zeros(1, cached), cache)
     return cache
+
+
+def compiled_copy(model: VideoDiT) -> VideoDiT:
+    """The same weights with compile_rollout (the model itself stays eager for the other rows)."""
+    copy = VideoDiT.from_config(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy.compile_rollout()
 
 
 def flops(fn) -> int:
@@ -80,6 +90,10 @@ def rows(model: VideoDiT, cached: int, passes: int) -> list[tuple[str, float]]:
 
     out.append(("commit + keep_last, 64 tokens", mean_ms(commit, passes)))
     out.append(("forward(update_cache=True) + keep_last", mean_ms(forward_commit, passes)))
+    ring, half = KVRing(filled(model, cached, 16), cached + 1), torch.full((1, 1), 0.5)
+    for label, net in (("eager", model), ("compiled", compiled_copy(model))):
+        out.append((f"one-frame pass on a KVRing, {label}", mean_ms(partial(net, x, half, kv_cache=ring), passes)))
+        out.append((f"commit on a KVRing, {label}", mean_ms(partial(net.commit, x, t, ring), passes)))
     keys = (cached + 1) * 64
     q, k, v = torch.randn(1, 3, 64, 64), torch.randn(1, 3, keys, 64), torch.randn(1, 3, keys, 64)
     out.append(("attention: SDPA", mean_ms(lambda: F.scaled_dot_product_attention(q, k, v), passes)))
@@ -111,7 +125,7 @@ def main() -> None:
         with torch.no_grad():
             table = rows(model, args.cached, args.passes)
         for i, (label, ms) in enumerate(table):
-            first = table[0][1] if i < 4 else table[4][1]  # the pass rows against row 1, the kernels against SDPA
+            first = table[0][1] if i < 8 else table[8][1]  # the pass rows against row 1, the kernels against SDPA
             print(f"{label:<44}{ms:>9.2f}{ms / first:>8.2f}")
 
 
