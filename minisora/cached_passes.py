@@ -24,6 +24,7 @@ class CachedPasses:
     """The KV-cache passes of VideoDiT (see the module docstring)."""
 
     _compiled: tuple | None = None  # compile_rollout's (Euler step, commit) passes
+    _conditioning_layers: list | None = None  # `_conditioning_parameters`' modules, listed on first use
 
     def forward_cached(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None,
                        update_cache: bool = False) -> Tensor:
@@ -117,6 +118,10 @@ class CachedPasses:
         return kv_cache.remember(key, lambda: self._modulations(timesteps, actions))
 
     def _conditioning_parameters(self) -> list[nn.Parameter]:
-        modules = [self.time_embed, self.action_embed, *(b.adaLN_modulation for b in self.blocks),
-                   self.final_layer.adaLN_modulation]
-        return [p for m in modules if m is not None for p in m.parameters()]
+        """The parameters of the conditioning's layers, read from their modules at each call (a parameter set anew
+        is seen); the modules are listed once (`Module.parameters()` walks the tree: ~0.1 ms, per pass)."""
+        if self._conditioning_layers is None:
+            modules = [self.time_embed, self.action_embed, *(b.adaLN_modulation for b in self.blocks),
+                       self.final_layer.adaLN_modulation]
+            self._conditioning_layers = [layer for m in modules if m is not None for layer in m.modules()]
+        return [p for layer in self._conditioning_layers for p in layer._parameters.values() if p is not None]
