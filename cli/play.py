@@ -29,6 +29,7 @@ def play(
     threads: int = typer.Option(P.threads, min=1, help="torch CPU threads of the generator (1 leaves a core to the "
                                 "browser and the server)."),
     attention_kernel: str = options.attention_kernel(P.attention_kernel),
+    compile: bool = options.compile_rollout(P.compile),
     host: str = typer.Option(P.host, help="Address to serve the page on (127.0.0.1: this machine only)."),
     port: int = typer.Option(P.port, min=0, max=65535, help="Port to serve on (0: a free one; the address is "
                              "printed)."),
@@ -53,4 +54,5 @@ def play(
                                  param_hint="--context")
     main(PlayConfig(checkpoint=checkpoint, store=store, clip=clip, context=context, context_frames=context_frames,
                     steps=steps, shift=shift, seed=seed, device=device, precision=precision, threads=threads,
-                    attention_kernel=attention_kernel, host=host, port=port, record_dir=record_dir))
+                    attention_kernel=attention_kernel, compile=compile, host=host, port=port,
+                    record_dir=record_dir))

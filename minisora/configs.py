@@ -270,6 +270,7 @@ class PlayConfig:
     # nothing on 2 busy cores (benchmarks/play.py)
     threads: int = 1
     attention_kernel: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (minisora.attention)
+    compile: bool = False  # torch.compile the passes once the rolling cache is full (minisora.live.LiveGenerator)
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port
     record_dir: str = "outputs/play"  # recorded sessions: RECORD_DIR/test/0000/NNNNN.npz + .mp4 (a TECO root)

@@ -29,7 +29,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from minisora.errors import MinisoraError
-from minisora.kv_cache import KVCache
+from minisora.kv_cache import KVCache, KVRing
 from minisora.pipeline import DiTPipeline
 from minisora.vae import pixels_to_frames
 
@@ -83,10 +83,12 @@ class LiveGenerator:
         steps: Euler steps per frame (`steps` may be changed between steps).
         shift: the time shift (None: the pipeline's scheduler's).
         seed: seeds the noise; `reset()` restarts it, so a replay of the same actions gives the same frames.
+        compile: once the cache holds window - 1 frames, keep it in a fixed-shape `KVRing` and run the compiled
+            passes (VideoDiT.compile_rollout): the first frames after a start compile them, then frames come faster.
     """
 
     def __init__(self, pipe: DiTPipeline, context: torch.Tensor, context_actions: np.ndarray | None = None,
-                 steps: int = 5, shift: float | None = None, seed: int = 0):
+                 steps: int = 5, shift: float | None = None, seed: int = 0, compile: bool = False):
         check_playable(pipe, "the pipeline")
         if context.ndim != 5 or context.shape[0] != 1 or context.shape[1] < 1:
             raise ValueError(f"context latents must be (1, K >= 1, C, h, w), got {tuple(context.shape)}")
@@ -99,7 +101,9 @@ class LiveGenerator:
         self.shift = pipe.scheduler.config.shift if shift is None else shift
         self.window = pipe.config.window_frames
         self.integrate = pipe._integrator("euler")  # flow.euler_sample on the run's path, from its first time
-        self.cache = KVCache(len(self.model.blocks))
+        self.compile = compile
+        if compile:
+            self.model.compile_rollout()
         self.reset()
 
     @property
@@ -114,9 +118,10 @@ class LiveGenerator:
         """Back to the context: the cache holds its last window - 1 frames, and the noise restarts from the seed."""
         k = self.context.shape[1]
         start = k - min(k, self.window - 1)
-        self.cache.reset(position=start)
+        self.cache = KVCache(len(self.model.blocks), position=start)
         t = torch.zeros(1, k - start, device=self.context.device)
         self.model.commit(self.context[:, start:], t, self.cache, self._actions(self.context_actions[:, start:]))
+        self._ring_once_full()
         self.generator = torch.Generator().manual_seed(self.seed)
         self.known = k  # latent frames so far, context included
         self.index = 0  # frames accepted since the reset
@@ -172,8 +177,14 @@ class LiveGenerator:
         act = torch.full((1, 1), frame.action, dtype=torch.long, device=self.context.device)
         self.model.commit(frame.latent, torch.zeros(1, 1, device=frame.latent.device), self.cache, self._actions(act))
         self.cache.keep_last(self.window - 1)
+        self._ring_once_full()
         self.known, self.index, self.noise = self.known + 1, self.index + 1, None
         return frame._replace(seconds=frame.seconds + time.perf_counter() - t0)
+
+    def _ring_once_full(self) -> None:
+        """With compile: move a cache that holds window - 1 frames into a KVRing (the same frames, fixed shapes)."""
+        if self.compile and not self.cache.static and self.cache.frames == self.window - 1:
+            self.cache = KVRing(self.cache, self.window)
 
     @torch.no_grad()
     def context_pixels(self) -> np.ndarray:

@@ -73,7 +73,7 @@ def prepare(cfg: PlayConfig) -> Playable:
     source = context_source(cfg, description)
     ctx = load_context(pipe, source, cfg.context_frames)
     actions = action_set(description.get("source"), pipe.transformer.config.num_actions)
-    make_live = partial(LiveGenerator, pipe, ctx.latents, ctx.actions, cfg.steps, cfg.shift, cfg.seed)
+    make_live = partial(LiveGenerator, pipe, ctx.latents, ctx.actions, cfg.steps, cfg.shift, cfg.seed, cfg.compile)
     fps = pipe.config.fps or 10  # recorded mp4s play at the dataset's rate (the DMLab card records none)
     app = build_app(make_live, actions, cfg.record_dir, fps, title=f"{cfg.checkpoint} from {ctx.name}")
     lines = [f"model: {pipe.rollout_line('rolling')}, one frame per step, {cfg.steps} Euler steps, on {device}",

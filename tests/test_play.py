@@ -91,6 +91,26 @@ def test_live_frames_equal_the_pipelines_chunk_1_kv_cache_rollout(path, predicti
         live.step(3)
 
 
+def test_compiled_live_frames_equal_the_pipelines_compiled_rollout():
+    """compile=True: once the cache holds window - 1 frames both move it into a KVRing and run the compiled passes
+    (tests/test_kv_ring.py), so live play gives the compiled pipeline's frames bit for bit, also after a reset."""
+    torch.manual_seed(0)
+    pipe = DiTPipeline(random_dit(num_actions=3), build_vae("kl", tiny_vae_config("kl")).model,
+                       FlowMatchEulerDiscreteScheduler(shift=1.0), window_frames=4, latent_size=[4, 4])
+    pipe.set_progress_bar_config(disable=True)
+    k, n = 2, 7
+    context = torch.randn(1, k, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    actions = torch.tensor([[0, 1, 2, 0, 1, 1, -1, 2, 0]])
+    ref = pipe(context_latents=context, num_frames=k + n, num_inference_steps=3, actions=actions, compile=True,
+               generator=torch.Generator().manual_seed(5), output_type="latent").frames
+    live = LiveGenerator(pipe, context, actions[0, :k].numpy(), steps=3, seed=5, compile=True)
+    for _ in range(2):  # the second time after a reset, from a new cache
+        latents = torch.cat([live.step(int(a)).latent for a in actions[0, k:]], 1)
+        assert torch.equal(latents, ref[:, k:]) and live.cache.static  # on a KVRing by now
+        live.reset()
+        assert not live.cache.static  # 2 context frames: not full until the first frame is accepted
+
+
 def test_a_full_attention_model_is_refused(runs):
     r = CliRunner().invoke(app, ["play", "--checkpoint", str(runs / "full"), "--device", "cpu"])
     assert r.exit_code == 1
