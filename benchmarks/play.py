@@ -1,8 +1,11 @@
 """`minisora play`'s speed without a browser: frames per second and key-to-frame latency.
 
     python benchmarks/play.py --checkpoint RUN [--frames 200] [--steps 5] [--precision fp32,bf16] [--device cpu]
+                              [--threads 1,2] [--compile off,on]
 
-For each precision, side by side in one run, from the run's own store clip test:0 (4 context frames):
+For each precision, thread count and --compile setting (`minisora play --compile`: once the rolling cache is
+full, the compiled passes on a KVRing; the compile falls in the warm-up), side by side in one run, from the
+run's own store clip test:0 (4 context frames):
   1. the live generator alone (minisora.live.LiveGenerator.step in a loop): one frame per step, the
      rolling KV cache, VAE decoding included; frames per second and milliseconds per frame;
   2. through the WebSocket, as the page drives it (minisora.play_app served by uvicorn in a thread, a
@@ -10,7 +13,7 @@ For each precision, side by side in one run, from the run's own store clip test:
      changes the held action every --hold frames, cycling through the dataset's keyed actions.
      Frames per second as received; key-to-frame latency from sending the new action to receiving
      the first frame generated with it (under the run-ahead rule: at most two frame times).
-The first --warmup frames of each row are not timed (allocator and oneDNN warm-up).
+The first --warmup frames of each row are not timed (allocator and oneDNN warm-up, and the compile).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 
-def live_row(playable_cfg, precision: str, args) -> dict:
+def live_row(playable_cfg, precision: str, args, compile: bool) -> dict:
     from minisora.context import load_context
     from minisora.live import LiveGenerator
     from minisora.pipeline import DiTPipeline
@@ -35,7 +38,7 @@ def live_row(playable_cfg, precision: str, args) -> dict:
 
     pipe = DiTPipeline.from_run(args.checkpoint, args.device, precision_dtype(precision, torch.device(args.device)))
     ctx = load_context(pipe, context_source(playable_cfg, read_description(args.checkpoint)), 4)
-    live = LiveGenerator(pipe, ctx.latents, ctx.actions, steps=args.steps)
+    live = LiveGenerator(pipe, ctx.latents, ctx.actions, steps=args.steps, compile=compile)
     idle = pipe.transformer.config.num_actions - 1
     for _ in range(args.warmup):
         live.step(idle)
@@ -78,7 +81,7 @@ async def drive(url: str, keyed: list[int], idle: int, args) -> dict:
         return {"fps": args.frames / (time.perf_counter() - t0), "latency_ms": 1000 * np.array(latencies)}
 
 
-def websocket_row(args, precision: str, threads: int) -> dict:
+def websocket_row(args, precision: str, threads: int, compile: bool) -> dict:
     """Serve with `minisora play` in its own process (as a user would; the page's work stays out of it) and drive it."""
     import os
     import re
@@ -91,7 +94,8 @@ def websocket_row(args, precision: str, threads: int) -> dict:
     env = fresh_world_env(dict(os.environ))
     cmd = [sys.executable, "-m", "cli.main", "play", "--checkpoint", args.checkpoint, "--steps", str(args.steps),
            "--threads", str(threads),
-           "--precision", precision, "--device", args.device, "--record-dir", "/tmp/minisora-play-benchmark"]
+           "--precision", precision, "--device", args.device, "--record-dir", "/tmp/minisora-play-benchmark",
+           "--compile" if compile else "--no-compile"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines = []
@@ -120,21 +124,27 @@ def main() -> None:
     p.add_argument("--precision", default="fp32,bf16")
     p.add_argument("--threads", default="1,2", help="torch CPU threads of the generator, comma-separated")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", default="off,on", help="rows without and with `minisora play --compile`")
     args = p.parse_args()
+    if args.warmup < 8:
+        p.error("--warmup must cover the frames before the cache is full and the compile (the demo's window 8: >= 8)")
     print(f"{cpu_facts().describe()}, torch {torch.__version__}; {args.checkpoint}, {args.steps} Euler steps per "
           f"frame, {args.frames} timed frames")
     rows = []
     for precision in args.precision.split(","):
         for threads in map(int, args.threads.split(",")):
-            torch.set_num_threads(threads)
-            cfg = PlayConfig(checkpoint=args.checkpoint, steps=args.steps, device=args.device, precision=precision)
-            rows.append((precision, threads, live_row(cfg, precision, args), websocket_row(args, precision, threads)))
-    print("\n| precision | threads | live generator fps | ms/frame p50 / p95 | WebSocket fps "
+            for compile in (c == "on" for c in args.compile.split(",")):
+                torch.set_num_threads(threads)
+                cfg = PlayConfig(checkpoint=args.checkpoint, steps=args.steps, device=args.device, precision=precision)
+                rows.append((precision, threads, compile, live_row(cfg, precision, args, compile),
+                             websocket_row(args, precision, threads, compile)))
+    print("\n| precision | threads | compile | live generator fps | ms/frame p50 / p95 | WebSocket fps "
           "| key-to-frame ms mean / p95 / max |")
-    print("|---|---|---|---|---|---|")
-    for precision, threads, live, ws in rows:
+    print("|---|---|---|---|---|---|---|")
+    for precision, threads, compile, live, ws in rows:
         lat = ws["latency_ms"]
-        print(f"| {precision} | {threads} | {live['fps']:.1f} | {np.percentile(live['ms'], 50):.1f} / "
+        print(f"| {precision} | {threads} | {'on' if compile else 'off'} | {live['fps']:.1f} | "
+              f"{np.percentile(live['ms'], 50):.1f} / "
               f"{np.percentile(live['ms'], 95):.1f} | {ws['fps']:.1f} | {lat.mean():.0f} / "
               f"{np.percentile(lat, 95):.0f} / {lat.max():.0f} ({len(lat)} presses) |")
 
