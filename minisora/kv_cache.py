@@ -166,8 +166,9 @@ class KVCache:
 class KVRing:
     """A full rolling cache of `window - 1` clean frames in rings of `window` frame slots per block, for passes
     of one frame: `extend` writes the frame's keys and values into the spare slot (a tensor index, so the
-    shapes never change) and returns the whole ring; committing pass or not, the next `advance` makes that
-    slot the newest frame's and the oldest frame's slot the spare. No long-short memory."""
+    shapes never change) and returns the whole ring. An Euler step's keys there are overwritten by the next
+    pass; a committing pass's `advance` keeps them (the slot becomes the newest frame's) and makes the oldest
+    frame's slot the spare. No long-short memory."""
 
     static = True  # fixed shapes: a compiled pass may run on it
 
