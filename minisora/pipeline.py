@@ -322,9 +322,11 @@ class DiTPipeline(DiffusionPipeline):
             return partial(sde_sample, sde=sde, generator=generator, **bound)
         return partial(heun_sample if sampler == "heun" else euler_sample, **bound)
 
-    def rollout_line(self, kv_cache: str) -> str:
-        """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode."""
+    def rollout_line(self, kv_cache: str, compiled: bool = False) -> str:
+        """How the transformer rolls out in mode `kv_cache`, for the user: its attention and the KV cache mode (and
+        whether its passes are compiled once the cache is full: `__call__`'s compile)."""
         how = "window recompute at every Euler step" if kv_cache == "off" else f"KV cache ({kv_cache})"
+        how += ", compiled once full" if compiled else ""
         how += retrieval.memory_line(self.config.get("retrieve_frames", 0), self.config.get("retrieve_motion", ""),
                                      self.config.get("retrieve_radius") or 0.0)
         tcfg = self.transformer.config

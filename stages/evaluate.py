@@ -253,7 +253,7 @@ def main(cfg: EvalConfig) -> dict:
               "psnr_mse_gain_over_latent_copy_db": model["psnr_mse"]["mean"] - baselines["latent_copy"]["psnr_mse"],
               "use_actions": bool(use_actions),
               "rollout": {"window": pipe.config.window_frames, "chunk": cfg.chunk, "kv_cache": kv_mode,
-                          "compiled": cfg.compile, "how": pipe.rollout_line(kv_mode)},
+                          "compiled": cfg.compile, "how": pipe.rollout_line(kv_mode, cfg.compile)},
               "fvd": _fvd(cfg, device, truth, videos_by_seed, k_pix),  # 4. FVD (TECO)
               "memory_split": memory_report(truth[:, :n_pix], k_pix, cfg.memory_margin_db, seed_errors,
                                             baseline_errors),  # 5. frames a memory could answer, and the rest

@@ -76,7 +76,8 @@ def prepare(cfg: PlayConfig) -> Playable:
     make_live = partial(LiveGenerator, pipe, ctx.latents, ctx.actions, cfg.steps, cfg.shift, cfg.seed, cfg.compile)
     fps = pipe.config.fps or 10  # recorded mp4s play at the dataset's rate (the DMLab card records none)
     app = build_app(make_live, actions, cfg.record_dir, fps, title=f"{cfg.checkpoint} from {ctx.name}")
-    lines = [f"model: {pipe.rollout_line('rolling')}, one frame per step, {cfg.steps} Euler steps, on {device}",
+    rollout = pipe.rollout_line("rolling", cfg.compile)
+    lines = [f"model: {rollout}, one frame per step, {cfg.steps} Euler steps, on {device}",
              f"context: {source} ({cfg.context_frames} latent frames)", *key_lines(actions),
              f"recordings: {cfg.record_dir}/test/0000/NNNNN.npz (video, actions) + .mp4"]
     return Playable(app, actions, source, lines)

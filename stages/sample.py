@@ -82,5 +82,5 @@ def main(cfg: SampleConfig) -> dict:
             written += write_video(name.with_name(name.name + "-vs-truth"), side_by_side(ctx.truth, frames, ctx_pix),
                                    videos_fmt, fps)
     return {"written": written, "frames": int(out.frames.shape[1]), "latent_frames": total, "videos": len(out.frames),
-            "rollout": pipe.rollout_line(out.kv_cache)}
+            "rollout": pipe.rollout_line(out.kv_cache, cfg.compile)}
 

@@ -261,7 +261,8 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
     compiled = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "compiled"), "--compile"])
     assert cached.exit_code == plain.exit_code == exact.exit_code == 0, cached.output + plain.output + exact.output
     assert compiled.exit_code == 0, compiled.output
-    assert "rollout: causal attention, KV cache (rolling)" in cached.output
+    assert "rollout: causal attention, KV cache (rolling)" in cached.output and "compiled" not in cached.output
+    assert "rollout: causal attention, KV cache (rolling), compiled once full" in compiled.output
     assert "rollout: causal attention, window recompute at every Euler step" in plain.output
     latents = {k: np.load(tmp_path / f"{k}.npz")["latents"] for k in ("cached", "plain", "exact", "compiled")}
     np.testing.assert_allclose(latents["exact"], latents["plain"], rtol=0, atol=ATOL)
@@ -273,7 +274,7 @@ def test_causal_run_samples_and_evaluates_with_the_cache(causal_run, tmp_path):
                                  "--context-frames", "2", "--frames", "7", "--num-clips", "2", "--seeds", "1",
                                  "--steps", "2", "--compile", "--out", str(report)])
     assert r.exit_code == 0, r.output
-    assert "rollout: causal attention, KV cache (rolling), window 4, chunk 1" in r.output
+    assert "rollout: causal attention, KV cache (rolling), compiled once full, window 4, chunk 1" in r.output
     rep = json.loads(report.read_text())
     assert rep["rollout"]["kv_cache"] == "rolling" and rep["rollout"]["compiled"] is True
     curves = {"model": rep["model"]["per_horizon"],
