@@ -62,6 +62,13 @@ class CachedPasses:
             self._compiled = (torch.compile(self._pass_cached, **kwargs), torch.compile(self._commit_cached, **kwargs))
         return self
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the compiled passes behind: they are bound to this model (a deep copy that kept
+        them would run this model's weights); a copy compiles its own on its first compile_rollout."""
+        state = dict(super().__getstate__())
+        state.pop("_compiled", None)
+        return state
+
     def _passes(self, kv_cache: KVCache) -> tuple:
         """(Euler step pass, commit pass) for kv_cache: the compiled ones on a fixed-shape cache (compile_rollout)."""
         return self._compiled if kv_cache.static and self._compiled else (self._pass_cached, self._commit_cached)

@@ -90,6 +90,27 @@ def test_the_compiled_rollout_equals_the_eager_one_and_compiles_each_pass_once()
     assert (compiled[:, 2:] - compiled[:, 1:-1]).abs().amax() > 1e-2  # the frames move: a real rollout
 
 
+def test_a_copy_of_a_compiled_model_runs_its_own_weights():
+    """copy.deepcopy (an EMA copy, say) and pickle leave compile_rollout's passes behind: they are bound to the
+    original, so a copy that kept them would roll out the original's weights."""
+    import copy
+    import pickle
+
+    pipe = make_pipe()
+    pipe.transformer.compile_rollout()
+    twin = copy.deepcopy(pipe.transformer)
+    assert twin._compiled is None and pipe.transformer._compiled is not None
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(-1.0)  # other weights: other frames
+    pipe.transformer, original = twin, pipe.transformer
+    compiled, eager = rollout(pipe, compile=True).latents, rollout(pipe).latents  # the twin compiles its own passes
+    pipe.transformer = original
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
+    assert (compiled - rollout(pipe, compile=True).latents).abs().amax() > 1e-2  # not the original's frames
+    assert pickle.loads(pickle.dumps(original))._compiled is None
+
+
 @pytest.mark.parametrize("attention,short_frames,chunk,needs", [
     ("full", 0, 1, "kv_cache 'off'"), ("causal", 0, 2, "chunk 2"), ("causal", 2, 1, "short_frames 2")])
 def test_compile_refuses_rollouts_it_cannot_speed_up(attention, short_frames, chunk, needs):
