@@ -83,7 +83,9 @@ def test_the_compiled_rollout_equals_the_eager_one_and_compiles_each_pass_once()
     compiled = rollout(pipe, compile=True).latents
     after_first = dynamo_utils.counters["stats"]["unique_graphs"]
     again = rollout(pipe, compile=True).latents
-    assert after_first - graphs == 2  # the Euler step's pass and the commit's
+    # the Euler step's pass and the commit's (fewer if an earlier test compiled a model of the same shapes: Dynamo's
+    # cache is per function, with the weights as inputs)
+    assert after_first - graphs <= 2
     assert dynamo_utils.counters["stats"]["unique_graphs"] == after_first
     torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
     torch.testing.assert_close(again, compiled, rtol=0, atol=0)
