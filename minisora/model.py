@@ -16,11 +16,11 @@ A DiT (Peebles & Xie) lifted to video:
   of the saved config (minisora.attention).
 
 A diffusers ModelMixin + ConfigMixin, so `save_pretrained`/`from_pretrained` and
-`enable_gradient_checkpointing()` work as for any diffusers model.
+`enable_gradient_checkpointing()` work as for any diffusers model. Its passes after a KV cache
+(`forward_cached`, `commit`, `compile_rollout`) are minisora.cached_passes's mixin.
 """
 
 from __future__ import annotations
-
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
