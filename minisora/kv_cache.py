@@ -204,3 +204,9 @@ class KVRing:
         """A ring always keeps window - 1 frames: only that is accepted."""
         if frames != self.frames:
             raise ValueError(f"KVRing keeps {self.frames} frames, asked to keep {frames}")
+
+
+def ring_once_full(cache: KVCache | KVRing, window: int) -> KVCache | KVRing:
+    """`cache` moved into a KVRing if it is a KVCache that now holds window - 1 frames, else `cache` itself: what a
+    rolling rollout with compiled passes calls after each commit (DiTPipeline, LiveGenerator)."""
+    return KVRing(cache, window) if not cache.static and cache.frames == window - 1 else cache

@@ -29,7 +29,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from minisora.errors import MinisoraError
-from minisora.kv_cache import KVCache, KVRing
+from minisora.kv_cache import KVCache, ring_once_full
 from minisora.pipeline import DiTPipeline
 from minisora.vae import pixels_to_frames
 
@@ -183,8 +183,8 @@ class LiveGenerator:
 
     def _ring_once_full(self) -> None:
         """With compile: move a cache that holds window - 1 frames into a KVRing (the same frames, fixed shapes)."""
-        if self.compile and not self.cache.static and self.cache.frames == self.window - 1:
-            self.cache = KVRing(self.cache, self.window)
+        if self.compile:
+            self.cache = ring_once_full(self.cache, self.window)
 
     @torch.no_grad()
     def context_pixels(self) -> np.ndarray:

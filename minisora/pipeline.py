@@ -42,7 +42,7 @@ from minisora import pipeline_inputs as inputs, retrieval, run_dir
 from minisora.configs import SAMPLERS, SDEConfig
 from minisora.flow import euler_sample, heun_sample, noisy
 from minisora.interpolants import check_path, convert, sample_start
-from minisora.kv_cache import KVCache, KVRing
+from minisora.kv_cache import KVCache, ring_once_full
 from minisora.model import VideoDiT
 from minisora.sde import sde_sample
 from minisora.vae import VideoVAE, frames_to_pixels, pixels_to_frames
@@ -298,8 +298,8 @@ class DiTPipeline(DiffusionPipeline):
             if mode == "rolling" and i + 1 < len(plan):  # the new frames join the cache once, clean
                 self._commit(cache, out, act, solver.guidance, start, known)
                 cache.keep_last(window - chunk)
-                if ring and not cache.static and cache.frames == window - 1:  # full: the same shapes from now on
-                    cache = KVRing(cache, window)
+                if ring:  # once full, the same shapes from now on
+                    cache = ring_once_full(cache, window)
 
     def _window_noise(self, latents: torch.Tensor, solver: _Solver, i: int, windows: int, n: int) -> torch.Tensor:
         """Window i's starting noise (B, n, C, h, w), drawn whole (known frames included) whatever the rollout
