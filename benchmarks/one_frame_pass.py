@@ -10,8 +10,9 @@ clean frames, side by side in one run for each thread count:
      and the same update by a whole committing forward (`update_cache=True`, which also computes a velocity);
   4. rows 1 and 3 on a full `KVRing` (the same keys at fixed shapes), eager and compiled (VideoDiT.compile_rollout,
      what `DiTPipeline(..., compile=True)` runs once a rolling cache is full; compile time left out of the rows and
-     printed below the table: the compiled copy's first pass and first commit, inductor's FX graph cache off, so
-     what a first run pays);
+     printed below the table: the compiled copy's first pass and first commit, inductor's FX graph cache off (its
+     kernels may still come from inductor's on-disk cache: for a machine's very first compile, run with
+     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)));
   5. the attention kernel alone at the pass's shape (64 queries over (cached + 1) x 64 keys, 3 heads of 64):
      torch's SDPA against the math path (q k^T, softmax, times v).
 Each time is the mean over --passes calls after 10 warm-up calls; the ratio column divides by row 1 of its group.
@@ -96,7 +97,7 @@ def rows(model: VideoDiT, cached: int, passes: int) -> tuple[list[tuple[str, flo
     out.append(("forward(update_cache=True) + keep_last", mean_ms(forward_commit, passes)))
     ring, half = KVRing(filled(model, cached, 16), cached + 1), torch.full((1, 1), 0.5)
     compiled, start = compiled_copy(model), time.perf_counter()
-    with torch._inductor.config.patch(fx_graph_cache=False):  # compile from scratch, as a first run does
+    with torch._inductor.config.patch(fx_graph_cache=False):  # trace and lower again, not from the FX graph cache
         compiled(x, half, kv_cache=ring)
         compiled.commit(x, t, ring)
     compile_seconds = time.perf_counter() - start

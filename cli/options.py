@@ -35,8 +35,9 @@ def attention_kernel(default: str):
 def compile_rollout(default: bool):
     return typer.Option(default, "--compile/--no-compile", help="torch.compile the transformer's passes once a "
                         "frame-by-frame rolling KV cache is full (the same shapes from then on): the first frame "
-                        "after that waits for the compile (about 7 s for the tiny DiT on 2 CPU cores; once per model "
-                        "and batch size), later frames come faster (1.4x on a 2-core Intel Xeon; docs/benchmarks.md). "
+                        "after that waits for the compile (once per model and batch size; the tiny DiT on a 2-core "
+                        "Intel Xeon: 15 s the first time, 5 s with inductor's kernel cache warm), later frames come "
+                        "faster (1.4x there; docs/benchmarks.md). "
                         "Causal models, chunk 1, the rolling cache; worth it for long rollouts only.")
 
 
