@@ -129,8 +129,8 @@ def train(
                              "(SiT): linear (a = 1 - t, s = t: rectified flow), gvp (a = cos(pi t/2), s = sin(pi t/2)) "
                              "or vp (DDPM's linear-beta VP, beta 0.1..20). Saved with the run: sampling follows it."),
     prediction: str = typer.Option(T.flow.prediction, help="What the network predicts (SiT): velocity (loss "
-                                   "|v - v*|^2), noise (|e - e*|^2) or score (|s(t) q + e|^2: score matching weighted "
-                                   "by s^2). "
+                                   "|v - v*|^2), noise (|e - e*|^2), score (|s(t) q + e|^2: score matching weighted "
+                                   "by s^2) or data (x0: |x0 - x0*|^2, on linear the velocity loss weighted by t^2). "
                                    "Saved with the run: sampling converts it to a velocity."),
     cache_shards: int = typer.Option(T.cache_shards, min=1, help="Open store shards each rank mixes its batches from "
                                      "and keeps in RAM (3 more are read ahead); part of the data order, so a resumed "

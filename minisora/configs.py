@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 # SiT's choices (minisora.interpolants, minisora.sde), listed here so that `--help` needs no torch
 PATHS = ("linear", "gvp", "vp")  # x_t = a(t) x0 + s(t) e: straight, trigonometric, variance-preserving
-PREDICTIONS = ("velocity", "noise", "score")  # what the network outputs
+PREDICTIONS = ("velocity", "noise", "score", "data")  # what the network outputs (data: x0)
 SAMPLERS = ("euler", "heun", "sde")
 SDE_DIFFUSIONS = ("constant", "sbdm", "sigma", "linear", "decreasing", "increasing-decreasing")
 SDE_LAST_STEPS = ("mean", "tweedie", "euler")
@@ -50,7 +50,7 @@ class FlowConfig:
     # picks it (1 for causal models, 0 for full attention)
     teacher_forcing: float | None = None
     path: str = "linear"  # the interpolant: linear | gvp | vp (minisora.interpolants)
-    prediction: str = "velocity"  # what the network predicts: velocity | noise | score
+    prediction: str = "velocity"  # what the network predicts: velocity | noise | score | data (x0)
 
     def __post_init__(self) -> None:
         probs = (self.p_full, self.p_prefix, self.p_independent)

@@ -6,7 +6,7 @@ noise. By default (FlowConfig.path = "linear", prediction = "velocity"):
     x_t = (1 - t) * x0 + t * e          the straight path from data (t=0) to noise (t=1)
     v   = d x_t / d t = e - x0          what the model predicts
 
-SiT's other interpolants (gvp, vp: x_t = a(t) x0 + s(t) e) and predictions (noise, score), with their losses
+SiT's other interpolants (gvp, vp: x_t = a(t) x0 + s(t) e) and predictions (noise, score, data), with their losses
 and the conversions between them, are minisora.interpolants'; every function here takes `path` (and the loss
 `prediction`). Sampling integrates dx = v dt from t = 1 down to t = 0 (Euler, Heun; minisora.sde adds SiT's
 SDE), from the velocity the model's prediction converts to.

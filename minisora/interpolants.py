@@ -15,17 +15,20 @@ What the network predicts, and its loss (SiT's weighting "none"; the loss is a m
     velocity  v = a' x0 + s' e        |v_hat - v|^2         (linear: e - x0, the rectified-flow loss)
     noise     e                       |e_hat - e|^2         (DDPM's "simple" loss)
     score     q = -e / s              |s q_hat + e|^2 = s^2 |q_hat - q|^2   (denoising score matching, lambda = s^2)
+    data      x0                      |x0_hat - x0|^2       (x0-prediction; on linear the velocity loss weighted by t^2)
 
 q is the score of x_t given x0; its mean over x0 given x_t is the score of p_t. From any one prediction and x_t,
 both x0 and e follow (two equations, two unknowns), and from them every other prediction:
 
     noise e      x0 = (x - s e) / a
     score q      e = -s q, then as noise
+    data x0      e = (x - a x0) / s
     velocity v   x0 = (s' x - s v) / (a s' - s a'),  e = (a v - a' x) / (a s' - s a')
 
-x0 is lost where a = 0 (noise or score at t = 1 on linear and gvp) and the score where s = 0 (t = 0): the
-samplers start at 1 - SAMPLE_EPS where it matters (`sample_start`, SiT's sample_eps) and never evaluate the model
-at t = 0 (the last step of a grid ends there).
+x0 is lost where a = 0 (noise or score at t = 1 on linear and gvp), and e and the score where s = 0 (t = 0; a data
+prediction's e is set to 0 there, a frame held clean, whose velocity no sampler uses): the samplers start at
+1 - SAMPLE_EPS where it matters (`sample_start`, SiT's sample_eps) and never evaluate the model at t = 0 for a
+frame they integrate (the last step of a grid ends there).
 
 The conversions are affine in the prediction for a given (x, t), so classifier-free guidance on any of them
 equals guidance on the velocity. Pure tensors; float32 unless given float64.
@@ -92,10 +95,12 @@ def drift_variance(c: Coefficients) -> Tensor:
 
 
 def target(prediction: str, path: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """What the network should output at x_t: the velocity a' x0 + s' e, the noise e, or the score -e / s."""
+    """What the network should output at x_t: the velocity a' x0 + s' e, the noise e, the score -e / s, or x0."""
     check_path(path, prediction)
     if prediction == "noise":
         return noise
+    if prediction == "data":
+        return x0
     if prediction == "velocity" and path == "linear":
         return noise - x0  # bit for bit the rectified-flow target
     c = coefficients(path, t, x0.dtype)
@@ -117,6 +122,8 @@ def data_and_noise(prediction: str, path: str, output: Tensor, x: Tensor, t: Ten
     if prediction == "velocity":
         det = c.a * c.ds - c.s * c.da
         return (c.ds * x - c.s * output) / det, (c.a * output - c.da * x) / det
+    if prediction == "data":  # e where s > 0; 0 at t = 0, where x_t = x0 says nothing of e
+        return output, torch.where(c.s > 0, (x - c.a * output) / c.s.clamp_min(1e-12), torch.zeros_like(output))
     e = output if prediction == "noise" else -c.s * output
     return (x - c.s * e) / c.a, e
 
@@ -130,6 +137,8 @@ def convert(output: Tensor, x: Tensor, t: Tensor, path: str, source: str, dest: 
     x0, e = data_and_noise(source, path, output, x, t)
     if dest == "noise":
         return e
+    if dest == "data":
+        return x0
     c = coefficients(path, t, output.dtype)
     return c.da * x0 + c.ds * e if dest == "velocity" else -e / c.s
 
@@ -138,8 +147,9 @@ def sample_start(path: str, prediction: str, sde_diffusion: str | None = None) -
     """The first time of a sampling grid: 1 - SAMPLE_EPS where t = 1 is singular, else 1 (SiT's check_interval).
 
     On linear and gvp, a(1) = 0: a noise or score prediction says nothing about x0 there, and the sbdm
-    diffusion D(t) is infinite. vp's a(1) = 0.0066 is small but not 0: it starts at 1, as in SiT.
+    diffusion D(t) is infinite; a velocity or data prediction gives both x0 and e at t = 1. vp's a(1) = 0.0066 is
+    small but not 0: it starts at 1, as in SiT.
     """
     check_path(path, prediction)
-    singular = prediction != "velocity" or sde_diffusion == "sbdm"
+    singular = prediction in ("noise", "score") or sde_diffusion == "sbdm"
     return 1.0 - SAMPLE_EPS if path != "vp" and singular else 1.0

@@ -36,8 +36,8 @@ def ideal(path, prediction, m, c=0.0):
         d = x - k.a * m
         if prediction == "score":
             return -d / var
-        e = k.s / var * d  # E[e | x_t]
-        return e if prediction == "noise" else k.da * (m + k.a * c ** 2 / var * d) + k.ds * e
+        e, x0 = k.s / var * d, m + k.a * c ** 2 / var * d  # E[e | x_t], E[x0 | x_t]
+        return {"noise": e, "data": x0}.get(prediction, k.da * x0 + k.ds * e)
     return fn
 
 
@@ -109,6 +109,15 @@ def test_losses_and_their_weighting():
     loss = flow_loss(q + 1, x0, e, t=t, path="gvp", prediction="score")
     assert loss.item() == pytest.approx(s.square().mean().item())
     assert flow_loss(e + 1, x0, e, t=t, path="vp", prediction="noise").item() == pytest.approx(1.0)
+    # data (x0) on linear: the velocity loss weighted by t^2 (an x0 error d is a velocity error -d / t)
+    assert flow_loss(x0 + 1, x0, e, t=t, path="linear", prediction="data").item() == pytest.approx(1.0)
+    v_of_x0 = convert(x0 + 1, interpolate("linear", x0, e, t), t, "linear", "data", "velocity")
+    weighted = (v_of_x0 - target("velocity", "linear", x0, e, t)).square() * t[:, :, None, None, None].square()
+    assert weighted.mean().item() == pytest.approx(1.0, rel=1e-5)
+    # at t = 0 (a frame held clean) a data prediction still converts to finite values: e = 0 there
+    t0 = torch.zeros(2, 3)
+    assert torch.isfinite(convert(x0 + 1, x0, t0, "linear", "data", "velocity")).all()
+    assert (data_and_noise("data", "linear", x0 + 1, x0, t0)[1] == 0).all()
     with pytest.raises(ValueError, match="needs the times t"):
         flow_loss(q, x0, e, path="gvp", prediction="score")
     # context frames at t = 0: vp's velocity target is infinite there, yet the loss and its gradient stay finite
@@ -124,7 +133,7 @@ def test_losses_and_their_weighting():
 def test_euler_on_the_linear_path_lands_on_the_data_point_from_any_prediction(prediction):
     x_star, e = _randn(*SHAPE, seed=7), _randn(*SHAPE, seed=8)
     start = sample_start("linear", prediction)
-    assert start == (1.0 if prediction == "velocity" else 0.999)
+    assert start == (1.0 if prediction in ("velocity", "data") else 0.999)  # x0 and e both known at t = 1
     x = euler_sample(ideal_velocity("linear", prediction, x_star), e, 4, path="linear", start=start)
     torch.testing.assert_close(x, x_star, atol=1e-5, rtol=0)  # straight paths: exact on any grid
 
