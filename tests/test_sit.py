@@ -257,7 +257,8 @@ class Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("path,prediction,sampler,sde", [
     ("linear", "score", "euler", None), ("gvp", "noise", "sde", SDEConfig(diffusion="sbdm", last_step="tweedie")),
-    ("vp", "velocity", "sde", SDEConfig(last_step="tweedie")), ("linear", "noise", "heun", None)])
+    ("vp", "velocity", "sde", SDEConfig(last_step="tweedie")), ("linear", "noise", "heun", None),
+    ("linear", "data", "heun", None)])
 def test_kv_cache_rollout_of_an_ideal_model_generates_the_video(path, prediction, sampler, sde):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
