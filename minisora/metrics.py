@@ -8,7 +8,8 @@ The protocol `minisora eval` builds from these functions:
 - beside TECO's mean of per-frame PSNR, the PSNR of the MSE averaged over frames (`psnr_of_mean_mse`),
   which identical frames cannot inflate, the share of still target frames (`exact_repeat_share`)
   and the metrics against the generated-frame index (`horizon_curves`);
-- each number is reported as mean and std over repeats (`summarize_seeds`);
+- each number is reported as mean and std over repeats (`summarize_seeds`), and a gain over a baseline also
+  with how much the choice of clips moves it (`clip_bootstrap_gain`), which the repeats do not see;
 - FVD uses I3D features (`I3DFeatures`) and the Frechet distance between two Gaussians (`fvd`).
 
 Frames are `pixels` shaped (B, T, 3, H, W), float in [0, 1]. Nothing here clamps or quantises:
@@ -187,6 +188,30 @@ def summarize_seeds(values: list[float]) -> dict[str, float | int]:
         raise ValueError("summarize_seeds needs at least one value, got none")
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=0)), "n": int(arr.size)}
+
+
+def clip_bootstrap_gain(model_mse: Tensor, baseline_mse: Tensor, resamples: int = 2000, seed: int = 0) -> dict:
+    """How much the choice of held-out clips moves a gain in PSNR of the mean MSE: the gain (the model's PSNR of the
+    mean MSE, averaged over seeds, minus the baseline's) recomputed on `resamples` sets of clips drawn with
+    replacement (a paired bootstrap: the same clips for both). model_mse (S, B, T) over seeds or (B, T), baseline_mse
+    (B, T), per-frame MSEs of B clips. Returns {"gain_db" (on the clips given), "std_db", "ci95_db": [2.5%, 97.5%
+    percentiles], "resamples", "seed"}; deterministic for a seed. The seed std of a model says how much sampling
+    noise moves its score on these clips; this says how much other clips from the same source would."""
+    m = model_mse.double().reshape(-1, *model_mse.shape[-2:]).mean(dim=2)  # (S, B): per-clip MSE of each seed
+    b = baseline_mse.double().mean(dim=1)  # (B,)
+    if m.shape[1] != b.shape[0] or b.numel() == 0 or resamples < 1:
+        raise ValueError(f"clip_bootstrap_gain: model {tuple(model_mse.shape)} and baseline "
+                         f"{tuple(baseline_mse.shape)} need the same B >= 1 clips, and resamples >= 1")
+
+    def gain(idx: Tensor) -> Tensor:  # idx (R, B) clip indices -> (R,) gains
+        model_db = -10.0 * torch.log10(m[:, idx].mean(dim=-1).clamp_min(MSE_FLOOR)).mean(dim=0)  # (R,)
+        return model_db + 10.0 * torch.log10(b[idx].mean(dim=-1).clamp_min(MSE_FLOOR))
+
+    idx = torch.randint(b.numel(), (resamples, b.numel()), generator=torch.Generator().manual_seed(seed))
+    gains = gain(idx)
+    lo, hi = torch.quantile(gains, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"gain_db": float(gain(torch.arange(b.numel())[None])[0]), "std_db": float(gains.std(correction=0)),
+            "ci95_db": [lo, hi], "resamples": resamples, "seed": seed}
 
 
 # ---------------------------------------------------------------------------------------------

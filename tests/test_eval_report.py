@@ -182,12 +182,15 @@ def test_eval_report_has_latent_copy_mse_psnr_repeat_share_and_horizons(trained,
     assert vs["name"] == strongest
     gain = rep["model"]["psnr_mse"]["mean"] - rep["baselines"][strongest]["psnr_mse"]
     assert vs["psnr_mse_gain_db"] == pytest.approx(gain)
+    boot = vs["clip_bootstrap"]  # the same gain, and how much resampling the 2 clips moves it
+    assert boot["gain_db"] == pytest.approx(gain) and boot["ci95_db"][0] <= boot["ci95_db"][1] and boot["std_db"] >= 0
     assert rep["psnr_mse_gain_over_latent_copy_db"] == pytest.approx(rep["model"]["psnr_mse"]["mean"] - lc["psnr_mse"])
 
     plot = Path(rep["horizon_plot"])
     assert plot == tmp_path / "eval_horizon.png" and Image.open(plot).format == "PNG"
     table = format_table(rep)
     assert f"model vs the strongest baseline ({strongest}): {vs['psnr_mse_gain_db']:+.2f} dB" in table
+    assert f"95% interval over resampled clips {boot['ci95_db'][0]:+.2f} to {boot['ci95_db'][1]:+.2f} dB" in table
     assert f"latent_copy {lc['psnr_mse']:.2f}" in table and "copy last context latent" in table
 
 

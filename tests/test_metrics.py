@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from minisora.metrics import (
     I3D_MIN_FRAMES,
     I3DFeatures,
+    clip_bootstrap_gain,
     frame_metrics,
     frechet_distance,
     fvd,
     gaussian_stats,
     lpips_available,
+    psnr_of_mean_mse,
     psnr_per_frame,
     ssim_per_frame,
     summarize_seeds,
@@ -283,3 +285,28 @@ def test_i3d_input_errors(tmp_path):
 
 def test_lpips_available_needs_local_weights(tmp_path):
     assert lpips_available(tmp_path / "missing_alex.pth") is False
+
+
+def test_clip_bootstrap_gain_sees_how_much_the_choice_of_clips_moves_a_gain():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(16, 12, generator=g, dtype=torch.float64) * 0.01 + 0.005  # (clips, frames)
+    # every clip halves its MSE: every resample gives the same gain, 10 log10(2)
+    steady = clip_bootstrap_gain(torch.stack([base / 2, base / 2]), base)
+    assert steady["gain_db"] == pytest.approx(10 * math.log10(2))
+    assert steady["std_db"] == pytest.approx(0, abs=1e-9)
+    assert steady["ci95_db"] == pytest.approx([10 * math.log10(2)] * 2)
+    # the gain on the clips given is the report's: the seeds' mean PSNR of the mean MSE minus the baseline's
+    seeds = torch.rand(2, 16, 12, generator=g, dtype=torch.float64) * 0.01 + 0.004
+    r = clip_bootstrap_gain(seeds, base, resamples=500, seed=3)
+    expected = (psnr_of_mean_mse(seeds[0]) + psnr_of_mean_mse(seeds[1])) / 2 - psnr_of_mean_mse(base)
+    assert r["gain_db"] == pytest.approx(expected) and r["resamples"] == 500 and r["seed"] == 3
+    assert r["ci95_db"][0] < r["gain_db"] < r["ci95_db"][1] and r["std_db"] > 0
+    assert clip_bootstrap_gain(seeds, base, resamples=500, seed=3) == r  # deterministic for a seed
+    assert clip_bootstrap_gain(seeds, base, resamples=500, seed=4)["ci95_db"] != r["ci95_db"]
+    # one clip carries the whole gain: a third of the resamples leave it out, so the interval starts at 0
+    lucky = base.clone()
+    lucky[0] /= 100
+    one = clip_bootstrap_gain(lucky, base)
+    assert one["gain_db"] > 0.25 and one["ci95_db"][0] == pytest.approx(0, abs=1e-9) and one["ci95_db"][1] > 0.4
+    with pytest.raises(ValueError, match="same B >= 1 clips"):
+        clip_bootstrap_gain(seeds, base[:8])
