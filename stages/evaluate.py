@@ -304,8 +304,7 @@ def format_table(report: dict) -> str:
                  f"({verdict}), {vs['psnr_gain_db']:+.2f} dB PSNR, {vs['ssim_gain']:+.4f} SSIM over "
                  f"{len(report['clips'])} clips x {report['generated_frames_per_clip']} generated frames, "
                  f"{report['config']['seeds']} seeds"
-                 + (f"; 95% interval over resampled clips {vs['clip_bootstrap']['ci95_db'][0]:+.2f} to "
-                    f"{vs['clip_bootstrap']['ci95_db'][1]:+.2f} dB" if "clip_bootstrap" in vs else ""))
+                 + (clip_interval(vs["clip_bootstrap"]["ci95_db"]) if "clip_bootstrap" in vs else ""))
     lines += memory_lines(report["memory_split"]) if "memory_split" in report else []
     fv = report["fvd"]
     lines.append(f"FVD: {fv['mean']:.1f} ± {fv['std']:.1f}" if isinstance(fv, dict) else f"FVD: {fv}")
@@ -313,6 +312,12 @@ def format_table(report: dict) -> str:
         lines.append(f"rollout: {report['rollout']['how']}, window {report['rollout']['window']}, "
                      f"chunk {report['rollout']['chunk']}")
     return "\n".join(lines)
+
+
+def clip_interval(ci95: list[float]) -> str:
+    """The printed clause of the gain's 95% interval over resampled clips, flagged when it includes 0."""
+    lo, hi = ci95
+    return f"; 95% interval over resampled clips {lo:+.2f} to {hi:+.2f} dB" + (" (includes 0)" if lo <= 0 <= hi else "")
 
 
 def _split_cell(scores: dict) -> str:

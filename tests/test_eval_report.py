@@ -19,7 +19,7 @@ from _store_helpers import synthetic_store
 from cli.main import app
 from minisora.metrics import exact_repeat_share, frame_errors, horizon_curves, psnr_of_mean_mse
 from minisora.plots import line_panels_png
-from stages.evaluate import model_summary, score, select_clips, versus_strongest
+from stages.evaluate import clip_interval, model_summary, score, select_clips, versus_strongest
 
 
 def _pair(mse_per_frame: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +191,8 @@ def test_eval_report_has_latent_copy_mse_psnr_repeat_share_and_horizons(trained,
     table = format_table(rep)
     assert f"model vs the strongest baseline ({strongest}): {vs['psnr_mse_gain_db']:+.2f} dB" in table
     assert f"95% interval over resampled clips {boot['ci95_db'][0]:+.2f} to {boot['ci95_db'][1]:+.2f} dB" in table
+    assert clip_interval([-0.35, 1.55]).endswith("-0.35 to +1.55 dB (includes 0)")
+    assert clip_interval([1.12, 3.19]).endswith("+1.12 to +3.19 dB")
     assert f"latent_copy {lc['psnr_mse']:.2f}" in table and "copy last context latent" in table
 
 
