@@ -20,9 +20,9 @@ def demo(
                              "a real game engine, ViZDoom on Freedoom levels, 64x64 (needs pip install "
                              "'minisora[doom]', which make setup installs)."),
     clips: int = typer.Option(D.clips, min=2, help=f"Training clips (default: {_per_data('clips')})."),
-    test_clips: int = typer.Option(D.test_clips, min=1, help="Held-out synthetic clips: sampling continues the "
-                                   "first, eval uses the first EVAL_CLIPS of them."),
-    eval_clips: int = typer.Option(None, min=1, help="Held-out clips evaluated (default: all TEST_CLIPS)."),
+    test_clips: int = typer.Option(D.test_clips, min=1, help="Held-out clips: sampling continues the first, eval "
+                                   f"uses the first EVAL_CLIPS of them (default: {_per_data('test_clips')})."),
+    eval_clips: int = typer.Option(D.eval_clips, min=1, help="Held-out clips evaluated (default: all TEST_CLIPS)."),
     frames: int = typer.Option(D.frames, min=16, help="Frames per clip (TECO: 300)."),
     vae_steps: int = typer.Option(D.vae_steps, min=1, help="VAE training steps (a step count, never minutes: "
                                   f"the same seed gives the same VAE on any machine; default: "
@@ -59,8 +59,7 @@ def demo(
         raise typer.BadParameter(f"{attention!r}: choose causal or full", param_hint="--attention")
     if vae_width % 8:
         raise typer.BadParameter(f"{vae_width} is not a multiple of 8", param_hint="--vae-width")
-    main(DemoConfig(out=out, data=data, clips=clips, test_clips=test_clips,
-                    eval_clips=min(eval_clips or test_clips, test_clips),
+    main(DemoConfig(out=out, data=data, clips=clips, test_clips=test_clips, eval_clips=eval_clips,
                     frames=frames, vae_steps=vae_steps, vae_width=vae_width,
                     train_steps=train_steps, batch_size=batch_size,
                     window=window, patch_size=patch_size, model=model, attention=attention, precision=precision,

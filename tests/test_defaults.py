@@ -29,7 +29,6 @@ SPELLED = {("encode", "splits"): ("splits", ",".join), ("sample", "format"): ("f
 NOT_FIELDS = {
     ("sample", "no_kv_cache"): "--no-kv-cache sets kv_cache='off'",
     ("eval", "no_kv_cache"): "--no-kv-cache sets kv_cache='off'",
-    ("demo", "eval_clips"): "None: all --test-clips (the field is the default demo's number, 16 = test_clips)",
 }
 # config fields that no option sets
 CONFIG_ONLY = {

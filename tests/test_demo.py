@@ -104,3 +104,15 @@ def test_third_party_warnings_are_hidden_by_message_and_module_and_shown_with_de
 
     assert shown(debug=False) == ["Please install apex from source"]  # the same words from another module
     assert len(shown(debug=True)) == len(QUIET_WARNINGS) + 1
+
+
+def test_the_data_recipe_fills_the_clip_counts_and_eval_scores_all_test_clips_unless_told():
+    from stages.demo import DemoConfig, with_recipe
+
+    maze, doom = with_recipe(DemoConfig()), with_recipe(DemoConfig(data="doom"))
+    assert (maze.clips, maze.test_clips, maze.eval_clips) == (32, 16, 16)
+    assert (doom.clips, doom.test_clips, doom.eval_clips) == (64, 64, 64)  # 16 clips cannot measure its gain
+    assert (doom.vae_steps, maze.vae_steps) == (RECIPES["doom"].vae_steps, RECIPES["dmlab"].vae_steps)
+    told = with_recipe(DemoConfig(data="doom", clips=8, test_clips=4, eval_clips=2))
+    assert (told.clips, told.test_clips, told.eval_clips) == (8, 4, 2)
+    assert with_recipe(DemoConfig(data="doom", test_clips=4, eval_clips=9)).eval_clips == 4  # at most the test clips
