@@ -86,6 +86,7 @@ def test_demo_runs_every_step_then_reuses_them_and_a_fresh_run_gives_the_same_nu
     assert again.exit_code == 0, again.output
     assert "reusing the trained VAE" in again.output and "reusing the complete store" in again.output
     assert "at step 3" in again.output and last.stat().st_mtime_ns == written  # resumed at its end, not retrained
+    assert "step 3, already trained" in again.output and "loss nan" not in again.output
     assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir())[-1] == "step-00000003"
 
 
