@@ -72,7 +72,8 @@ RECIPES = {
     # more clips (the model's largest gain at the 12th frame); 2e-3 and the context seen at noise level 0.05 each
     # beat the maze's choice there; sample and eval then roll out with the window cache. Its gain is within what
     # the choice of 16 clips moves (a 95% interval ~1.9 dB wide): 64 held-out clips narrow it ~2x, and on them one
-    # Euler step (the network's guess of the mean next frame) beats the 2 that 16 clips had picked, on all 4 runs.
+    # Euler step (the network's guess of the mean next frame) beats the 2 that 16 clips had picked, on all 6 models
+    # tried. (Training times centred nearer t = 1, where that step reads the network, lift 4 -> 12, lose 36 -> 100.)
     "doom": DataRecipe(clips=64, test_clips=64, vae_steps=300, lr=2e-3, sample_steps=1, context_noise=0.05),
 }
 
@@ -120,8 +121,19 @@ STEP_SETTINGS = {
     "vae": ("vae/config.json", _DATA + ("vae_steps", "vae_width", "resolved_precision")),
     "store": ("store/zarr.json", _DATA + ("vae_steps", "vae_width", "resolved_precision", "frame_stride")),
     "run": ("run/checkpoints", _DATA + ("vae_steps", "vae_width", "resolved_precision", "frame_stride", "model",
-                                       "attention", "patch_size", "window", "batch_size")),
+                                       "attention", "patch_size", "window", "batch_size", "recipe.lr")),
 }
+
+
+def _setting(record: dict, key: str):
+    """A recorded setting, "recipe.lr" from the recorded recipe; None where an older record lacks it."""
+    if key.startswith("recipe."):
+        return record.get("recipe", {}).get(key.split(".", 1)[1])
+    return record.get(key)
+
+
+def _spelled(key: str) -> str:
+    return f"the recipe's {key.split('.', 1)[1]}" if key.startswith("recipe.") else f"--{key.replace('_', '-')}"
 
 
 class DemoError(MinisoraError, ValueError):
@@ -141,9 +153,9 @@ def check_reuse(paths: Paths, settings: dict) -> None:
     for step, (marker, keys) in STEP_SETTINGS.items():
         if not (paths.out / marker).exists():
             continue
-        diff = [k for k in keys if k in old and old[k] != settings[k]]
+        diff = [k for k in keys if _setting(old, k) is not None and _setting(old, k) != _setting(settings, k)]
         if diff:
-            what = ", ".join(f"--{k.replace('_', '-')} {old[k]} there, {settings[k]} now" for k in diff)
+            what = ", ".join(f"{_spelled(k)} {_setting(old, k)} there, {_setting(settings, k)} now" for k in diff)
             raise DemoError(f"{paths.out / marker.split('/')[0]}: the {step} step was made with other settings "
                             f"({what}); it would be reused as it is: repeat those settings, choose a new --out, "
                             f"or delete {paths.out / marker.split('/')[0]} to redo it")

@@ -70,6 +70,30 @@ def test_demo_rerun_with_another_vae_steps_is_refused_before_its_config_is_rewri
     assert tree_digest(out) == before
 
 
+def test_demo_rerun_on_a_run_trained_with_another_recipe_is_refused(tmp_path):
+    """A recipe change that shapes the model (its lr) would otherwise reuse the finished run with the new recipe's
+    sampler; an older record without the recipe is not refused for it."""
+    from stages.demo import RECIPES
+
+    out = tmp_path / "demo"
+    (out / "run" / "checkpoints").mkdir(parents=True)
+    args = ["demo", "--out", out, "--clips", "8", "--test-clips", "1", "--frames", "24", "--vae-steps", "4",
+            "--precision", "fp32"]
+    old = {"data": "dmlab", "clips": 8, "test_clips": 1, "frames": 24, "seed": 0, "vae_steps": 4, "vae_width": 16,
+           "resolved_precision": "fp32", "recipe": {"lr": 5e-4}}
+    (out / "demo_config.json").write_text(json.dumps(old))
+    before = tree_digest(out)
+    text = _cli(*args)
+    assert (f"{out}/run: the run step was made with other settings (the recipe's lr 0.0005 there, "
+            f"{RECIPES['dmlab'].lr} now)") in text
+    assert tree_digest(out) == before
+    from stages.demo import Paths, check_reuse
+
+    now = {**old, "recipe": vars(RECIPES["dmlab"])}  # these settings with today's recipe, as main() records them
+    (out / "demo_config.json").write_text(json.dumps({k: v for k, v in old.items() if k != "recipe"}))
+    check_reuse(Paths.under(out), now)  # an older record without a recipe: what it recorded matches, no error
+
+
 def test_s3_without_credentials_is_one_line_naming_the_url(tmp_path, monkeypatch):
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(k, raising=False)
