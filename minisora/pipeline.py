@@ -264,7 +264,7 @@ class DiTPipeline(DiffusionPipeline):
         for i, (start, n, known) in enumerate(plan):
             noise = self._window_noise(latents, solver, i, len(plan), n)
             act = None if actions is None else actions[:, start:start + n]
-            mask = torch.zeros(latents.shape[0], n, dtype=torch.bool, device=self.device)
+            mask = torch.zeros(latents.shape[0], n, dtype=torch.bool, device=latents.device)
             mask[:, : known - start] = True  # frames already known stay clean (t = 0) or at context_t
             out = solver.integrate(self._velocity(act, solver.guidance, solver.bar), noise, solver.steps,
                                    shift=solver.shift, context=latents[:, start:start + n], context_mask=mask,
@@ -287,7 +287,7 @@ class DiTPipeline(DiffusionPipeline):
                 cache.reset(position=start)
                 known_frames = latents[:, start:known]
                 if context_t > 0:  # "window" only (kv_cache_mode): shown as the recompute's held_context shows them
-                    t = torch.full(known_frames.shape[:2], context_t, device=self.device)
+                    t = torch.full(known_frames.shape[:2], context_t, device=latents.device)
                     known_frames = noisy(known_frames, noise[:, :known - start], t, self.config.get("path", "linear"))
                 self._commit(cache, known_frames, act, solver.guidance, start, start, context_t)
             new_act = None if act is None else act[:, known - start:]
@@ -307,7 +307,7 @@ class DiTPipeline(DiffusionPipeline):
         if solver.bar is not None:
             solver.bar.set_description(f"window {i + 1}/{windows}")
         batch, _, c, h, w = latents.shape
-        return randn_tensor((batch, n, c, h, w), generator=solver.generator, device=self.device)
+        return randn_tensor((batch, n, c, h, w), generator=solver.generator, device=latents.device)
 
     # ------------------------------------------------------------------ integrator, rollout mode, cache commits
     def _integrator(self, sampler: str, generator: torch.Generator | None = None, sde: SDEConfig | None = None):
