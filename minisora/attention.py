@@ -112,6 +112,12 @@ def _teacher_forcing_mod(frames: int, tokens: int, clean_only: int = 0) -> MaskM
     return mod
 
 
+def uncached_when_compiling(fn: Callable) -> Callable:
+    """An lru_cache-wrapped fn, or under torch.compile the function itself: Dynamo traces the computation either
+    way, and warns of possible silent errors when it meets the cache."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
+
+
 @lru_cache(maxsize=64)
 def _build(kind: str, first: int, frames: int, tokens: int, device: torch.device, kernel: str) -> FrameMask:
     if kind == "causal":
@@ -132,7 +138,8 @@ def causal_mask(first: int, frames: int, tokens: int, device: torch.device, kern
     first), `tokens` tokens per frame; None where every key is visible (a single query frame)."""
     if frames == 1:
         return None
-    return _build("causal", first, frames, tokens, torch.device(device), resolve_kernel(kernel, torch.device(device)))
+    device = torch.device(device)
+    return uncached_when_compiling(_build)("causal", first, frames, tokens, device, resolve_kernel(kernel, device))
 
 
 def teacher_forcing_mask(frames: int, tokens: int, device: torch.device, kernel: str = "auto",
@@ -144,7 +151,8 @@ def teacher_forcing_mask(frames: int, tokens: int, device: torch.device, kernel:
     if not 0 <= clean_only < frames:
         raise ValueError(f"teacher forcing: clean_only {clean_only} must be in [0, frames {frames})")
     device = torch.device(device)
-    return _build("teacher_forcing", clean_only, frames, tokens, device, resolve_kernel(kernel, device))
+    build = uncached_when_compiling(_build)
+    return build("teacher_forcing", clean_only, frames, tokens, device, resolve_kernel(kernel, device))
 
 
 class LongShort(NamedTuple):
@@ -231,7 +239,7 @@ def long_short_mask(ls: LongShort, device: torch.device, kernel: str = "auto",
     `chunk_frames` query frames (default: `short`, at least 1)."""
     device = torch.device(device)
     chunk = max(1, ls.short) if chunk_frames is None else chunk_frames
-    return _build_long_short(ls, device, resolve_kernel(kernel, device), chunk)
+    return uncached_when_compiling(_build_long_short)(ls, device, resolve_kernel(kernel, device), chunk)
 
 
 def dense(mask: FrameMask) -> Tensor:

@@ -28,7 +28,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from minisora.attention import KERNELS, FrameMask, LongShort, causal_mask, long_short_mask, teacher_forcing_mask
+from minisora.attention import (KERNELS, FrameMask, LongShort, causal_mask, long_short_mask, teacher_forcing_mask,
+                                uncached_when_compiling)
 from minisora.blocks import DiTBlock, FinalLayer, Memory, PatchGrid, apply_rope, rope_angles, rope_cos_sin  # noqa: F401
 from minisora.cached_passes import CachedPasses
 from minisora.kv_cache import KVCache
@@ -263,8 +264,9 @@ class VideoDiT(CachedPasses, ModelMixin, ConfigMixin):
 
     def _rope(self, grid: PatchGrid, frame_offset: int, device: torch.device, stride: int = 1) -> tuple[Tensor, Tensor]:
         cfg = self.config  # the frames from absolute frame `frame_offset` on; each (T/pt*h*w, head_dim/2)
-        return rope_cos_sin(grid.frames, grid.height, grid.width, cfg.hidden_size // cfg.num_heads, cfg.rope_theta,
-                            frame_offset, torch.device(device), stride)
+        rope = uncached_when_compiling(rope_cos_sin)
+        return rope(grid.frames, grid.height, grid.width, cfg.hidden_size // cfg.num_heads, cfg.rope_theta,
+                    frame_offset, torch.device(device), stride)
 
     def _long_short(self, grid: PatchGrid, device: torch.device, memory_frames: int, full_frames: int,
                     new_frames: int, offset: int = 0, cached: bool = False,

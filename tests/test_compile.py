@@ -1,16 +1,20 @@
 """The compiled training step, as `minisora train --compile` runs it (on CUDA by default), on the CPU: the default
 recipe (causal attention, teacher forcing, context noise) through stages.train's own build_run and train_step,
-compiled against eager, and no recompile once the first step has compiled."""
+compiled against eager, and no recompile once the first step has compiled. And a whole model compiled by
+`model.compile()`, against eager."""
 
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 from _store_helpers import make_store
 from minisora import plugins
+from minisora.model import VideoDiT
 
 SCRIPT = r"""
 import json, sys
@@ -61,3 +65,23 @@ def test_the_compiled_default_step_matches_eager_and_never_recompiles(tmp_path):
     assert compiled[0]["graphs"] >= 1  # the blocks compiled at the first step ...
     assert [c["graphs"] for c in compiled[1:]] == [compiled[0]["graphs"]] * 5  # ... and the next 5 added none
     assert [c["recompiles"] for c in compiled] == [compiled[0]["recompiles"]] * 6
+
+
+def test_a_compiled_forward_matches_eager_without_cache_warnings():
+    """`model.compile()` of a whole VideoDiT (what a user does; benchmarks/rollout.py's recompute): the same velocity
+    as eager, and no Dynamo warning about the lru_caches of the RoPE angles and the causal mask."""
+    torch.manual_seed(0)
+    model = VideoDiT(in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, attention="causal").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random weights everywhere (adaLN starts at zero): a velocity that moves
+            p.normal_(0.0, 0.1)
+    compiled = VideoDiT.from_config(model.config).eval()
+    compiled.load_state_dict(model.state_dict())
+    compiled.compile(dynamic=False)
+    x, t = torch.randn(1, 3, 4, 8, 8), torch.tensor([[0.0, 0.5, 0.9]])
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, want = compiled(x, t), model(x, t)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
