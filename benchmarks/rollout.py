@@ -19,13 +19,13 @@ all of a long rollout costs: from window - chunk context frames (every window fu
 2 + --timed-frames windows less that of the first two (which also fill the KV cache), one mode
 right after the other, so that a shared machine's load drifts little between them. (From 4
 context frames to 300 the recompute's first 12 windows are shorter: that would make it 1.3%
-faster at window 16.) Rows 9-11 (unless --no-compiled) are rows 1, 4 and 8 compiled: the
-recompute's model by `model.compile()`, the rolling cache by the pipeline's compile=True (its
-passes on a full `KVRing`); compile time is left out (their warm-up is the timed rollout itself, so
-every compiled pass has run). The last lines give the speed-ups over row 1: of the steady states,
-and of the whole rolling rollout, the pipeline's default; then the same of the compiled rows (row
-11 over row 9), before them what compiling gained, and before that the cost of a generated frame at
---long-window over its cost at --window.
+faster at window 16.) Rows 9-11 (unless --no-compiled) are rows 1, 4 and 8 compiled: the recompute's model by
+`model.compile()`, the rolling cache by the pipeline's compile=True (on a full `KVRing`, each
+frame's Euler steps and commit in one compiled call: VideoDiT.euler_frame); compile time is left out
+(their warm-up is the timed rollout itself, so every compiled pass has run). The last lines give the
+speed-ups over row 1: of the steady states, and of the whole rolling rollout, the pipeline's
+default; then the same of the compiled rows (row 11 over row 9), before them what compiling gained,
+and before that the cost of a generated frame at --long-window over its cost at --window.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A pass of new frames after cached clean frames (`forward_cached`), and the per-f
 each in two parts: eager preparation in Python (the per-time modulations, remembered by the cache; the RoPE
 angles at the cache's position; the mask), then the blocks. On a fixed-shape cache (minisora.kv_cache.KVRing,
 a rolling rollout's steady state) `compile_rollout` runs the blocks part compiled: every pass then has the same
-shapes and tensors, so each part compiles once.
+shapes and tensors, so each part compiles once. `euler_frame` goes one further: a whole new frame (its Euler steps
+and its commit) in one compiled call, each step's pass a nested region compiled once.
 
 A mixin of VideoDiT (minisora.model), which gives the network: `_grid`, `_embed`, `_run_blocks`, `_rope`,
 `_long_short`, `_modulations`, `_unpatchify`.
@@ -17,13 +18,17 @@ from torch import Tensor, nn
 
 from minisora.attention import FrameMask, causal_mask
 from minisora.blocks import Memory, PatchGrid
-from minisora.kv_cache import KVCache
+from minisora.kv_cache import KVCache, KVRing, RingView
+
+# torch >= 2.8 compiles a region repeated in a graph once (euler_frame's steps); without it a frame would unroll
+NESTED_REGIONS = hasattr(torch.compiler, "nested_compile_region")
+nested_region = torch.compiler.nested_compile_region if NESTED_REGIONS else (lambda fn: fn)
 
 
 class CachedPasses:
     """The KV-cache passes of VideoDiT (see the module docstring)."""
 
-    _compiled: tuple | None = None  # compile_rollout's (Euler step, commit) passes
+    _compiled: tuple | None = None  # compile_rollout's (Euler step, commit, whole frame) passes, then the step region
     _conditioning_layers: list | None = None  # `_conditioning_parameters`' modules, listed on first use
 
     def forward_cached(self, latents: Tensor, timesteps: Tensor, kv_cache: KVCache, actions: Tensor | None = None,
@@ -54,13 +59,38 @@ class CachedPasses:
         self._advance(kv_cache, grid, memory)
 
     def compile_rollout(self, **compile_kwargs) -> "CachedPasses":
-        """torch.compile the two passes of a frame-by-frame rolling rollout in its steady state (a full `KVRing`,
-        whose shapes never change: each compiles once), an Euler step's and a commit's; the passes over a growing
-        `KVCache`, and everything before the blocks (times, RoPE angles, masks), stay eager. In place."""
+        """torch.compile the passes of a frame-by-frame rolling rollout in its steady state (a full `KVRing`, whose
+        shapes never change: each compiles once): an Euler step's, a commit's, and `euler_frame`'s whole frame; the
+        passes over a growing `KVCache`, and everything before the blocks (times, RoPE angles, masks), stay eager.
+        In place."""
         if self._compiled is None:
             kwargs = {"dynamic": False, **compile_kwargs}
-            self._compiled = (torch.compile(self._pass_cached, **kwargs), torch.compile(self._commit_cached, **kwargs))
+            self._compiled = (*(torch.compile(fn, **kwargs)
+                                for fn in (self._pass_cached, self._commit_cached, self._frame_cached)),
+                              nested_region(lambda *args: self._step_pass(*args)))  # a function, not a method
         return self
+
+    def euler_frame(self, noise: Tensor, times: Tensor, ring: KVRing, actions: Tensor | None = None) -> Tensor:
+        """One new frame of a chunk-1 rolling rollout on a full `KVRing`: the Euler steps of minisora.flow.euler_sample
+        (with no context frame: x += (t_next - t) v) along `times`, then its commit (the ring advances), in one
+        compiled call (after compile_rollout). The model must predict velocity. A frame pays one call's wrapper
+        and dispatch cost instead of steps + 1 (docs/benchmarks.md measures what that saves).
+
+        Args:
+            noise: (B, 1, C, H, W) the frame's starting noise.
+            times: (steps + 1,) the sampling times from 1 down to 0 (minisora.flow.time_grid).
+            ring: the rollout's full cache, of batch B.
+            actions: (B, 1) the frame's action, or None.
+        Returns: the clean frame (B, 1, C, H, W), float32.
+        """
+        if not self._compiled or not ring.static:
+            raise ValueError("euler_frame runs on a full KVRing of a model after compile_rollout()")
+        batch, zero = noise.shape[0], torch.zeros(noise.shape[0], 1, device=noise.device)
+        step_mods = [self._cached_modulations(t.expand(batch, 1), actions, ring) for t in times[:-1]]
+        grid, commit_mods, cos, sin, _, _ = self._cached_pass(noise, zero, ring, actions)  # a ring: no mask, no memory
+        x = self._compiled[2](noise.float(), step_mods, torch.diff(times), commit_mods, cos, sin, ring)
+        self._advance(ring, grid, None)
+        return x
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the compiled passes behind: they are bound to this model (a deep copy that kept
@@ -78,6 +108,24 @@ class CachedPasses:
         """The blocks and the output of a pass after kv_cache's frames -> velocity (B, T, C, H, W)."""
         x = self._run_blocks(self._embed(latents), mods, cos, sin, mask, kv_cache, update_cache, memory)
         return self._unpatchify(self.final_layer(x, mods[-1]), grid)
+
+    def _step_pass(self, latents: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, *tensors: Tensor) -> Tensor:
+        """An Euler step's pass on a full ring -> velocity (float32), with tensors only for inputs (the modulations,
+        then each block's ring keys and values) so that `_frame_cached`'s graph compiles it once for all steps."""
+        n, pt, p = len(self.blocks) + 1, self.config.patch_size_t, self.config.patch_size
+        mods, kv = tensors[:n], tensors[n:]
+        grid = PatchGrid(latents.shape[1] // pt, latents.shape[3] // p, latents.shape[4] // p)
+        return self._pass_cached(latents, grid, list(mods), cos, sin, None, RingView(list(kv), slot), False,
+                                 None).float()
+
+    def _frame_cached(self, x: Tensor, step_mods: list[list[Tensor]], dt: Tensor, commit_mods: list[Tensor],
+                      cos: Tensor, sin: Tensor, ring: KVRing) -> Tensor:
+        """`euler_frame`'s steps and commit (compiled as one graph; `_compiled[3]` is `_step_pass` as a region)."""
+        kv = [t for pair in zip(ring.k, ring.v) for t in pair]
+        for i, mods in enumerate(step_mods):
+            x = x + dt[i] * self._compiled[3](x, cos, sin, ring.slot, *mods, *kv)
+        self._commit_cached(x, commit_mods, cos, sin, None, ring, None)
+        return x
 
     def _commit_cached(self, latents: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor, mask: FrameMask | None,
                        kv_cache: KVCache, memory: Memory | None) -> None:

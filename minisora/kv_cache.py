@@ -206,6 +206,18 @@ class KVRing:
             raise ValueError(f"KVRing keeps {self.frames} frames, asked to keep {frames}")
 
 
+class RingView:
+    """A KVRing's tensors (each block's keys and values, then the spare slot) as the cache of one Euler-step pass:
+    what a compiled region whose inputs are all tensors rebuilds inside (VideoDiT.euler_frame)."""
+
+    static = True
+
+    def __init__(self, kv: list[Tensor], slot: Tensor):
+        self.k, self.v, self.slot, self.tokens = kv[0::2], kv[1::2], slot, slot.shape[0]
+
+    extend = KVRing.extend
+
+
 def ring_once_full(cache: KVCache | KVRing, window: int) -> KVCache | KVRing:
     """`cache` moved into a KVRing if it is a KVCache that now holds window - 1 frames, else `cache` itself: what a
     rolling rollout with compiled passes calls after each commit (DiTPipeline, LiveGenerator)."""

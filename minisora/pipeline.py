@@ -40,7 +40,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from minisora import pipeline_inputs as inputs, retrieval, run_dir
 from minisora.configs import SAMPLERS, SDEConfig
-from minisora.flow import euler_sample, heun_sample, noisy
+from minisora.cached_passes import NESTED_REGIONS
+from minisora.flow import euler_sample, heun_sample, noisy, time_grid
 from minisora.interpolants import check_path, convert, sample_start
 from minisora.kv_cache import KVCache, ring_once_full
 from minisora.model import VideoDiT
@@ -280,6 +281,7 @@ class DiTPipeline(DiffusionPipeline):
         recompute shows them (by the window's own draws); "rolling" adds each new frame once and keeps the
         last window - chunk frames (see the module docstring); ring: once it holds them, in a fixed-shape `KVRing`."""
         cache, window = KVCache(len(self.transformer.blocks)), self.config.window_frames
+        times = self._whole_frame_times(solver, actions) if ring else None
         for i, (start, n, known) in enumerate(plan):
             noise = self._window_noise(latents, solver, i, len(plan), n)
             act = None if actions is None else actions[:, start:start + n]
@@ -291,6 +293,12 @@ class DiTPipeline(DiffusionPipeline):
                     known_frames = noisy(known_frames, noise[:, :known - start], t, self.config.get("path", "linear"))
                 self._commit(cache, known_frames, act, solver.guidance, start, start, context_t)
             new_act = None if act is None else act[:, known - start:]
+            if times is not None and cache.static:  # a frame's steps and its commit in one compiled call
+                frame = self.transformer.euler_frame(noise[:, known - start:], times, cache, new_act)
+                latents[:, known:start + n] = frame
+                if solver.bar is not None:
+                    solver.bar.update(solver.steps)
+                continue
             velocity = self._velocity(new_act, solver.guidance, solver.bar, cache)
             out = solver.integrate(velocity, noise[:, known - start:], solver.steps,
                                    shift=solver.shift)  # the same noise draws as the window recompute
@@ -300,6 +308,15 @@ class DiTPipeline(DiffusionPipeline):
                 cache.keep_last(window - chunk)
                 if ring:  # once full, the same shapes from now on
                     cache = ring_once_full(cache, window)
+
+    def _whole_frame_times(self, solver: _Solver, actions: torch.Tensor | None) -> torch.Tensor | None:
+        """The sampling times for VideoDiT.euler_frame where a compiled rolling rollout can run each frame in one
+        call (Euler steps of a velocity model without guidance, torch >= 2.8), else None (pass by pass)."""
+        integrate, prediction = solver.integrate, self.config.get("prediction", "velocity")
+        if (integrate.func is not euler_sample or prediction != "velocity" or not NESTED_REGIONS
+                or (actions is not None and solver.guidance != 1.0)):
+            return None
+        return time_grid(solver.steps, solver.shift, device=self.device, start=integrate.keywords["start"])
 
     def _window_noise(self, latents: torch.Tensor, solver: _Solver, i: int, windows: int, n: int) -> torch.Tensor:
         """Window i's starting noise (B, n, C, h, w), drawn whole (known frames included) whatever the rollout

@@ -12,6 +12,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from minisora.flow import euler_sample, time_grid
 from minisora.kv_cache import KVCache, KVRing
 from minisora.model import VideoDiT
 from minisora.pipeline import DiTPipeline
@@ -90,6 +91,48 @@ def test_the_compiled_rollout_equals_the_eager_one_and_compiles_each_pass_once()
     torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
     torch.testing.assert_close(again, compiled, rtol=0, atol=0)
     assert (compiled[:, 2:] - compiled[:, 1:-1]).abs().amax() > 1e-2  # the frames move: a real rollout
+
+
+def test_without_guidance_each_compiled_frame_is_one_call_and_the_same_frames():
+    """pipe(compile=True) of Euler steps without guidance: once the ring is full, each new frame's steps and commit
+    run as one compiled call (VideoDiT.euler_frame: 11 of the 12 new frames; the first one fills the cache to
+    WINDOW - 1 = 3 frames with the 2 context frames), one graph for all of them, and the eager rollout's frames."""
+    pipe = make_pipe()
+    eager = rollout(pipe, guidance=1.0).latents
+    frame_calls, euler_frame = [], pipe.transformer.euler_frame
+    pipe.transformer.euler_frame = lambda *args: frame_calls.append(1) or euler_frame(*args)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    compiled = rollout(pipe, guidance=1.0, compile=True).latents
+    after_first = dynamo_utils.counters["stats"]["unique_graphs"]
+    again = rollout(pipe, guidance=1.0, compile=True).latents
+    assert len(frame_calls) == 2 * 11  # two rollouts
+    assert after_first - graphs <= 1 and dynamo_utils.counters["stats"]["unique_graphs"] == after_first
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)
+
+
+def test_euler_frame_is_the_euler_steps_and_the_commit():
+    """VideoDiT.euler_frame on a ring against minisora.flow.euler_sample through the model's own passes and a commit
+    on a copy of the ring: the same frame, the same keys, the ring moved on by one frame; refused before
+    compile_rollout."""
+    model = random_dit()
+    cache = KVCache(2, position=3)
+    x, times = torch.randn(1, WINDOW - 1, 4, 4, 4), time_grid(4, shift=2.0)
+    noise, actions = torch.randn(1, 1, 4, 4, 4), torch.tensor([[2]])
+    with torch.no_grad():
+        model.commit(x, torch.zeros(1, WINDOW - 1), cache)
+        ring, twin = KVRing(cache, WINDOW), KVRing(cache, WINDOW)
+        with pytest.raises(ValueError, match="after compile_rollout"):
+            model.euler_frame(noise, times, ring, actions)
+        want = euler_sample(lambda y, t: model(y, t, actions, kv_cache=twin), noise, 4, shift=2.0)
+        model.commit(want, torch.zeros(1, 1), twin, actions)
+        got = model.compile_rollout().euler_frame(noise, times, ring, actions)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    assert ring.position == twin.position == 3 + WINDOW
+    torch.testing.assert_close(ring.slot, twin.slot, rtol=0, atol=0)
+    for layer in range(2):
+        torch.testing.assert_close(ring.k[layer], twin.k[layer], rtol=0, atol=ATOL)
+        torch.testing.assert_close(ring.v[layer], twin.v[layer], rtol=0, atol=ATOL)
 
 
 def test_a_copy_of_a_compiled_model_runs_its_own_weights():
