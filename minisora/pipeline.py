@@ -279,7 +279,8 @@ class DiTPipeline(DiffusionPipeline):
         values are computed once at t = 0, and each Euler step runs only the new frames against them.
         mode "window" recomputes the cache per window, with known frames noised at context_t > 0 as the
         recompute shows them (by the window's own draws); "rolling" adds each new frame once and keeps the
-        last window - chunk frames (see the module docstring); ring: once it holds them, in a fixed-shape `KVRing`."""
+        last window - chunk frames (see the module docstring); ring: once it holds them, in a fixed-shape `KVRing`,
+        each frame in one compiled call where `_whole_frame_times` allows (VideoDiT.euler_frame)."""
         cache, window = KVCache(len(self.transformer.blocks)), self.config.window_frames
         times = self._whole_frame_times(solver, actions) if ring else None
         for i, (start, n, known) in enumerate(plan):
