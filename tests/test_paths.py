@@ -73,7 +73,7 @@ def test_demo_rerun_with_another_vae_steps_is_refused_before_its_config_is_rewri
 def test_demo_rerun_on_a_run_trained_with_another_recipe_is_refused(tmp_path):
     """A recipe change that shapes the model (its lr) would otherwise reuse the finished run with the new recipe's
     sampler; an older record without the recipe is not refused for it."""
-    from stages.demo import RECIPES
+    from stages.demo import RECIPES, Paths, check_reuse
 
     out = tmp_path / "demo"
     (out / "run" / "checkpoints").mkdir(parents=True)
@@ -87,8 +87,6 @@ def test_demo_rerun_on_a_run_trained_with_another_recipe_is_refused(tmp_path):
     assert (f"{out}/run: the run step was made with other settings (the recipe's lr 0.0005 there, "
             f"{RECIPES['dmlab'].lr} now)") in text
     assert tree_digest(out) == before
-    from stages.demo import Paths, check_reuse
-
     now = {**old, "recipe": vars(RECIPES["dmlab"])}  # these settings with today's recipe, as main() records them
     (out / "demo_config.json").write_text(json.dumps({k: v for k, v in old.items() if k != "recipe"}))
     check_reuse(Paths.under(out), now)  # an older record without a recipe: what it recorded matches, no error
